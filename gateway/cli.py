@@ -1,0 +1,329 @@
+"""The `mailgw` command: argument parsing and output; the work lives elsewhere.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or invalid configuration.
+Heavy modules are imported inside the subcommand that needs them, so that
+`mailgw status` on a Pi answers in a blink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import DEFAULT_PATH, Config, load
+from gateway.errors import ConfigError, GatewayError, OutboxFull
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.topic:
+        from gateway.alert import parse_severity
+        from gateway.routing import Router
+
+        sev = parse_severity(args.severity)
+        if sev is None:
+            print(f"unknown severity {args.severity!r}", file=sys.stderr)
+            return 2
+        router = Router(cfg.routes, cfg.gateway.default_route)
+        chosen = router.matching(args.topic, sev)
+        if not chosen and router.default is not None:
+            print(
+                f"{args.topic} [{sev}] matches no route; goes to default route "
+                f"{router.default.name}"
+            )
+        elif not chosen:
+            print(f"{args.topic} [{sev}] matches no route: it would be stored as unrouted")
+        for r in chosen:
+            print(
+                f"{args.topic} [{sev}] → route {r.name} (match {r.match}, min "
+                f"{r.min_severity}) to {', '.join(r.to + r.cc)}"
+            )
+        return 0
+    print(f"ok: {cfg.path}: {cfg.summary()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import service, systemd
+
+    cfg = _config(args)
+    systemd.setup_logging(args.log_level)
+    return service.run(cfg)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from gateway.alert import Draft, clean_sensor, normalize, parse_severity
+    from gateway.outbox import Outbox, Routed
+    from gateway.routing import Router
+
+    cfg = _config(args)
+    sev = parse_severity(args.severity)
+    if sev is None:
+        print(
+            f"mailgw send: unknown severity {args.severity!r}; use debug, info, warning or "
+            "critical",
+            file=sys.stderr,
+        )
+        return 2
+    text = " ".join(args.message) if args.message else sys.stdin.read()
+    if not text.strip():
+        print("mailgw send: empty message; give MESSAGE or pipe it on stdin", file=sys.stderr)
+        return 2
+    sensor = clean_sensor(args.sensor)
+    topic = args.topic or f"local/{sensor}"
+    alert = normalize(
+        text.rstrip("\n"),
+        Draft(topic=topic, source="local", sensor=sensor, severity=sev),
+        parse_json=False,
+    )
+    router = Router(cfg.routes, cfg.gateway.default_route)
+    ob = Outbox(
+        cfg.outbox_path,
+        max_messages=cfg.outbox.max_messages,
+        allow_volatile=cfg.outbox.allow_volatile,
+        recover=False,
+    )
+    try:
+        ob.add([Routed(alert, router.route(alert))])
+    except OutboxFull as exc:
+        print(f"mailgw send: not stored: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ob.close()
+    print(alert.id)
+    return 0
+
+
+def _paths(cfg: Config) -> tuple[Path, Path]:
+    return cfg.outbox_path, cfg.gateway.runtime_dir / "status.json"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway import status
+
+    cfg = _config(args)
+    while True:
+        report = status.report(*_paths(cfg))
+        if args.json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            if args.watch:
+                print("\033[H\033[2J", end="")
+            print(status.render(report))
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _open_rw(cfg: Config):  # type: ignore[no-untyped-def]
+    from gateway import outbox
+
+    if not cfg.outbox_path.exists():
+        raise GatewayError(f"{cfg.outbox_path} does not exist: nothing is queued yet")
+    return outbox.connect(cfg.outbox_path)
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway import outbox
+
+    cfg = _config(args)
+    conn = _open_rw(cfg)
+    try:
+        if args.action in ("list", "dead"):
+            states = (
+                ["dead"]
+                if args.action == "dead"
+                else ([args.state] if args.state else ["queued", "sending", "dead", "unrouted"])
+            )
+            rows = outbox.listing(conn, states, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            if not rows:
+                print(f"no messages in state {', '.join(states)}")
+                return 0
+            print(f"{'ID':36}  {'STATE':8} {'ROUTE':10} {'TRIES':>5}  {'AGE':>6}  MESSAGE")
+            for r in rows:
+                age = time.time() - r["received_at"]
+                msg = r["message"].replace("\n", " ")[:40]
+                print(
+                    f"{r['id']:36}  {r['state']:8} {r['route'][:10]:10} {r['attempts']:5}  "
+                    f"{int(age // 60):5}m  {msg}"
+                )
+                if r["last_error"]:
+                    print(f"{'':38}└ {r['last_error'][:70]}")
+            return 0
+        if args.action == "show":
+            found = outbox.find(conn, args.id)
+            if found is None:
+                print(f"no alert with id {args.id}", file=sys.stderr)
+                return 1
+            alert, deliveries = found
+            print(
+                json.dumps(
+                    {
+                        "id": alert.id,
+                        "topic": alert.topic,
+                        "source": alert.source,
+                        "sensor": alert.sensor,
+                        "severity": str(alert.severity),
+                        "message": alert.message,
+                        "event_time": alert.event_time,
+                        "received_at": alert.received.wall,
+                        "clock_synced": alert.received.synced,
+                        "fields": dict(alert.fields),
+                        "notes": list(alert.notes),
+                        "deliveries": deliveries,
+                    },
+                    indent=2,
+                    ensure_ascii=False,
+                )
+            )
+            return 0
+        if args.action == "retry":
+            if not args.all and not args.id:
+                print("mailgw queue retry: give an ID or --all", file=sys.stderr)
+                return 2
+            n = outbox.retry(conn, None if args.all else args.id)
+            print(f"{n} deliveries queued for immediate retry")
+            _signal_daemon(cfg, quiet=True)
+            return 0 if n or args.all else 1
+        if args.action == "delete":
+            n = outbox.delete(conn, args.id)
+            if not n:
+                print(f"no alert with id {args.id}", file=sys.stderr)
+                return 1
+            print(f"deleted alert {args.id} and its {n} deliveries")
+            return 0
+    finally:
+        conn.close()
+    return 2
+
+
+def _signal_daemon(cfg: Config, quiet: bool = False) -> bool:
+    from gateway.status import read_runtime
+
+    rt = read_runtime(_paths(cfg)[1])
+    if rt is None:
+        if not quiet:
+            print(
+                "mailgw: the daemon is not running (no live status in "
+                f"{cfg.gateway.runtime_dir}); start it with `systemctl start mailgw`",
+                file=sys.stderr,
+            )
+        return False
+    try:
+        os.kill(int(rt["pid"]), signal.SIGUSR1)
+    except PermissionError:
+        if not quiet:
+            print(
+                f"mailgw: not allowed to signal pid {rt['pid']}; run as root or use "
+                "`systemctl kill -s USR1 mailgw`",
+                file=sys.stderr,
+            )
+        return False
+    return True
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if not _signal_daemon(cfg):
+        return 1
+    print("asked the daemon to probe the smarthost and retry the queue now")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailgw",
+        description="A crash-safe mail gateway: MQTT and serial alerts to authenticated TLS email.",
+    )
+    p.add_argument("--version", action="version", version=f"mailgw {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_PATH,
+            help=f"configuration file (default {DEFAULT_PATH})",
+        )
+        return sp
+
+    sp = add("run", "run the daemon in the foreground (systemd Type=notify)")
+    sp.add_argument(
+        "--log-level",
+        default=os.environ.get("MAILGW_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    sp.set_defaults(func=cmd_run)
+
+    sp = add("check-config", "validate the configuration; exit 2 if invalid")
+    sp.add_argument("--topic", help="show which routes an alert on TOPIC would take")
+    sp.add_argument("--severity", default="warning", help="with --topic (default warning)")
+    sp.set_defaults(func=cmd_check_config)
+
+    sp = add("route-test", "show which routes an alert on TOPIC would take")
+    sp.add_argument("topic")
+    sp.add_argument("--severity", default="warning")
+    sp.set_defaults(func=cmd_check_config)
+
+    sp = add("send", "store an alert durably (like sendmail); reads stdin without MESSAGE")
+    sp.add_argument("--sensor", required=True)
+    sp.add_argument("--severity", required=True, help="debug, info, warning or critical")
+    sp.add_argument("--topic", help="default local/SENSOR")
+    sp.add_argument("message", nargs="*")
+    sp.set_defaults(func=cmd_send)
+
+    sp = add("status", "queue depth, uplink, last success and error, rejections")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    sp.add_argument("--interval", type=float, default=2.0)
+    sp.set_defaults(func=cmd_status)
+
+    sp = add("queue", "list, show, retry or delete queued messages")
+    sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead"])
+    sp.add_argument("id", nargs="?")
+    sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
+    sp.add_argument("--state", choices=["queued", "sending", "sent", "dead", "unrouted"])
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_queue)
+
+    sp = add("flush", "ask the running daemon to probe the smarthost and retry now")
+    sp.set_defaults(func=cmd_flush)
+
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"mailgw: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,32 @@
+"""The gateway's error hierarchy: one base class, a few meaningful kinds.
+
+Every message says what happened and what the operator can do about it.
+"""
+
+
+class GatewayError(Exception):
+    """Base class of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid; `problems` lists every one found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class OutboxFull(GatewayError):
+    """The outbox reached its size bound, or the disk is full: stop acknowledging."""
+
+
+class OutboxCorrupt(GatewayError):
+    """The outbox file failed its integrity check."""
+
+
+class TemporaryFailure(GatewayError):
+    """A delivery failed in a way that may succeed later (network, 4xx)."""
+
+
+class PermanentFailure(GatewayError):
+    """A delivery failed for good (5xx): the message is dead-lettered."""

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from gateway.alert import Draft, normalize
+from gateway.errors import OutboxFull
+from gateway.outbox import Outbox, Routed, counts
+from gateway.writer import Writer
+
+
+def routed(i: int) -> Routed:
+    return Routed(normalize(f"m{i}".encode(), Draft("alerts/x", "mqtt", "s")), (("ops", 2),))
+
+
+def test_group_commit_acks_only_after_commit(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    writer = Writer(ob)
+    writer.start()
+    results: list[object] = []
+    seen_committed: list[int] = []
+    done_all = threading.Event()
+    reader = Outbox(tmp_path / "outbox.db", recover=False)
+
+    def done(result: object) -> None:
+        # Runs after the commit: a second connection must already see the rows.
+        seen_committed.append(counts(reader.conn)["queued"])
+        results.append(result)
+        if len(results) == 500:
+            done_all.set()
+
+    for i in range(500):
+        writer.submit([routed(i)], done)
+    assert done_all.wait(30)
+    writer.stop()
+    assert all(r == [] for r in results)
+    assert min(seen_committed) >= 1 and seen_committed[-1] == 500
+    # Many submissions shared a commit.
+    assert writer.commits < 500
+    assert writer.committed_alerts == 500
+
+
+def test_full_outbox_fails_only_what_does_not_fit(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db", max_messages=5)
+    writer = Writer(ob)
+
+    async def main() -> list[object]:
+        writer.start()
+        outcomes: list[object] = []
+        for batch in (
+            [routed(1), routed(2), routed(3)],
+            [routed(4), routed(5), routed(6)],
+            [routed(7)],
+        ):
+            try:
+                outcomes.append(await writer.add(batch))
+            except OutboxFull as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    writer.stop()
+    assert outcomes[0] == [] and isinstance(outcomes[1], OutboxFull) and outcomes[2] == []
+    assert writer.full is False  # the last add fit again
+    assert counts(ob.conn)["queued"] == 4
+
+
+def test_calls_run_in_the_writer_thread_in_order(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    writer = Writer(ob)
+    writer.start()
+    names = [writer.call(lambda _ob: threading.current_thread().name) for _ in range(3)]
+    assert {f.result(5) for f in names} == {"outbox-writer"}
+    writer.stop()
+    assert not writer.alive
