@@ -247,6 +247,12 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smtp_test(args: argparse.Namespace) -> int:
+    from gateway.smtptest import run_smtp_test
+
+    return run_smtp_test(_config(args), args.send_to)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mailgw",
@@ -309,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("flush", "ask the running daemon to probe the smarthost and retry now")
     sp.set_defaults(func=cmd_flush)
 
+    sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
+    sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")
+    sp.set_defaults(func=cmd_smtp_test)
     return p
 
 

@@ -50,7 +50,7 @@ from gateway.errors import OutboxCorrupt, OutboxFull
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATES = ("queued", "sending", "sent", "dead", "unrouted")
 MAX_PRIORITY = 9
 LIVE_STATES = ("queued", "sending", "dead", "unrouted")
@@ -104,6 +104,10 @@ MIGRATIONS: tuple[str, ...] = (
         at       REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2 → 3: recipients still to do after a partial delivery (some got it, some 4xx).
+    """
+    ALTER TABLE delivery ADD COLUMN rcpts TEXT;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -123,6 +127,7 @@ class Claimed:
     route: str
     attempts: int
     seq: int
+    rcpts: tuple[str, ...] | None = None  # None: all of the route's recipients
 
     @property
     def key(self) -> tuple[int, str]:
@@ -138,6 +143,7 @@ class Outcome:
     due: float = 0.0
     error: str | None = None
     count_attempt: bool = True
+    rcpts: tuple[str, ...] | None = None  # queued: only these recipients are left
 
 
 def volatile_reason(path: Path) -> str | None:
@@ -468,11 +474,11 @@ class Outbox:
     def claim(self, limit: int, now: float | None = None) -> list[Claimed]:
         """Take up to `limit` due deliveries, highest priority first, oldest first."""
         now = time.monotonic() if now is None else now
-        picked: list[tuple[int, str, int]] = []
+        picked: list[tuple[int, str, int, str | None]] = []
         with self.transaction() as c:
             for prio in range(MAX_PRIORITY, -1, -1):
                 rows = c.execute(
-                    "SELECT alert_seq, route, attempts FROM delivery INDEXED BY delivery_due"
+                    "SELECT alert_seq, route, attempts, rcpts FROM delivery INDEXED BY delivery_due"
                     " WHERE state = 'queued' AND priority = ? AND due <= ?"
                     " ORDER BY due, alert_seq LIMIT ?",
                     (prio, now, limit - len(picked)),
@@ -484,10 +490,13 @@ class Outbox:
                 return []
             c.executemany(
                 "UPDATE delivery SET state = 'sending' WHERE alert_seq = ? AND route = ?",
-                [(seq, route) for seq, route, _ in picked],
+                [(seq, route) for seq, route, _, _ in picked],
             )
-            alerts = fetch_alerts(c, (seq for seq, _, _ in picked))
-        return [Claimed(alerts[seq], route, attempts, seq) for seq, route, attempts in picked]
+            alerts = fetch_alerts(c, (seq for seq, _, _, _ in picked))
+        return [
+            Claimed(alerts[seq], route, attempts, seq, tuple(rcpts.split("\n")) if rcpts else None)
+            for seq, route, attempts, rcpts in picked
+        ]
 
     def finish(self, outcomes: Iterable[Outcome]) -> None:
         """Apply a batch of delivery outcomes in one transaction."""
@@ -512,9 +521,17 @@ class Outbox:
                 elif o.state == "queued":
                     c.execute(
                         "UPDATE delivery SET state = 'queued', due = ?, updated_at = ?,"
-                        " attempts = attempts + ?, last_error = coalesce(?, last_error)"
-                        " WHERE alert_seq = ? AND route = ?",
-                        (o.due, now, int(o.count_attempt), o.error, seq, route),
+                        " attempts = attempts + ?, last_error = coalesce(?, last_error),"
+                        " rcpts = coalesce(?, rcpts) WHERE alert_seq = ? AND route = ?",
+                        (
+                            o.due,
+                            now,
+                            int(o.count_attempt),
+                            o.error,
+                            "\n".join(o.rcpts) if o.rcpts else None,
+                            seq,
+                            route,
+                        ),
                     )
                 else:
                     raise ValueError(f"not an outcome state: {o.state!r}")

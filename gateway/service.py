@@ -51,7 +51,6 @@ class Daemon:
         self.writer: Writer | None = None
         self.ingest: Ingest | None = None
         self.relay: object | None = None
-        self._wake: Callable[[], None] | None = None
         self.status_path = config.gateway.runtime_dir / "status.json"
 
     # --- life cycle ------------------------------------------------------------
@@ -71,8 +70,15 @@ class Daemon:
     def _build_components(self) -> None:
         assert self.writer is not None and self.ingest is not None
         cfg = self.config
-        # Sources and the relay plug in here as they land.
-        del cfg
+        if cfg.smtp is not None:
+            from gateway.relay import Relay
+
+            relay = Relay(cfg, self.writer, self.router, self.runtime)
+            self.relay = relay
+            self.writer.on_commit = relay.wake_threadsafe
+            self.components.append(relay)
+        else:
+            log.warning("no [smtp] section: alerts are stored but not relayed")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,216 @@
+"""One SMTP session to the smarthost, under our TLS and AUTH rules (invariant 7).
+
+- tls = "implicit": TLS from the first byte (port 465).
+- tls = "starttls": STARTTLS is required. A server that does not offer it is
+  refused, never used in clear: a stripped STARTTLS is how a man in the middle
+  downgrades a session to read the password.
+- tls = "none": loopback only, never with AUTH (the config refuses both).
+Certificates are verified (system store or `smtp.ca_file`), TLS ≥ 1.2, SNI on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+
+from gateway.config import SmtpSection
+from gateway.errors import TemporaryFailure
+
+
+class UplinkDown(TemporaryFailure):
+    """The smarthost cannot be used right now: the uplink's fault, not a message's."""
+
+
+def tls_context(cfg: SmtpSection) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def read_secret(cfg: SmtpSection) -> tuple[str, str] | None:
+    """("password"|"token", secret) for AUTH, or None when no AUTH is configured."""
+    if not cfg.username:
+        return None
+    if cfg.oauth_token_file:
+        return "token", Path(cfg.oauth_token_file).read_text().strip()
+    if cfg.password_file:
+        return "password", Path(cfg.password_file).read_text().rstrip("\r\n")
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "smtp-password").exists():
+        return "password", (Path(creds) / "smtp-password").read_text().rstrip("\r\n")
+    raise UplinkDown(
+        "smtp.username is set but there is no password: set smtp.password_file, or give the "
+        "service the credential `smtp-password` (LoadCredential=smtp-password:/etc/mailgw/"
+        "smtp-password)"
+    )
+
+
+@dataclass
+class TlsInfo:
+    version: str | None = None
+    cipher: str | None = None
+    peer_subject: str | None = None
+    peer_issuer: str | None = None
+    peer_expires: str | None = None
+
+
+def describe(exc: BaseException) -> str:
+    """An error as an operator wants to read it."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}".strip()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {exc.verify_message}"
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {cause.verify_message}"
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return text
+
+
+CONNECTION_ERRORS = (
+    aiosmtplib.SMTPConnectError,
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPTimeoutError,
+    aiosmtplib.SMTPConnectTimeoutError,
+    aiosmtplib.SMTPConnectResponseError,
+    OSError,
+    TimeoutError,
+    ssl.SSLError,
+)
+
+
+class SmtpSession:
+    def __init__(self, cfg: SmtpSection, helo_name: str | None = None) -> None:
+        self.cfg = cfg
+        self.helo_name = cfg.helo_name or helo_name
+        self.client: aiosmtplib.SMTP | None = None
+        self.tls = TlsInfo()
+        self.auth_mechanism: str | None = None
+        self.extensions: dict[str, str] = {}
+
+    @property
+    def where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    async def open(self) -> None:
+        cfg = self.cfg
+        ctx = tls_context(cfg) if cfg.tls != "none" else None
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            local_hostname=self.helo_name,
+            use_tls=cfg.tls == "implicit",
+            start_tls=False,
+            tls_context=ctx,
+        )
+        try:
+            await client.connect()
+            await client.ehlo()
+            if cfg.tls == "starttls":
+                if not client.supports_extension("starttls"):
+                    raise UplinkDown(
+                        f'{self.where} does not offer STARTTLS, which smtp.tls = "starttls" '
+                        "requires; refusing to send in clear (a stripped STARTTLS is a typical "
+                        "downgrade attack, or the port is wrong: 587 is usual)"
+                    )
+                await client.starttls(tls_context=ctx)
+            self._read_tls(client)
+            self.extensions = dict(client.esmtp_extensions)
+            secret = read_secret(cfg)
+            if secret is not None:
+                if client.get_transport_info("sslcontext") is None:
+                    # Defence in depth: config already forbids AUTH with tls = "none".
+                    raise UplinkDown("refusing to send credentials over a connection without TLS")
+                kind, value = secret
+                assert cfg.username is not None
+                if kind == "token":
+                    self.auth_mechanism = "XOAUTH2"
+                    await client.auth_xoauth2(cfg.username, value)
+                else:
+                    offered = client.supported_auth_methods
+                    self.auth_mechanism = offered[0].upper() if offered else None
+                    await client.login(cfg.username, value)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            await _abort(client)
+            raise UplinkDown(
+                f"{self.where} refused the login for {cfg.username}: {describe(exc)}; check "
+                "smtp.username and the password (Gmail and Microsoft 365 need an app password "
+                "or XOAUTH2)"
+            ) from exc
+        except aiosmtplib.SMTPException as exc:
+            await _abort(client)
+            if isinstance(exc, UplinkDown):
+                raise
+            raise UplinkDown(f"{self.where}: {describe(exc)}") from exc
+        except CONNECTION_ERRORS as exc:
+            await _abort(client)
+            raise UplinkDown(f"cannot reach {self.where}: {describe(exc)}") from exc
+        except BaseException:
+            await _abort(client)
+            raise
+        self.client = client
+
+    def _read_tls(self, client: aiosmtplib.SMTP) -> None:
+        obj = client.get_transport_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+            return
+        cipher = obj.cipher()
+        cert = obj.getpeercert()
+        self.tls = TlsInfo(version=obj.version(), cipher=cipher[0] if cipher else None)
+        if cert:
+            self.tls.peer_subject = _dn(cert.get("subject", ()))
+            self.tls.peer_issuer = _dn(cert.get("issuer", ()))
+            expires = cert.get("notAfter")
+            self.tls.peer_expires = str(expires) if expires else None
+
+    async def send(
+        self, message: EmailMessage, sender: str, recipients: tuple[str, ...]
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        assert self.client is not None
+        return await self.client.send_message(message, sender=sender, recipients=list(recipients))
+
+    @property
+    def usable(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    async def close(self, polite: bool = True) -> None:
+        """QUIT (when `polite` and the session is healthy), then drop the connection."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            if polite and client.is_connected:
+                await client.quit(timeout=2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            if client.is_connected:
+                client.close()
+        # aiosmtplib turns a cancellation that races with a dropped connection into
+        # SMTPServerDisconnected; do not let that swallow our shutdown.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+
+
+async def _abort(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        client.close()
+
+
+def _dn(rdns: object) -> str:
+    parts = []
+    if isinstance(rdns, tuple):
+        for rdn in rdns:
+            for key, value in rdn:
+                parts.append(f"{key}={value}")
+    return ", ".join(parts)
