@@ -416,6 +416,9 @@ class Outbox:
         """
         new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
         if self.live + new_deliveries > self.max_messages:
+            # Another process (`mailgw queue delete`, `send`) may have changed the count.
+            self.live = self._count_live()
+        if self.live + new_deliveries > self.max_messages:
             raise OutboxFull(
                 f"outbox holds {self.live} undelivered messages, bound is "
                 f"outbox.max_messages = {self.max_messages}"

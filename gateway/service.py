@@ -79,6 +79,10 @@ class Daemon:
             self.components.append(relay)
         else:
             log.warning("no [smtp] section: alerts are stored but not relayed")
+        if cfg.mqtt is not None:
+            from gateway.sources.mqtt import MqttSource
+
+            self.components.append(MqttSource(cfg, self.ingest, self.runtime))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -168,8 +168,8 @@ class Writer:
     def _set_full(self, full: bool, why: str = "") -> None:
         if full and not self.full:
             log.error(
-                "%s: sources stop acknowledging until the relay makes room; nothing "
-                "acknowledged is lost",
+                "the outbox is full (%s): sources stop acknowledging until the relay makes "
+                "room; nothing acknowledged is lost",
                 why,
             )
         elif self.full and not full:

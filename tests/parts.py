@@ -375,10 +375,12 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {directory}/\n"
             "autosave_interval 1\n"
-            "autosave_on_changes true\n"
             f"max_inflight_messages {max_inflight}\n"
             "max_queued_messages 0\n"
-            "log_dest stderr\n"
+            # As root, Mosquitto drops to the `mosquitto` user, which could not write its
+            # persistence file here: the broker would lose sessions across a restart.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "log_dest stderr\n"
             "log_type error\n"
         )
 
@@ -416,3 +418,105 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+# --- the daemon as a real process ----------------------------------------------------
+
+
+class DaemonProcess:
+    """`mailgw run` as a subprocess that tests can SIGTERM or `kill -9`."""
+
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        import tomllib
+
+        self.config = config
+        self.log_path = log_path
+        self.env = env or {}
+        data = tomllib.loads(config.read_text())
+        self.status_path = Path(data["gateway"]["runtime_dir"]) / "status.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        import sys
+
+        root = Path(__file__).resolve().parent.parent
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+            cwd=root,
+            stderr=self._log,
+            stdout=self._log,
+            env={**os.environ, "PYTHONPATH": str(root), **self.env},
+        )
+        return self
+
+    def status(self) -> dict[str, Any] | None:
+        import json
+
+        try:
+            data: dict[str, Any] = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if self.proc is None or data.get("pid") != self.proc.pid:
+            return None
+        return data
+
+    def wait_ready(self, sources: tuple[str, ...] = (), timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the daemon exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
+                )
+            st = self.status()
+            if st is not None and all(st["sources"].get(s) == "connected" for s in sources):
+                return
+            time.sleep(0.05)
+        raise AssertionError(
+            f"the daemon was not ready within {timeout} s:\n{self.log_text()[-3000:]}"
+        )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def stored_alerts(db: Path) -> list[tuple[str, str, str]]:
+    """(topic, message, alert id) of every alert in an outbox, read-only."""
+    import sqlite3
+
+    from gateway.outbox import alert_tables
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows: list[tuple[str, str, str]] = []
+        for table in alert_tables(conn):
+            rows += conn.execute(f"SELECT topic, message, id FROM {table}").fetchall()
+        return rows
+    finally:
+        conn.close()

@@ -1,0 +1,1 @@
+"""Alert sources: MQTT, serial lines."""

@@ -1,0 +1,262 @@
+"""MQTT ingest with end-to-end at-least-once: PUBACK only after the outbox commit.
+
+paho-mqtt runs its network loop in its own thread. Each QoS 1 message is
+normalised there and handed to the outbox writer; the writer thread calls back
+after the group commit, and only then is the PUBACK sent (invariant 1). A crash
+before that leaves the message unacknowledged in our persistent session, so the
+broker redelivers it: at worst a duplicate with the same content, never a loss.
+
+Memory stays flat because the broker never has more than its in-flight window
+of unacknowledged messages out to us (Mosquitto's max_inflight_messages, or the
+MQTT 5 Receive Maximum we announce). While the outbox is full the messages we
+hold are retried every second and stay unacknowledged; since the broker sends
+nothing new past the window, ingestion pauses by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.alert import Draft, Severity, normalize
+from gateway.config import Config
+from gateway.errors import OutboxFull
+from gateway.ingest import Ingest
+from gateway.status import Runtime
+
+log = logging.getLogger(__name__)
+
+RETRY_FULL = 1.0
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+
+
+class MqttSource:
+    name = "mqtt"
+
+    def __init__(self, config: Config, ingest: Ingest, runtime: Runtime) -> None:
+        assert config.mqtt is not None
+        self.cfg = config.mqtt
+        self.device_id = config.gateway.device_id
+        self.ingest = ingest
+        self.runtime = runtime
+        self.status_topic = f"mailgw/{self.device_id}/status"
+        self.client_id = self.cfg.client_id or f"mailgw-{self.device_id}"
+        self._generation = 0  # bumped on every (re)connect
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[int, int, Any]] = {}  # mid → (generation, qos, routed)
+        self._stopping = False
+        self._connected = threading.Event()
+        self.client = self._make_client()
+        self.runtime.sources[self.name] = "connecting"
+
+    # --- paho setup -------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self.cfg.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if v5 else False,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger("gateway.sources.paho"))
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(1000)
+        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        if self.cfg.username:
+            password = None
+            if self.cfg.password_file:
+                password = Path(self.cfg.password_file).read_text().rstrip("\r\n")
+            client.username_pw_set(self.cfg.username, password)
+        if self.cfg.tls:
+            ctx = ssl.create_default_context(
+                cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None
+            )
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.cfg.cert_file:
+                ctx.load_cert_chain(
+                    str(self.cfg.cert_file), str(self.cfg.key_file) if self.cfg.key_file else None
+                )
+            client.tls_set_context(ctx)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if self.cfg.protocol != "5":
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_NEVER_EXPIRES  # a persistent session
+        props.ReceiveMaximum = self.cfg.max_inflight  # bounds what we hold unacknowledged
+        return props
+
+    # --- paho callbacks (paho's thread) -----------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning(
+                "the MQTT broker %s:%d refused the connection: %s",
+                self.cfg.host,
+                self.cfg.port,
+                reason,
+            )
+            self.runtime.sources[self.name] = f"refused ({reason})"
+            return
+        with self._lock:
+            self._generation += 1
+            # What we held from the last connection will be redelivered by the broker.
+            self._held.clear()
+        client.subscribe([(t, 1) for t in self.cfg.topics])
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        self.runtime.sources[self.name] = "connected"
+        self._connected.set()
+        log.info(
+            "connected to the MQTT broker %s:%d as %s (session %s); subscribed to %s",
+            self.cfg.host,
+            self.cfg.port,
+            self.client_id,
+            "resumed" if getattr(flags, "session_present", False) else "new",
+            ", ".join(self.cfg.topics),
+        )
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: object, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self._connected.clear()
+        if self._stopping:
+            return
+        self.runtime.sources[self.name] = "disconnected"
+        log.warning(
+            "lost the MQTT broker %s:%d (%s); reconnecting", self.cfg.host, self.cfg.port, reason
+        )
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if self._stopping:
+            return  # not acked: the broker redelivers it to the next run
+        if msg.retain and not self.cfg.accept_retained:
+            # Retained messages at subscribe time are old news, not new alerts.
+            self.runtime.reject("mqtt_retained_ignored")
+            client.ack(msg.mid, msg.qos)
+            return
+        if len(msg.payload) > self.cfg.max_payload:
+            self.runtime.reject("mqtt_oversize")
+            log.warning(
+                "rejected a %d-byte message on %s (mqtt.max_payload is %d); acked so "
+                "the broker does not redeliver it forever",
+                len(msg.payload),
+                msg.topic,
+                self.cfg.max_payload,
+            )
+            client.ack(msg.mid, msg.qos)
+            return
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self.runtime.reject("mqtt_bad_topic")
+            client.ack(msg.mid, msg.qos)
+            return
+        alert = normalize(
+            bytes(msg.payload),
+            Draft(
+                topic=topic,
+                source="mqtt",
+                sensor=topic.rsplit("/", 1)[-1] or "unknown",
+                severity=Severity.WARNING,
+            ),
+        )
+        routed = self.ingest.prepare(alert)
+        with self._lock:
+            generation = self._generation
+            self._held[msg.mid] = (generation, msg.qos, routed)
+        self._store(msg.mid)
+
+    # --- storing and acknowledging ----------------------------------------------------
+
+    def _store(self, mid: int) -> None:
+        with self._lock:
+            held = self._held.get(mid)
+        if held is None:
+            return
+        generation, qos, routed = held
+
+        def done(result: list[str] | BaseException) -> None:  # the writer's thread
+            if isinstance(result, OutboxFull):
+                self.runtime.outbox_full = True
+                return  # stays held; retried by the loop, not acked meanwhile
+            with self._lock:
+                current = self._held.pop(mid, None)
+                same = self._generation == generation
+            if isinstance(result, BaseException):
+                log.error(
+                    "could not store an MQTT alert (it stays unacknowledged and the "
+                    "broker will redeliver it): %s",
+                    result,
+                )
+                return
+            if current is not None and same:
+                self.client.ack(mid, qos)
+
+        self.ingest.writer.submit([routed], done)
+
+    def _retry_held(self) -> None:
+        with self._lock:
+            mids = list(self._held)
+        for mid in mids:
+            self._store(mid)
+
+    # --- life cycle (the event loop) ------------------------------------------------
+
+    async def run(self) -> None:
+        self.client.connect_async(
+            self.cfg.host,
+            self.cfg.port,
+            keepalive=self.cfg.keepalive,
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self.client.loop_start()
+        last_status = 0.0
+        try:
+            while True:
+                await asyncio.sleep(RETRY_FULL)
+                if self.ingest.full:
+                    self._retry_held()
+                now = time.monotonic()
+                if self._connected.is_set() and now - last_status >= self.cfg.status_interval:
+                    last_status = now
+                    self.client.publish(
+                        f"{self.status_topic}/report",
+                        json.dumps(self.runtime.snapshot()),
+                        qos=0,
+                        retain=True,
+                    )
+        finally:
+            # Stop taking input; what was submitted still commits and is acked by
+            # the writer's callbacks before close() disconnects.
+            self._stopping = True
+
+    def close(self) -> None:
+        try:
+            if self._connected.is_set():
+                info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+                info.wait_for_publish(2)
+            self.client.disconnect()
+        except (RuntimeError, ValueError, OSError) as exc:
+            log.debug("closing the MQTT session: %s", exc)
+        finally:
+            self.client.loop_stop()
