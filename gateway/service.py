@@ -83,6 +83,10 @@ class Daemon:
             from gateway.sources.mqtt import MqttSource
 
             self.components.append(MqttSource(cfg, self.ingest, self.runtime))
+        for port in cfg.serial:
+            from gateway.sources.serial import SerialSource
+
+            self.components.append(SerialSource(cfg, port, self.ingest, self.runtime))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

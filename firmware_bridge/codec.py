@@ -1,0 +1,269 @@
+"""The serial wire protocol v1, sans-IO: bytes in, events out; frames in, bytes out.
+
+    $<BODY>*<CRC>\\r\\n    CRC = 4 upper-case hex digits, CRC-16/CCITT-FALSE of BODY
+
+No serial port here: the transport feeds whatever bytes it read, in chunks of
+any size, and acts on the events. The same code serves the gateway and the
+simulated device. See PROTOCOL.md (normative).
+
+Robustness against a noisy or hostile line, after h11's receive buffer:
+- Memory is bounded: the buffer never holds more than MAX_LINE bytes of an
+  unterminated line; longer input is discarded up to the next newline and
+  reported once as SIZE.
+- Work is O(n) in bytes fed: each byte is scanned for the newline once
+  (`_scanned` remembers how far we looked), never rescanned per chunk.
+- Nothing is an ALERT unless its CRC checks: a flipped bit is a CRC error, and
+  the frame is dropped and NAKed, never "repaired".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from firmware_bridge.crc import crc16
+
+MAX_LINE = 512
+MAX_SEQ = 2**32 - 1
+
+
+class Reason(StrEnum):
+    CRC = "CRC"
+    PARSE = "PARSE"
+    SIZE = "SIZE"
+    FULL = "FULL"
+    HELLO = "HELLO"  # an ALERT before this boot's HELLO: re-send HELLO, then the ALERT
+    TYPE = "TYPE"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    seq: int
+    device_id: str
+    fw_version: str
+    boot_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    seq: int
+    sensor: str
+    severity: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    seq: int | None  # None: the frame was unreadable ('-' on the wire)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A line that is not a valid frame; `seq` when it could be read, for the NAK."""
+
+    reason: Reason
+    seq: int | None
+    detail: str
+
+
+Frame = Hello | Alert | Ping | Ack | Nak | Pong
+Event = Frame | FrameError
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_SEVERITIES = ("debug", "info", "warning", "critical")
+
+
+# --- encoding ------------------------------------------------------------------------
+
+
+def _field(value: str, name: str, last: bool = False) -> str:
+    if any(c in value for c in "\r\n$") or (not last and ("," in value or "*" in value)):
+        raise ValueError(f"{name} {value!r} contains a character the protocol reserves")
+    if not value.isprintable():
+        raise ValueError(f"{name} {value!r} contains control characters")
+    return value
+
+
+def encode(frame: Frame) -> bytes:
+    """The wire bytes of a frame. Raises ValueError for a frame that cannot be sent."""
+    match frame:
+        case Hello(seq, device_id, fw, boot):
+            fields = [
+                "HELLO",
+                str(seq),
+                _field(device_id, "device id"),
+                _field(fw, "fw version"),
+                _field(boot, "boot id"),
+            ]
+        case Alert(seq, sensor, severity, message):
+            fields = [
+                "ALERT",
+                str(seq),
+                _field(sensor, "sensor"),
+                _field(severity, "severity"),
+                _field(message, "message", last=True),
+            ]
+        case Ping(seq):
+            fields = ["PING", str(seq)]
+        case Ack(seq):
+            fields = ["ACK", str(seq)]
+        case Nak(seq, reason):
+            fields = ["NAK", "-" if seq is None else str(seq), _field(reason, "reason")]
+        case Pong(seq):
+            fields = ["PONG", str(seq)]
+    seq_value = getattr(frame, "seq", 0)
+    if seq_value is not None and not 0 <= seq_value <= MAX_SEQ:
+        raise ValueError(f"seq {seq_value} out of range 0..{MAX_SEQ}")
+    body = ",".join(fields).encode("utf-8")
+    line = b"$" + body + b"*" + f"{crc16(body):04X}".encode() + b"\r\n"
+    if len(line) > MAX_LINE:
+        raise ValueError(f"frame is {len(line)} bytes; the limit is {MAX_LINE}")
+    return line
+
+
+# --- decoding ------------------------------------------------------------------------
+
+
+def _seq(text: str) -> int:
+    if not text.isdigit() or len(text) > 10:
+        raise ValueError(f"seq {text!r} is not a decimal counter")
+    value = int(text)
+    if value > MAX_SEQ:
+        raise ValueError(f"seq {value} out of range")
+    return value
+
+
+def _try_seq(body: str) -> int | None:
+    parts = body.split(",", 2)
+    if len(parts) >= 2:
+        try:
+            return _seq(parts[1])
+        except ValueError:
+            return None
+    return None
+
+
+def parse_line(line: bytes) -> Event | None:
+    """One line (without its newline) → a frame, an error, or None for blank noise."""
+    start = line.find(b"$")
+    if start < 0:
+        stripped = line.strip()
+        if not stripped:
+            return None
+        return FrameError(Reason.PARSE, None, "no '$' frame start")
+    raw = line[start + 1 :].rstrip(b"\r")
+    star = raw.rfind(b"*")
+    if star < 0 or len(raw) - star - 1 != 4:
+        return FrameError(Reason.PARSE, None, "no '*' followed by 4 CRC digits")
+    body, crc_text = raw[:star], raw[star + 1 :]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if not re.fullmatch(rb"[0-9A-F]{4}", crc_text):
+        return FrameError(Reason.PARSE, None, "the CRC is not 4 upper-case hex digits")
+    if int(crc_text, 16) != crc16(body):
+        # The seq of a damaged frame may itself be damaged; offered only as a hint.
+        return FrameError(Reason.CRC, _try_seq(text) if text else None, "CRC mismatch")
+    if not text:
+        return FrameError(Reason.PARSE, None, "the body is not UTF-8")
+    if not text.isprintable():
+        return FrameError(Reason.PARSE, _try_seq(text), "control characters in the body")
+    kind, _, rest = text.partition(",")
+    try:
+        return _frame(kind, rest)
+    except ValueError as exc:
+        return FrameError(Reason.PARSE if kind in _KINDS else Reason.TYPE, _try_seq(text), str(exc))
+
+
+_KINDS = ("HELLO", "ALERT", "PING", "ACK", "NAK", "PONG")
+
+
+def _frame(kind: str, rest: str) -> Frame:
+    if kind == "ALERT":
+        parts = rest.split(",", 3)
+        if len(parts) != 4:
+            raise ValueError("ALERT needs seq, sensor, severity, message")
+        seq, sensor, severity, message = parts
+        if not _ID.fullmatch(sensor):
+            raise ValueError(f"bad sensor name {sensor!r}")
+        if severity not in _SEVERITIES:
+            raise ValueError(f"bad severity {severity!r}")
+        return Alert(_seq(seq), sensor, severity, message)
+    parts = rest.split(",")
+    if kind == "HELLO":
+        if len(parts) != 4:
+            raise ValueError("HELLO needs seq, device id, fw version, boot id")
+        seq, device_id, fw, boot = parts
+        for name, value in (("device id", device_id), ("fw version", fw), ("boot id", boot)):
+            if not _ID.fullmatch(value):
+                raise ValueError(f"bad {name} {value!r}")
+        return Hello(_seq(seq), device_id, fw, boot)
+    if kind in ("PING", "ACK", "PONG"):
+        if len(parts) != 1:
+            raise ValueError(f"{kind} takes only a seq")
+        number = _seq(parts[0])
+        return Ping(number) if kind == "PING" else Ack(number) if kind == "ACK" else Pong(number)
+    if kind == "NAK":
+        if len(parts) != 2:
+            raise ValueError("NAK needs seq and reason")
+        return Nak(None if parts[0] == "-" else _seq(parts[0]), parts[1])
+    raise ValueError(f"unknown frame type {kind[:16]!r}")
+
+
+class Decoder:
+    """Feed bytes as they come; take events. Bounded memory, linear time."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already known to hold no newline
+        self._discarding = False  # inside an over-long line: drop up to the newline
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        self._buf += data
+        while True:
+            nl = self._buf.find(b"\n", self._scanned)
+            if nl < 0:
+                self._scanned = len(self._buf)
+                if len(self._buf) > self.max_line:
+                    if not self._discarding:
+                        events.append(
+                            FrameError(Reason.SIZE, None, f"line longer than {self.max_line} bytes")
+                        )
+                    self._discarding = True
+                    self._buf.clear()
+                    self._scanned = 0
+                return events
+            line = bytes(self._buf[:nl])
+            del self._buf[: nl + 1]
+            self._scanned = 0
+            if self._discarding:
+                self._discarding = False  # the tail of an over-long line: already reported
+                continue
+            if len(line) + 1 > self.max_line:
+                events.append(
+                    FrameError(Reason.SIZE, None, f"line longer than {self.max_line} bytes")
+                )
+                continue
+            event = parse_line(line)
+            if event is not None:
+                events.append(event)

@@ -1,0 +1,232 @@
+"""Serial ingest over real ptys: the daemon on the slave, a simulated device on the master."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import time
+import tty
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from firmware_bridge import codec
+from firmware_bridge.device import Device
+from tests.parts import DaemonProcess, stored_alerts
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Pty:
+    """A pty pair; the gateway opens `link`, a stable path like /dev/serial/by-id/..."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.master = -1
+        self.plug()
+
+    def plug(self) -> int:
+        self.master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no CR/LF translation: a UART is 8-bit clean
+        path = os.ttyname(slave)
+        os.close(slave)
+        tmp = self.link.with_suffix(".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        tmp.replace(self.link)
+        return self.master
+
+    def unplug(self) -> None:
+        os.close(self.master)
+        self.link.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+@pytest.fixture
+def pty(tmp_path: Path) -> Iterator[Pty]:
+    p = Pty(tmp_path / "ttyTEST")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pty: Pty) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(serial_extra: str = "") -> DaemonProcess:
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            f'[gateway]\ndevice_id = "gw-serial"\nstate_dir = "{tmp_path}/state"\n'
+            f'runtime_dir = "{tmp_path}/run"\n'
+            f'[[serial]]\nport = "{pty.link}"\nname = "bench1"\n{serial_extra}\n'
+            '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        )
+        d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        made.append(d)
+        d.wait_ready(("serial:bench1",))
+        return d
+
+    yield make
+    for d in made:
+        if d.alive:
+            d.terminate()
+
+
+def rows(tmp_path: Path) -> list[tuple[str, str, str]]:
+    db = tmp_path / "state" / "outbox.db"
+    return stored_alerts(db) if db.exists() else []
+
+
+def test_1000_alerts_stored_once_each_acked_after_commit(
+    tmp_path: Path, pty: Pty, daemon: Callable[..., DaemonProcess]
+) -> None:
+    daemon()
+    dev = Device(pty.master, device_id="fridge-7", retry_min=1.0).start()
+    # A few one at a time: when the ACK arrives the alert is already on disk.
+    for i in range(10):
+        seq = dev.alert("temp", "warning", f"single {i}")
+        assert dev.wait_acked({seq}, timeout=10)
+        assert f"single {i}" in {m for _, m, _ in rows(tmp_path)}
+    for i in range(990):
+        dev.alert("temp", "critical", f"burst {i}")
+    assert dev.wait_acked(timeout=60), f"{dev.unacked} alerts never acked"
+    got = collections.Counter(m for _, m, _ in rows(tmp_path))
+    expected = {f"single {i}" for i in range(10)} | {f"burst {i}" for i in range(990)}
+    assert set(got) == expected and max(got.values()) == 1
+    assert {t for t, _, _ in rows(tmp_path)} == {"serial/bench1/temp"}
+    dev.stop()
+
+
+def test_noisy_line_still_delivers_each_alert_exactly_once(
+    tmp_path: Path, pty: Pty, daemon: Callable[..., DaemonProcess]
+) -> None:
+    gw = daemon()
+    dev = Device(
+        pty.master, device_id="noisy", corrupt=0.05, seed=42, retry_min=0.05, retry_max=0.4
+    ).start()
+    sent = {f"n{i}" for i in range(200)}
+    for text in sorted(sent):
+        dev.alert("t", "warning", text)
+    assert dev.wait_acked(timeout=120), f"{dev.unacked} never acked"
+    got = collections.Counter(m for _, m, _ in rows(tmp_path))
+    assert set(got) == sent, "a corrupted alert was stored, or one was lost"
+    assert max(got.values()) == 1, "a retransmission was stored twice"
+    assert dev.stats.retransmits > 0 and dev.stats.naks.get("CRC", 0) > 0
+    rejected = (gw.status() or {}).get("rejected", {})
+    assert rejected.get("serial_crc", 0) > 0
+    dev.stop()
+
+
+def test_port_vanishing_and_returning_loses_nothing(
+    tmp_path: Path, pty: Pty, daemon: Callable[..., DaemonProcess]
+) -> None:
+    gw = daemon()
+    dev = Device(pty.master, device_id="usb-1", retry_min=0.2, retry_max=1.0).start()
+    for i in range(100):
+        dev.alert("t", "info", f"before {i}")
+    wait_for(lambda: len(rows(tmp_path)) >= 20, what="some stored")
+    pty.unplug()  # the USB cable is pulled mid-stream
+    for i in range(100):
+        dev.alert("t", "info", f"during {i}")
+    wait_for(lambda: "is gone" in gw.log_text(), what="the loss logged")
+    time.sleep(1.0)
+    dev.reattach(pty.plug())
+    assert dev.wait_acked(timeout=60), f"{dev.unacked} never acked"
+    got = collections.Counter(m for _, m, _ in rows(tmp_path))
+    assert set(got) == {f"before {i}" for i in range(100)} | {f"during {i}" for i in range(100)}
+    assert max(got.values()) == 1
+    assert "is back" in gw.log_text()
+    assert gw.log_text().count("is gone") == 1  # logged once, not per retry
+    dev.stop()
+
+
+def exchange(
+    master: int, frames: list[bytes], replies: int, timeout: float = 10.0
+) -> list[codec.Event]:
+    for f in frames:
+        os.write(master, f)
+    decoder = codec.Decoder()
+    events: list[codec.Event] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < replies and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            events += decoder.feed(os.read(master, 4096))
+    return events
+
+
+def test_protocol_replies_and_dedupe_across_restart(
+    tmp_path: Path, pty: Pty, daemon: Callable[..., DaemonProcess]
+) -> None:
+    gw = daemon()
+    alert = codec.encode(codec.Alert(5, "door", "critical", "door open, 5 min"))
+    # An ALERT before HELLO: the gateway cannot dedupe it yet, so it asks for HELLO.
+    assert exchange(pty.master, [alert], 1) == [codec.Nak(5, "HELLO")]
+    hello = codec.encode(codec.Hello(1, "cab-9", "2.1", "boot-a"))
+    events = exchange(pty.master, [hello, alert, alert, codec.encode(codec.Ping(6))], 4)
+    assert events.count(codec.Ack(5)) == 2 and codec.Ack(1) in events
+    assert codec.Pong(6) in events
+    bad = b"$ALERT,7,door,critical,x*0000\r\n"
+    assert exchange(pty.master, [bad, b"$" + b"A" * 600 + b"\r\n"], 2) == [
+        codec.Nak(7, "CRC"),
+        codec.Nak(None, "SIZE"),
+    ]
+    assert [m for _, m, _ in rows(tmp_path)] == ["door open, 5 min"]
+    gw.kill9()
+    gw.start()
+    gw.wait_ready(("serial:bench1",))
+    # A retransmission after the gateway restarted is still recognised.
+    events = exchange(pty.master, [hello, alert], 2)
+    assert events == [codec.Ack(1), codec.Ack(5)]
+    assert [m for _, m, _ in rows(tmp_path)] == ["door open, 5 min"]
+    st = gw.status() or {}
+    assert st["sources"]["serial:bench1"] == "connected"
+
+
+def test_lines_mode_for_legacy_devices(
+    tmp_path: Path, pty: Pty, daemon: Callable[..., DaemonProcess]
+) -> None:
+    daemon(
+        'protocol = "lines"\nline_regex = "^(?P<severity>\\\\w+) (?P<sensor>\\\\w+): '
+        '(?P<message>.*)$"\nsensor = "legacy"\n'
+    )
+    os.write(pty.master, b"critical boiler: pressure high\r\nplain text line\n\n")
+    wait_for(lambda: len(rows(tmp_path)) == 2, what="two alerts")
+    got = {(t, m) for t, m, _ in rows(tmp_path)}
+    assert got == {
+        ("serial/bench1/boiler", "pressure high"),
+        ("serial/bench1/legacy", "plain text line"),
+    }
+
+
+def test_missing_port_at_start_is_waited_for(tmp_path: Path, pty: Pty) -> None:
+    pty.unplug()
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n'
+        f'[[serial]]\nport = "{pty.link}"\nname = "late"\n'
+        '[[route]]\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        gw.wait_ready()
+        assert (gw.status() or {})["sources"]["serial:late"] == "absent"
+        dev = Device(pty.plug(), retry_min=0.2).start()
+        seq = dev.alert("t", "info", "late device")
+        assert dev.wait_acked({seq}, timeout=40)
+        dev.stop()
+    finally:
+        gw.terminate()
