@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap test lint typecheck unit demo bench soak system-deps clean
+.PHONY: help bootstrap test lint typecheck unit demo bench soak system-deps demo-deps clean
 
 help:
 	@echo "make demo | test | bench | soak | lint | typecheck | clean"
@@ -26,13 +26,17 @@ $(BIN)/.installed: pyproject.toml
 
 bootstrap: $(BIN)/.installed
 
-# Test-only system packages: a real MQTT broker, and a C compiler for the
-# firmware reference encoder. Installed only when missing.
+# System packages the tests and the demo use, installed only when missing: a real
+# MQTT broker (both), a C compiler for the firmware reference encoder (tests only).
+demo-deps:
+	@$(MAKE) --no-print-directory system-deps WANT_CC=
+
+WANT_CC ?= yes
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
-	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	[ -z "$(WANT_CC)" ] || command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "bootstrap: installing$$missing with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
@@ -56,7 +60,7 @@ soak: bootstrap system-deps
 bench: bootstrap system-deps
 	$(BIN)/python -m bench
 
-demo: bootstrap system-deps
+demo: bootstrap demo-deps
 	$(BIN)/mailgw demo
 
 clean:

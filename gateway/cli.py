@@ -253,6 +253,12 @@ def cmd_smtp_test(args: argparse.Namespace) -> int:
     return run_smtp_test(_config(args), args.send_to)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(ci=args.ci)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mailgw",
@@ -314,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("flush", "ask the running daemon to probe the smarthost and retry now")
     sp.set_defaults(func=cmd_flush)
+
+    sp = sub.add_parser("demo", help="a self-contained end-to-end demonstration")
+    sp.add_argument("--ci", action="store_true", help="short and non-interactive")
+    sp.set_defaults(func=cmd_demo)
 
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")
