@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import table
 
-BENCHMARKS = ["outbox"]
+BENCHMARKS = ["outbox", "relay", "mqtt", "serial"]
 
 
 def main(argv: list[str]) -> int:

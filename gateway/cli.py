@@ -8,6 +8,7 @@ Heavy modules are imported inside the subcommand that needs them, so that
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -59,6 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     systemd.setup_logging(args.log_level)
+    # `kill -USR2 <pid>` writes every thread's stack to the journal: for a stuck daemon.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     return service.run(cfg)
 
 

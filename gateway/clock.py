@@ -21,11 +21,18 @@ _TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
 _SYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 
 
+_boot_id: str | None = None
+
+
 def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
+    """This boot's id; constant until reboot, so read once."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            _boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            _boot_id = "unknown"
+    return _boot_id
 
 
 def boottime() -> float:
@@ -33,9 +40,22 @@ def boottime() -> float:
 
 
 _libc: ctypes.CDLL | None = None
+_synced_cache: tuple[float, bool] = (-1e9, False)
+_SYNC_RECHECK = 2.0  # seconds; every alert stamps the time, a syscall each was measurable
 
 
 def clock_synced() -> bool:
+    global _synced_cache
+    checked, value = _synced_cache
+    now = time.monotonic()
+    if now - checked < _SYNC_RECHECK:
+        return value
+    value = _clock_synced()
+    _synced_cache = (now, value)
+    return value
+
+
+def _clock_synced() -> bool:
     """True when the kernel says the wall clock is disciplined (NTP/timesyncd).
 
     adjtimex(2) with modes=0 changes nothing and returns the clock state;

@@ -3,12 +3,13 @@
 Alert text comes from sensors and is hostile by assumption. It reaches headers
 only through `_header_text`, which folds every line break and control character
 into a space, so no payload can add a header line or a recipient (the
-recipients come from the route alone). policy.SMTP then encodes non-ASCII
-per RFC 2047 and refuses any header value that still held CR or LF.
+recipients come from the route alone); non-ASCII is then RFC 2047-encoded.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
 
 from gateway.alert import Alert, Severity
 from gateway.clock import Stamp
@@ -29,7 +30,7 @@ MAX_SUBJECT = 200
 
 def _header_text(text: str, limit: int = 998) -> str:
     flat = _FOLD.sub(" ", text).strip()
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def message_id(alert: Alert, route: str, device_id: str) -> str:
@@ -82,11 +83,46 @@ def default_body(alert: Alert, device_id: str, now: Stamp) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _encoded(text: str) -> str:
+    """An unstructured header value: as is when ASCII, else RFC 2047 encoded-words.
+
+    Base64 words of at most 45 bytes (60 encoded: a 75-character word, §2), cut at
+    character boundaries, folded onto continuation lines. email.header does the
+    same but took 5 ms for a 200-character subject (its length estimates are
+    quadratic); this is linear.
+    """
+    if text.isascii():
+        return text
+    words: list[str] = []
+    chunk = b""
+    for ch in text:
+        raw = ch.encode("utf-8")
+        if len(chunk) + len(raw) > 45:
+            words.append(chunk.decode("utf-8"))
+            chunk = b""
+        chunk += raw
+    if chunk:
+        words.append(chunk.decode("utf-8"))
+    return "\r\n ".join(
+        f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words
+    )
+
+
+def _address_list(addresses: tuple[str, ...]) -> str:
+    return ", ".join(_address(a) for a in addresses)
+
+
+def _address(text: str) -> str:
+    name, addr = parseaddr(text)
+    return formataddr((name, addr), charset="utf-8") if name else addr
+
+
 @dataclass(frozen=True, slots=True)
 class Composed:
-    message: EmailMessage
+    data: bytes  # the whole message, CRLF line ends, ready for DATA
     sender: str
     recipients: tuple[str, ...]
+    message_id: str
 
 
 def compose(
@@ -98,36 +134,52 @@ def compose(
     now: Stamp | None = None,
     recipients: tuple[str, ...] | None = None,
 ) -> Composed:
+    """The RFC 5322 message for one delivery, as bytes.
+
+    Built directly rather than through EmailMessage: the header registry's parsing
+    cost 1.8 ms a message here, most of the relay's budget at 400 mails/s. The only
+    text from sensors that reaches a header passes through _header_text (no line
+    breaks, no controls) and then RFC 2047 encoding; the addresses come from config.
+    """
     now = now or Stamp.now()
     values = alert.template_values()
     values["device_id"] = device_id
     received, _ = receipt_text(alert, now)
     values["received"] = received
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = sender
-    msg["To"] = ", ".join(route.to)
+    subject = _header_text(render(route.subject, values), MAX_SUBJECT)
+    mid = message_id(alert, route.name, device_id)
+    headers = [
+        f"From: {_address(sender)}",
+        f"To: {_address_list(route.to)}",
+    ]
     if route.cc:
-        msg["Cc"] = ", ".join(route.cc)
-    msg["Subject"] = _header_text(render(route.subject, values), MAX_SUBJECT)
-    msg["Date"] = format_datetime(datetime.fromtimestamp(now.wall, UTC))
-    msg["Message-ID"] = message_id(alert, route.name, device_id)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Mailgw-Device"] = _header_text(device_id)
-    msg["X-Mailgw-Topic"] = _header_text(alert.topic)
-    msg["X-Mailgw-Severity"] = str(alert.severity)
-    msg["X-Mailgw-Alert-Id"] = alert.id
+        headers.append(f"Cc: {_address_list(route.cc)}")
+    headers += [
+        f"Subject: {_encoded(subject)}",
+        f"Date: {format_datetime(datetime.fromtimestamp(now.wall, UTC))}",
+        f"Message-ID: {mid}",
+        "Auto-Submitted: auto-generated",
+        f"X-Mailgw-Device: {_header_text(device_id, 64)}",
+        f"X-Mailgw-Topic: {_encoded(_header_text(alert.topic, 200))}",
+        f"X-Mailgw-Severity: {alert.severity}",
+        f"X-Mailgw-Alert-Id: {alert.id}",
+    ]
     if alert.severity >= Severity.CRITICAL:
-        msg["Importance"] = "high"
-        msg["X-Priority"] = "1"
+        headers += ["Importance: high", "X-Priority: 1"]
+    headers += [
+        "MIME-Version: 1.0",
+        'Content-Type: text/plain; charset="utf-8"',
+        "Content-Transfer-Encoding: quoted-printable",
+    ]
     body = render(route.body, values) if route.body else default_body(alert, device_id, now)
-    msg.set_content(body, charset="utf-8", cte="quoted-printable")
-    envelope_from = parseaddr(sender)[1]
+    qp = binascii.b2a_qp(body.replace("\r\n", "\n").encode("utf-8"), istext=True)
+    data = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + qp.replace(b"\n", b"\r\n")
     rcpts = (
         recipients
         if recipients is not None
         else tuple(parseaddr(a)[1] for a in (*route.to, *route.cc))
     )
-    return Composed(msg, envelope_from, rcpts)
+    return Composed(data, parseaddr(sender)[1], rcpts, mid)
 
 
 def test_message(sender: str, to: str, device_id: str) -> EmailMessage:

@@ -410,7 +410,7 @@ class Outbox:
     def add(self, batch: Sequence[Routed]) -> list[str]:
         """Store alerts in one transaction; return once committed.
 
-        Returns the ids of alerts skipped as already stored (a retransmission
+        Returns the seen keys of alerts skipped as already stored (a retransmission
         recognised by `seen_key`). Raises OutboxFull, storing nothing, when the
         bound would be exceeded or the disk is full.
         """
@@ -433,16 +433,13 @@ class Outbox:
                 deliveries: list[tuple[Any, ...]] = []
                 for r in batch:
                     if r.seen_key is not None:
-                        prior = c.execute(
-                            "SELECT alert_id FROM seen WHERE key = ?", (r.seen_key,)
-                        ).fetchone()
-                        if prior is not None:
-                            duplicates.append(prior[0])
-                            continue
-                        c.execute(
-                            "INSERT INTO seen (key, alert_id, at) VALUES (?, ?, ?)",
+                        fresh = c.execute(
+                            "INSERT OR IGNORE INTO seen (key, alert_id, at) VALUES (?, ?, ?)",
                             (r.seen_key, r.alert.id, now),
-                        )
+                        ).rowcount
+                        if not fresh:
+                            duplicates.append(r.seen_key)
+                            continue
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
                     if r.deliveries:
                         deliveries.extend((seq, rt, "queued", p, now) for rt, p in r.deliveries)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import aiosmtplib
 
@@ -37,6 +39,7 @@ from gateway.writer import Writer
 
 log = logging.getLogger(__name__)
 
+_FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
 IDLE_QUIT = 5.0  # close an idle session after this long
 FIRST_PROBE = 2.0
@@ -115,6 +118,14 @@ def judge_exception(exc: BaseException, recipients: tuple[str, ...]) -> Verdict:
 # --- the worker ------------------------------------------------------------------------
 
 
+def _raise_if_cancelling() -> None:
+    """aiosmtplib can turn a cancellation into an SMTP error when the two race (the
+    connection closes as we are cancelled); a swallowed cancel would hang SIGTERM."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _claim(limit: int, ob: Outbox) -> list[Claimed]:
     return ob.claim(limit)
 
@@ -143,7 +154,9 @@ class Relay:
         self.rng = rng or random.Random()
         self.session: SmtpSession | None = None
         self.heartbeat = time.monotonic()
-        self.stall_limit = self.smtp.timeout * 4 + 60
+        # One message is at most ~6 SMTP commands, each bounded by smtp.timeout; a relay
+        # that has not come round its loop for longer than that is stuck.
+        self.stall_limit = self.smtp.timeout * 6 + 10
         self.uplink_failures = 0
         self.down_since: float | None = None
         self.probe_at = 0.0
@@ -202,6 +215,9 @@ class Relay:
                 self.heartbeat = time.monotonic()
 
     async def _cycle(self) -> None:
+        _raise_if_cancelling()
+        if _FREEZE and Path(_FREEZE).exists():
+            await asyncio.Event().wait()  # test hook: a relay stuck forever, loop alive
         now = time.monotonic()
         self.heartbeat = now
         if self.probe_at > now:
@@ -233,6 +249,7 @@ class Relay:
                     await self._open_session()
                 outcomes.append(await self._deliver(item, now_stamp))
                 pending.pop(0)
+                _raise_if_cancelling()
         except UplinkDown as exc:
             self._uplink_down(exc, len(pending))
         except asyncio.CancelledError:
@@ -329,7 +346,7 @@ class Relay:
         )
         try:
             refused_raw, _reply = await self.session.send(
-                composed.message, composed.sender, composed.recipients
+                composed.data, composed.sender, composed.recipients
             )
         except Exception as exc:
             verdict = judge_exception(exc, composed.recipients)

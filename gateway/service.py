@@ -187,16 +187,34 @@ class Daemon:
     async def _housekeeping(self) -> None:
         assert self.writer is not None
         last_prune = 0.0
+        last_metrics = -1e9
         while True:
             self.runtime.outbox_full = self.writer.full
             with contextlib.suppress(OSError):
                 self.runtime.write(self.status_path)
             systemd.notify(f"STATUS={self._status_line()}")
+            if self.config.metrics.textfile and time.monotonic() - last_metrics >= 10:
+                last_metrics = time.monotonic()
+                await self._write_metrics(self.config.metrics.textfile)
             if time.monotonic() - last_prune > 60:
                 last_prune = time.monotonic()
                 await self._prune()
                 await self._call(lambda ob: ob.refresh_live())
             await asyncio.sleep(2.0)
+
+    async def _write_metrics(self, path: Path) -> None:
+        from gateway import metrics, status
+
+        def build() -> None:
+            snapshot = self.runtime.snapshot()
+            report = status.report(self.config.outbox_path, self.status_path, live=snapshot)
+            metrics.write_textfile(path, report)
+
+        try:
+            # Counting by state scans the queue: off the loop, in a thread.
+            await asyncio.to_thread(build)
+        except OSError as exc:
+            log.warning("cannot write the metrics file %s: %s", path, exc)
 
     async def _prune(self) -> None:
         """Prune in small transactions so ingest never waits long behind it."""

@@ -173,9 +173,11 @@ class SmtpSession:
             self.tls.peer_expires = str(expires) if expires else None
 
     async def send(
-        self, message: EmailMessage, sender: str, recipients: tuple[str, ...]
+        self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
         assert self.client is not None
+        if isinstance(message, bytes):
+            return await self.client.sendmail(sender, list(recipients), message)
         return await self.client.send_message(message, sender=sender, recipients=list(recipients))
 
     @property

@@ -80,8 +80,12 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def report(db_path: Path, runtime_path: Path) -> dict[str, Any]:
-    """The status report: DESIGN.md's keys first, then the details."""
+def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status report: DESIGN.md's keys first, then the details.
+
+    `live` is the daemon's own snapshot (when the daemon reports on itself);
+    otherwise the runtime file of a running daemon is read.
+    """
     result: dict[str, Any] = {}
     if db_path.exists():
         conn = outbox.connect(db_path, readonly=True)
@@ -99,7 +103,7 @@ def report(db_path: Path, runtime_path: Path) -> dict[str, Any]:
             queued_by_priority={},
         )
         result["outbox_error"] = f"{db_path} does not exist yet (the daemon creates it)"
-    rt = read_runtime(runtime_path)
+    rt = live if live is not None else read_runtime(runtime_path)
     result["daemon"] = {
         "running": rt is not None,
         "pid": rt["pid"] if rt else None,

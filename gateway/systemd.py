@@ -17,6 +17,9 @@ def notify(*lines: str) -> bool:
         address = "\0" + address[1:]  # abstract namespace
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # Never block the event loop on a notify socket whose reader lags: a
+            # dropped STATUS= is harmless, a frozen loop is not.
+            s.setblocking(False)
             s.sendto("\n".join(lines).encode("utf-8"), address)
     except OSError:
         return False

@@ -90,6 +90,8 @@ class DaemonProcess:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR2)  # stacks into the log, for the post-mortem
+            time.sleep(0.5)
             self.proc.kill()
             rc = self.proc.wait()
         self._log.close()

@@ -223,7 +223,10 @@ def test_missing_port_at_start_is_waited_for(tmp_path: Path, pty: Pty) -> None:
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         gw.wait_ready()
-        assert (gw.status() or {})["sources"]["serial:late"] == "absent"
+        wait_for(
+            lambda: (gw.status() or {})["sources"]["serial:late"] == "absent",
+            what="the port reported absent",
+        )
         dev = Device(pty.plug(), retry_min=0.2).start()
         seq = dev.alert("t", "info", "late device")
         assert dev.wait_acked({seq}, timeout=40)

@@ -22,7 +22,7 @@ import threading
 import serial
 
 from firmware_bridge import codec
-from gateway.alert import Draft, Severity, clean_sensor, normalize, parse_severity
+from gateway.alert import Alert, Draft, Severity, clean_sensor, normalize, parse_severity
 from gateway.config import Config, SerialSection
 from gateway.errors import OutboxFull
 from gateway.ingest import Ingest
@@ -47,6 +47,7 @@ class SerialSource:
         self._ser: serial.SerialBase | None = None
         self._boot: tuple[str, str] | None = None  # (device id, boot id) from HELLO
         self._regex = re.compile(port.line_regex) if port.line_regex else None
+        self._batch: list[tuple[Alert, str]] = []
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.runtime.sources[self.name] = "opening"
 
@@ -136,18 +137,24 @@ class SerialSource:
             if self.cfg.protocol == "lines":
                 pending = self._lines(pending + data)
                 continue
+            self._batch = []
             for event in decoder.feed(data):
                 self._handle(event)
+            if self._batch:
+                self._submit(self._batch)
 
     # --- framed protocol ---------------------------------------------------------------
 
     def _send(self, frame: codec.Frame) -> None:
+        self._send_all([frame])
+
+    def _send_all(self, frames: list[codec.Frame]) -> None:
         ser = self._ser
         if ser is None:
             return  # the port is gone; the device retransmits to the next session
         try:
             with self._write_lock:
-                ser.write(codec.encode(frame))
+                ser.write(b"".join(codec.encode(f) for f in frames))
         except (serial.SerialException, OSError) as exc:
             log.debug("could not write to %s: %s", self.cfg.port, exc)
 
@@ -196,19 +203,23 @@ class SerialSource:
             alert,
             fields={"serial_device": device_id, "serial_boot": boot_id, "serial_seq": frame.seq},
         )
-        seq = frame.seq
+        # Collected per read chunk: one submission, one commit, one write of all the ACKs.
+        self._batch.append((alert, f"{device_id}/{boot_id}/{frame.seq}"))
+
+    def _submit(self, batch: list[tuple[Alert, str]]) -> None:
+        seqs = [int(a.fields["serial_seq"] or 0) for a, _ in batch]
 
         def done(result: list[str] | BaseException) -> None:  # the writer's thread
-            if isinstance(result, OutboxFull):
-                self.runtime.reject("serial_full")
-                self._send(codec.Nak(seq, codec.Reason.FULL.value))
-            elif isinstance(result, BaseException):
-                log.error("could not store an alert from %s: %s", self.cfg.name, result)
-                self._send(codec.Nak(seq, codec.Reason.FULL.value))
+            if isinstance(result, BaseException):
+                if not isinstance(result, OutboxFull):
+                    log.error("could not store alerts from %s: %s", self.cfg.name, result)
+                self.runtime.rejected["serial_full"] += len(seqs)
+                replies: list[codec.Frame] = [codec.Nak(s, codec.Reason.FULL.value) for s in seqs]
             else:
-                self._send(codec.Ack(seq))
+                replies = [codec.Ack(s) for s in seqs]
+            self._send_all(replies)
 
-        self.ingest.submit([(alert, f"{device_id}/{boot_id}/{seq}")], done)
+        self.ingest.submit([(a, key) for a, key in batch], done)
 
     # --- legacy lines ----------------------------------------------------------------------
 

@@ -1,0 +1,159 @@
+"""Relay benchmark: alerts/s through the relay vs raw aiosmtplib on a reused session.
+
+Both talk STARTTLS + AUTH to the same aiosmtpd server in the same run; the server
+runs in this process (a thread) and then in a separate process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from bench.common import row
+from gateway.alert import Draft, Severity, normalize
+from gateway.config import parse
+from gateway.lab import Pki, SmtpServer, free_port, make_pki
+from gateway.outbox import Outbox, Routed
+from gateway.relay import Relay
+from gateway.routing import Router
+from gateway.smtp import SmtpSession
+from gateway.status import Runtime
+from gateway.writer import Writer
+
+N = 1000
+
+
+def _config(tmp: Path, pki: Pki, port: int, pw: Path) -> str:
+    return (
+        f'[gateway]\ndevice_id = "bench"\nstate_dir = "{tmp}/state-{time.monotonic_ns()}"\n'
+        f'runtime_dir = "{tmp}/run"\n[outbox]\nallow_volatile = true\n'
+        f'[smtp]\nhost = "127.0.0.1"\nport = {port}\nfrom = "gw@example.com"\n'
+        f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
+        f'batch = 200\n[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+
+
+def raw_rate(text: str) -> float:
+    """The ceiling: one reused STARTTLS+AUTH session, send_message in a loop."""
+    cfg = parse(text)
+    assert cfg.smtp is not None
+
+    async def go() -> float:
+        session = SmtpSession(cfg.smtp, "bench")
+        await session.open()
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "gw@example.com", "ops@example.com", "raw"
+        msg.set_content("x" * 400)
+        t0 = time.perf_counter()
+        for _ in range(N):
+            await session.send(msg, "gw@example.com", ("ops@example.com",))
+        rate = N / (time.perf_counter() - t0)
+        await session.close()
+        return rate
+
+    return asyncio.run(go())
+
+
+def relay_rate(text: str) -> float:
+    cfg = parse(text)
+    ob = Outbox(cfg.outbox_path, max_messages=10**6, allow_volatile=True)
+    draft = Draft("alerts/bench/x", "mqtt", "x", Severity.WARNING)
+    router = Router(cfg.routes)
+    ob.add(
+        [
+            Routed(a, router.route(a))
+            for a in (normalize(f"{i} {'x' * 400}".encode(), draft) for i in range(N))
+        ]
+    )
+    writer = Writer(ob)
+    writer.start()
+    relay = Relay(cfg, writer, router, Runtime())
+    done = threading.Event()
+
+    async def go() -> float:
+        task = asyncio.create_task(relay.run())
+        t0 = time.perf_counter()
+        while relay.sent < N:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - t0
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        done.set()
+        return N / elapsed
+
+    rate = asyncio.run(go())
+    writer.stop()
+    ob.close()
+    return rate
+
+
+@contextmanager
+def server_in_process(pki: Pki) -> Iterator[int]:
+    with SmtpServer(pki, "starttls") as server:
+        yield server.port
+
+
+@contextmanager
+def server_in_subprocess(pki: Pki) -> Iterator[int]:
+    port = free_port()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from gateway.lab import Pki, SmtpServer\n"
+        f"pki = Pki(Path({str(pki.ca_file)!r}), Path({str(pki.cert_file)!r}), "
+        f"Path({str(pki.key_file)!r}))\n"
+        f"s = SmtpServer(pki, 'starttls', port={port}).start()\n"
+        "s.record = lambda item: None  # keep memory flat\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    try:
+        yield port
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def run() -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        pki = make_pki(tmp / "pki")
+        pw = tmp / "pw"
+        pw.write_text("s3cret\n")
+        pw.chmod(0o600)
+        for where, server in (
+            ("server in-process", server_in_process),
+            ("server in a separate process", server_in_subprocess),
+        ):
+            with server(pki) as port:
+                text = _config(tmp, pki, port, pw)
+                raw = raw_rate(text)
+                ours = relay_rate(text)
+            rows.append(
+                row(
+                    f"relay, STARTTLS+AUTH, {where}",
+                    ours,
+                    "alerts/s",
+                    raw,
+                    "raw aiosmtplib, reused session",
+                    "ratio >= 0.8",
+                )
+            )
+    return rows
