@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import select
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -148,12 +150,86 @@ def ours(data: bytes, tmp: Path) -> tuple[float, float]:
     return rate, cpu_per_1000
 
 
+def eight_uarts(tmp: Path, seconds: float = 10.0) -> float:
+    """Share of one core the gateway uses for 8 ports, each at a full 115200-baud UART's
+    line rate (144 80-byte frames/s, paced), acking every frame."""
+    ports = [make_pty() for _ in range(8)]
+    serial_toml = "".join(
+        f'[[serial]]\nport = "{p}"\nname = "u{i}"\n' for i, (_, p) in enumerate(ports)
+    )
+    cfg = parse(
+        f'[gateway]\ndevice_id = "bench"\nstate_dir = "{tmp}/state8"\n'
+        f'runtime_dir = "{tmp}/run"\n{serial_toml}'
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    ob = Outbox(cfg.outbox_path, max_messages=10**7)
+    writer = Writer(ob)
+    writer.start()
+    runtime = Runtime()
+    ingest = Ingest(writer, Router(cfg.routes), runtime)
+    sources = [SerialSource(cfg, s, ingest, runtime) for s in cfg.serial]
+    # The eight devices run in another process, so that only the gateway's CPU is counted.
+    device_code = (
+        "import os, select, sys, threading, time\n"
+        "from firmware_bridge import codec\n"
+        "masters = [int(x) for x in sys.argv[1:]]\n"
+        "def device(i, m):\n"
+        "    os.write(m, codec.encode(codec.Hello(0, f'dev{i}', '1.0', 'b')))\n"
+        "    seq, t_next = 0, time.monotonic()\n"
+        "    while True:\n"
+        "        seq += 1\n"
+        "        a = codec.Alert(seq, 'temp', 'warning', f'{i}/{seq} ' + 'x' * 48)\n"
+        "        os.write(m, codec.encode(a))\n"
+        "        t_next += 1 / 144\n"
+        "        while (left := t_next - time.monotonic()) > 0:\n"
+        "            r, _, _ = select.select([m], [], [], left)\n"
+        "            if r:\n"
+        "                try: os.read(m, 65536)\n"
+        "                except OSError: pass\n"
+        "for i, m in enumerate(masters):\n"
+        "    threading.Thread(target=device, args=(i, m), daemon=True).start()\n"
+        "sys.stdin.read()\n"
+    )
+
+    async def go() -> float:
+        tasks = [asyncio.create_task(s.run()) for s in sources]
+        while any(runtime.sources.get(s.name) != "connected" for s in sources):
+            await asyncio.sleep(0.01)
+        masters = [m for m, _ in ports]
+        devices = subprocess.Popen(
+            [sys.executable, "-c", device_code, *map(str, masters)],
+            stdin=subprocess.PIPE,
+            pass_fds=masters,
+        )
+        await asyncio.sleep(1.0)  # let the devices settle into their pace
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        assert devices.stdin is not None
+        devices.stdin.close()
+        devices.kill()
+        devices.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return cpu / wall
+
+    share = asyncio.run(go())
+    for s in sources:
+        s.close()
+    writer.stop()
+    ob.close()
+    for m, _ in ports:
+        os.close(m)
+    return share
+
+
 def run() -> list[dict[str, Any]]:
     data = frames()
     raw = raw_line_rate(data)
     with tempfile.TemporaryDirectory() as d:
         rate, cpu = ours(data, Path(d))
-    eight_uarts = 8 * 144 * cpu / 1000
+        share = eight_uarts(Path(d))
     return [
         row(
             "serial frames decoded+committed+ACKed",
@@ -162,12 +238,6 @@ def run() -> list[dict[str, Any]]:
             raw,
             "raw pty line rate (chunked read+split)",
         ),
-        row(
-            "serial CPU per 1000 frames",
-            cpu,
-            "cpu s",
-            None,
-            "",
-            f"8 UARTs at 144 lines/s = {eight_uarts * 100:.1f}% of a core (< 10%)",
-        ),
+        row("serial CPU per 1000 frames, bulk", cpu, "cpu s", None, ""),
+        row("serial, 8 UARTs at 144 frames/s each", share * 100, "% of core", None, "", "< 10%"),
     ]

@@ -131,6 +131,7 @@ class OutboxSection:
     sent_retention: float = 7 * 86400
     allow_volatile: bool = False
     commit_batch: int = 1000
+    commit_interval: float = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +449,7 @@ def _outbox(t: _Table) -> OutboxSection:
         sent_retention=t.duration("sent_retention", 7 * 86400.0),
         allow_volatile=t.flag("allow_volatile", False),
         commit_batch=t.integer("commit_batch", 1000, lo=1, hi=100_000),
+        commit_interval=t.duration("commit_interval", 0.005),
     )
     t.done()
     return section

@@ -62,7 +62,11 @@ class Daemon:
             max_messages=cfg.outbox.max_messages,
             allow_volatile=cfg.outbox.allow_volatile,
         )
-        self.writer = Writer(self.outbox, max_group=cfg.outbox.commit_batch)
+        self.writer = Writer(
+            self.outbox,
+            max_group=cfg.outbox.commit_batch,
+            commit_interval=cfg.outbox.commit_interval,
+        )
         self.writer.start()
         self.ingest = Ingest(self.writer, self.router, self.runtime)
         self._build_components()

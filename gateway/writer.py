@@ -49,9 +49,13 @@ _STOP = object()
 
 
 class Writer:
-    def __init__(self, outbox: Outbox, max_group: int = 1000) -> None:
+    def __init__(
+        self, outbox: Outbox, max_group: int = 1000, commit_interval: float = 0.005
+    ) -> None:
         self.outbox = outbox
         self.max_group = max_group
+        self.commit_interval = commit_interval
+        self._last_commit = 0.0
         self._q: queue.SimpleQueue[_Add | _Call | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self.heartbeat = time.monotonic()
@@ -107,6 +111,12 @@ class Writer:
                 self.heartbeat = time.monotonic()
                 continue
             items = [first]
+            # Under a steady stream, commit at most once per commit_interval: the alerts
+            # arriving meanwhile join the group. Idle, an alert commits at once (the last
+            # commit is long past). Fewer fsyncs: less CPU, less flash wear, same acks.
+            wait = self._last_commit + self.commit_interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             # Drain what queued up during the last commit: this is the group.
             size = 0
             while size < self.max_group:
@@ -159,6 +169,7 @@ class Writer:
             return
         self._set_full(False)
         self.commits += 1
+        self._last_commit = time.monotonic()
         self.committed_alerts += len(combined)
         for p in pending:
             p.done(duplicates)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,20 @@ def toml_config(state_dir: Path, extra: str = "", *, device_id: str = "test-gw")
         f'runtime_dir = "{state_dir / "run"}"\n\n'
         f"{extra}\n"
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind() -> Iterator[None]:
+    """A test that fails half-way must not leave `mailgw run` processes around."""
+    from tests.parts import DaemonProcess
+
+    yield
+    while DaemonProcess.started:
+        d = DaemonProcess.started.pop()
+        if d.alive:
+            assert d.proc is not None
+            d.proc.kill()
+            d.proc.wait(10)
 
 
 @pytest.fixture

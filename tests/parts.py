@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.lab import (  # noqa: F401  (re-exported for the tests)
     Mosquitto,
@@ -36,8 +36,12 @@ class DaemonProcess:
         self.status_path = Path(data["gateway"]["runtime_dir"]) / "status.json"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    started: ClassVar[list[DaemonProcess]] = []  # conftest kills what a failed test left running
+
     def start(self) -> DaemonProcess:
         import sys
+
+        DaemonProcess.started.append(self)
 
         root = Path(__file__).resolve().parent.parent
         self._log = self.log_path.open("ab")

@@ -214,8 +214,10 @@ def test_untrusted_certificate_sends_nothing_and_no_credentials(
         assert "certificate" in (gw.runtime.last_error or "")
         assert server.received == [] and server.auth_attempts == []
         counts = gw.counts()
-        assert counts["queued"] == 1 and counts["sent"] == 0
-        rows = gw.writer.call(lambda ob: ob_mod.listing(ob.conn, ["queued"])).result(5)
+        # (the probe that failed puts its claimed row back just after reporting the uplink)
+        wait_for(lambda: gw.counts()["queued"] == 1, what="the row back in the queue")
+        assert counts["sent"] == 0
+        rows = gw.writer.call(lambda ob: ob_mod.listing(ob.conn, ["queued", "sending"])).result(5)
         assert rows[0]["attempts"] == 0  # the uplink's fault, not the message's
 
 
@@ -242,7 +244,7 @@ def test_wrong_password_is_an_uplink_problem(
         gw.add(alert())
         wait_for(lambda: gw.runtime.uplink == "down", what="uplink down")
         assert "refused the login" in (gw.runtime.last_error or "")
-        assert gw.counts()["queued"] == 1
+        wait_for(lambda: gw.counts()["queued"] == 1, what="the row back in the queue")
 
 
 @pytest.mark.parametrize("reply", ["421 4.3.2 shutting down", "451 4.3.0 try again later"])
@@ -353,7 +355,7 @@ def test_outage_during_backlog(pki: Pki, make_gateway: Callable[..., Gateway]) -
     attempts = gw.runtime.attempts["uplink_down"]
     # Probes at about 0, 2, 6 s (then 14, 30, 62): 5 in the first minute, never 10.
     assert attempts <= 4, f"{attempts} connection attempts in {time.monotonic() - t0:.0f} s"
-    assert gw.counts()["queued"] == 1000
+    wait_for(lambda: gw.counts()["queued"] == 1000, what="all 1000 back in the queue")
     server.start()
     try:
         gw.flush()  # an operator's `mailgw flush`; without it the next probe comes within 16 s
