@@ -72,6 +72,13 @@ def messages(tmp_path: Path) -> list[str]:
     return [m for _, m, _ in stored_alerts(db(tmp_path))]
 
 
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False  # the publish failed: the sender knows it was not acknowledged
+
+
 class Publisher:
     """A QoS 1 publisher that knows which messages the broker acknowledged."""
 
@@ -84,7 +91,12 @@ class Publisher:
 
     @property
     def acked(self) -> set[str]:
-        return {text for text, info in list(self._sent) if info.is_published()}
+        return {text for text, info in list(self._sent) if _published(info)}
+
+    @property
+    def settled(self) -> bool:
+        """Every publish was either acked by the broker or failed (not connected)."""
+        return all(info.rc != 0 or _published(info) for _, info in list(self._sent))
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
