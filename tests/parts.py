@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,17 @@ from gateway.lab import (  # noqa: F401  (re-exported for the tests)
     make_pki,
     mosquitto_binary,
 )
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll with a deadline: the tests' one way to wait for an outcome."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
 
 # --- the daemon as a real process ----------------------------------------------------
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Mosquitto, Pki, SmtpServer, make_pki, stored_alerts
-from tests.test_mqtt import Publisher, wait_for
+from tests.parts import DaemonProcess, Mosquitto, Pki, SmtpServer, make_pki, stored_alerts, wait_for
+from tests.test_mqtt import Publisher
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Mosquitto, mosquitto_binary, stored_alerts
+from tests.parts import DaemonProcess, Mosquitto, mosquitto_binary, stored_alerts, wait_for
 
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)"
 )
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from gateway.relay import Relay, judge_exception, judge_refusals, probe_delay, r
 from gateway.routing import Router
 from gateway.status import Runtime
 from gateway.writer import Writer
-from tests.parts import Pki, SmtpServer, make_pki
+from tests.parts import Pki, SmtpServer, make_pki, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("other-pki"), ca_name="someone else's CA")
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Gateway:

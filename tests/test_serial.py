@@ -15,16 +15,7 @@ import pytest
 
 from firmware_bridge import codec
 from firmware_bridge.device import Device
-from tests.parts import DaemonProcess, stored_alerts
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.parts import DaemonProcess, stored_alerts, wait_for
 
 
 class Pty:

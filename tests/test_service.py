@@ -10,15 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ROOT
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.parts import wait_for
 
 
 def test_daemon_notifies_systemd_and_stops_cleanly(

@@ -22,26 +22,16 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from firmware_bridge.device import Device
-from tests.parts import DaemonProcess, Mosquitto, SmtpServer, make_pki, mosquitto_binary
+from tests.parts import DaemonProcess, Mosquitto, SmtpServer, make_pki, mosquitto_binary, wait_for
 from tests.test_mqtt import Publisher
 from tests.test_serial import Pty
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def chaos(tmp_path: Path, faults: int, seed: int) -> dict[str, object]:
