@@ -26,6 +26,24 @@ def _config(args: argparse.Namespace) -> Config:
     return load(args.config)
 
 
+def _as_outbox_owner(cfg: Config) -> None:
+    """Run as the owner of state_dir when started as root (`sudo mailgw queue ...`).
+
+    SQLite creates outbox.db-wal and -shm beside the database when it is not open
+    elsewhere; root-owned ones would lock the daemon (user mailgw) out of its own outbox.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = cfg.gateway.state_dir.stat()
+    except OSError:
+        return
+    if st.st_uid != 0:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.topic:
@@ -91,6 +109,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         parse_json=False,
     )
     router = Router(cfg.routes, cfg.gateway.default_route)
+    _as_outbox_owner(cfg)
     ob = Outbox(
         cfg.outbox_path,
         max_messages=cfg.outbox.max_messages,
@@ -116,6 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from gateway import status
 
     cfg = _config(args)
+    _as_outbox_owner(cfg)
     while True:
         report = status.report(*_paths(cfg))
         if args.json:
@@ -137,6 +157,7 @@ def _open_rw(cfg: Config):  # type: ignore[no-untyped-def]
 
     if not cfg.outbox_path.exists():
         raise GatewayError(f"{cfg.outbox_path} does not exist: nothing is queued yet")
+    _as_outbox_owner(cfg)
     return outbox.connect(cfg.outbox_path)
 
 

@@ -87,7 +87,16 @@ class Demo:
 
     def start_parts(self) -> None:
         from firmware_bridge.device import Device
-        from gateway.lab import Mosquitto, SmtpServer, make_pki, mosquitto_binary
+
+        try:
+            from gateway.lab import Mosquitto, SmtpServer, make_pki, mosquitto_binary
+        except ImportError as exc:
+            # The Debian package ships the daemon only; the demo's smarthost and CA
+            # come with the `demo` extra.
+            raise SystemExit(
+                f"mailgw demo needs {exc.name}: run `make demo` from a source checkout "
+                "(or pip install 'mailgw[demo]')"
+            ) from None
 
         if mosquitto_binary() is None:
             raise SystemExit(

@@ -40,15 +40,29 @@ def read_secret(cfg: SmtpSection) -> tuple[str, str] | None:
     if cfg.oauth_token_file:
         return "token", Path(cfg.oauth_token_file).read_text().strip()
     if cfg.password_file:
-        return "password", Path(cfg.password_file).read_text().rstrip("\r\n")
+        return "password", _nonempty(Path(cfg.password_file), str(cfg.password_file))
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / "smtp-password").exists():
-        return "password", (Path(creds) / "smtp-password").read_text().rstrip("\r\n")
+        # The unit falls back to an empty credential when /etc/mailgw/smtp-password is
+        # missing, so that this message is logged instead of a silent restart loop.
+        return "password", _nonempty(
+            Path(creds) / "smtp-password", "/etc/mailgw/smtp-password (credential smtp-password)"
+        )
     raise UplinkDown(
         "smtp.username is set but there is no password: set smtp.password_file, or give the "
         "service the credential `smtp-password` (LoadCredential=smtp-password:/etc/mailgw/"
         "smtp-password)"
     )
+
+
+def _nonempty(path: Path, where: str) -> str:
+    secret = path.read_text().rstrip("\r\n")
+    if not secret:
+        raise UplinkDown(
+            f"smtp.username is set but the password in {where} is empty or missing: write "
+            "the password there (one line, mode 0600), then systemctl restart mailgw"
+        )
+    return secret
 
 
 @dataclass

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import run_cli
 
@@ -88,3 +93,27 @@ def test_retry_and_flush_without_daemon(write_config: Callable[..., Path]) -> No
 def test_config_errors_exit_2(tmp_path: Path) -> None:
     r = run_cli("status", "-c", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_root_runs_outbox_commands_as_the_outbox_owner(tmp_path: Path) -> None:
+    # `sudo mailgw send/queue/status` must not leave root-owned outbox.db-wal/-shm files
+    # that would lock the daemon's user out of its own outbox.
+    base = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, 65534, 65534)
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(
+            f'[gateway]\ndevice_id = "t"\nstate_dir = "{state}"\nruntime_dir = "{base}/run"\n'
+            + ROUTE
+        )
+        r = run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "info", "as root")
+        assert r.returncode == 0, r.stderr
+        assert run_cli("queue", "list", "-c", str(cfg)).returncode == 0
+        owners = {p.name: p.stat().st_uid for p in state.iterdir()}
+        assert "outbox.db" in owners and set(owners.values()) == {65534}, owners
+    finally:
+        shutil.rmtree(base)

@@ -304,3 +304,7 @@ def test_starts_without_a_broker(
         timeout=40,
         what="connected once the broker appears",
     )
+    log = gw.log_text()
+    # Said once, with the address and what to check; not paho's error per retry.
+    assert log.count("cannot connect to the MQTT broker 127.0.0.1") == 1, log
+    assert "Client is not connected" not in log

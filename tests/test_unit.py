@@ -26,11 +26,11 @@ def test_exposure_score_at_most_1_5() -> None:
     assert m is not None, r.stdout[-2000:] + r.stderr
     score = float(m.group(1))
     print(f"systemd-analyze security: {score}")
-    assert score <= 1.5
+    assert score <= 1.3  # tests/system checks the daemon still works under it
     # The same, as the threshold systemd-analyze itself enforces (0-100 scale).
     assert (
         subprocess.run(
-            [analyze, "security", "--offline=yes", "--threshold=15", str(UNIT)], capture_output=True
+            [analyze, "security", "--offline=yes", "--threshold=13", str(UNIT)], capture_output=True
         ).returncode
         == 0
     )

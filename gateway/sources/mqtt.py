@@ -39,6 +39,17 @@ log = logging.getLogger(__name__)
 
 RETRY_FULL = 1.0
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+RECONNECT_MAX = 30
+
+
+def _not_paho_noise(record: logging.LogRecord) -> bool:
+    # paho logs this at ERROR on every reconnect attempt while the broker is away; the
+    # source says so once, with the broker's address, in _on_connect_fail.
+    return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger("gateway.sources.paho")
+_paho_log.addFilter(_not_paho_noise)
 
 
 class MqttSource:
@@ -57,6 +68,7 @@ class MqttSource:
         self._held: dict[int, tuple[int, int, Any]] = {}  # mid → (generation, qos, routed)
         self._stopping = False
         self._connected = threading.Event()
+        self._unreachable_logged = False
         self.client = self._make_client()
         self.runtime.sources[self.name] = "connecting"
 
@@ -71,8 +83,8 @@ class MqttSource:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             manual_ack=True,
         )
-        client.enable_logger(logging.getLogger("gateway.sources.paho"))
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.enable_logger(_paho_log)
+        client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX)
         client.max_queued_messages_set(1000)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         if self.cfg.username:
@@ -91,6 +103,7 @@ class MqttSource:
                 )
             client.tls_set_context(ctx)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -117,6 +130,7 @@ class MqttSource:
             )
             self.runtime.sources[self.name] = f"refused ({reason})"
             return
+        self._unreachable_logged = False
         with self._lock:
             self._generation += 1
             # What we held from the last connection will be redelivered by the broker.
@@ -133,6 +147,18 @@ class MqttSource:
             "resumed" if getattr(flags, "session_present", False) else "new",
             ", ".join(self.cfg.topics),
         )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self.runtime.sources[self.name] = "unreachable"
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.error(
+                "cannot connect to the MQTT broker %s:%d (is it running? systemctl status "
+                "mosquitto); retrying every %d s at most, serial alerts are still taken",
+                self.cfg.host,
+                self.cfg.port,
+                RECONNECT_MAX,
+            )
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: Any, reason: Any, properties: Any
