@@ -49,6 +49,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.topic:
         from gateway.alert import parse_severity
         from gateway.routing import Router
+        from gateway.storm import describe as describe_storm
 
         sev = parse_severity(args.severity)
         if sev is None:
@@ -68,6 +69,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 f"{args.topic} [{sev}] → route {r.name} (match {r.match}, min "
                 f"{r.min_severity}) to {', '.join(r.to + r.cc)}"
             )
+            if r.storm.active:
+                print(f"    storm control: {describe_storm(r.storm, sev)}")
         return 0
     print(f"ok: {cfg.path}: {cfg.summary()}")
     return 0
@@ -115,6 +118,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         max_messages=cfg.outbox.max_messages,
         allow_volatile=cfg.outbox.allow_volatile,
         recover=False,
+        policies=cfg.storm_policies,
     )
     try:
         ob.add([Routed(alert, router.route(alert))])
@@ -337,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead"])
     sp.add_argument("id", nargs="?")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
-    sp.add_argument("--state", choices=["queued", "sending", "sent", "dead", "unrouted"])
+    sp.add_argument(
+        "--state", choices=["queued", "sending", "sent", "dead", "unrouted", "suppressed"]
+    )
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_queue)

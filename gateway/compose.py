@@ -133,6 +133,7 @@ def compose(
     sender: str,
     now: Stamp | None = None,
     recipients: tuple[str, ...] | None = None,
+    repeats: tuple[Alert, ...] = (),
 ) -> Composed:
     """The RFC 5322 message for one delivery, as bytes.
 
@@ -146,8 +147,39 @@ def compose(
     values["device_id"] = device_id
     received, _ = receipt_text(alert, now)
     values["received"] = received
+    values["repeats"] = str(len(repeats))
     subject = _header_text(render(route.subject, values), MAX_SUBJECT)
     mid = message_id(alert, route.name, device_id)
+    extra = [
+        f"X-Mailgw-Topic: {_encoded(_header_text(alert.topic, 200))}",
+        f"X-Mailgw-Severity: {alert.severity}",
+        f"X-Mailgw-Alert-Id: {alert.id}",
+    ]
+    if repeats:
+        extra.append(f"X-Mailgw-Repeats: {len(repeats)}")
+    if alert.severity >= Severity.CRITICAL:
+        extra += ["Importance: high", "X-Priority: 1"]
+    body = render(route.body, values) if route.body else default_body(alert, device_id, now)
+    if repeats:
+        last, _ = receipt_text(repeats[-1], now)
+        body += (
+            f"\nRepeated {len(repeats)} more times within the dedupe window, the last at "
+            f"{last}: counted here instead of mailed one by one.\n"
+        )
+    return _message(route, sender, device_id, now, subject, mid, extra, body, recipients)
+
+
+def _message(
+    route: RouteSection,
+    sender: str,
+    device_id: str,
+    now: Stamp,
+    subject: str,
+    mid: str,
+    extra: list[str],
+    body: str,
+    recipients: tuple[str, ...] | None,
+) -> Composed:
     headers = [
         f"From: {_address(sender)}",
         f"To: {_address_list(route.to)}",
@@ -160,18 +192,11 @@ def compose(
         f"Message-ID: {mid}",
         "Auto-Submitted: auto-generated",
         f"X-Mailgw-Device: {_header_text(device_id, 64)}",
-        f"X-Mailgw-Topic: {_encoded(_header_text(alert.topic, 200))}",
-        f"X-Mailgw-Severity: {alert.severity}",
-        f"X-Mailgw-Alert-Id: {alert.id}",
-    ]
-    if alert.severity >= Severity.CRITICAL:
-        headers += ["Importance: high", "X-Priority: 1"]
-    headers += [
+        *extra,
         "MIME-Version: 1.0",
         'Content-Type: text/plain; charset="utf-8"',
         "Content-Transfer-Encoding: quoted-printable",
     ]
-    body = render(route.body, values) if route.body else default_body(alert, device_id, now)
     qp = binascii.b2a_qp(body.replace("\r\n", "\n").encode("utf-8"), istext=True)
     data = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + qp.replace(b"\n", b"\r\n")
     rcpts = (
@@ -180,6 +205,62 @@ def compose(
         else tuple(parseaddr(a)[1] for a in (*route.to, *route.cc))
     )
     return Composed(data, parseaddr(sender)[1], rcpts, mid)
+
+
+def digest_lines(alerts: tuple[Alert, ...], key: str) -> list[tuple[int, Alert, Alert]]:
+    """(count, first, last) per dedupe key, in order of first appearance."""
+    groups: dict[str, list[Alert]] = {}
+    for a in alerts:
+        groups.setdefault(render(key, a.template_values()), []).append(a)
+    return [(len(g), g[0], g[-1]) for g in groups.values()]
+
+
+def compose_digest(
+    alerts: tuple[Alert, ...],
+    route: RouteSection,
+    *,
+    device_id: str,
+    sender: str,
+    now: Stamp | None = None,
+    recipients: tuple[str, ...] | None = None,
+) -> Composed:
+    """One mail for the alerts storm control held back on a route: each distinct alert
+    with its count, first and last seen. `alerts[0]` owns it (its Message-ID)."""
+    now = now or Stamp.now()
+    lines = digest_lines(alerts, route.storm.key)
+    top = max(a.severity for a in alerts)
+    subject = _header_text(
+        f"[digest] {device_id}/{route.name}: {len(alerts)} alerts held back "
+        f"({len(lines)} distinct)",
+        MAX_SUBJECT,
+    )
+    rules = []
+    if route.storm.rate:
+        count, per = route.storm.rate
+        rules.append(f"rate limit {count} mails per {per:g} s")
+    if route.storm.dedupe_window:
+        rules.append(f"dedupe window {route.storm.dedupe_window:g} s")
+    body = [
+        f"mailgw on {device_id} held back {len(alerts)} alerts on route {route.name} "
+        f"({', '.join(rules) or 'storm control'}). Each line: how many, first and last "
+        "received, severity, topic, message.",
+        "",
+    ]
+    for count, first, last in lines:
+        t0, _ = receipt_text(first, now)
+        t1, _ = receipt_text(last, now)
+        text = _header_text(first.message, 300)
+        body.append(f"{count:>6} x  {t0} .. {t1}  [{first.severity}] {first.topic}: {text}")
+    body += ["", f"alert ids: {alerts[0].id} .. {alerts[-1].id}"]
+    extra = [
+        f"X-Mailgw-Digest: {len(alerts)}",
+        f"X-Mailgw-Severity: {top}",
+        f"X-Mailgw-Alert-Id: {alerts[0].id}",
+    ]
+    mid = f"<{alerts[0].id}.{route.name}.digest@{device_id}.mailgw>"
+    return _message(
+        route, sender, device_id, now, subject, mid, extra, "\n".join(body) + "\n", recipients
+    )
 
 
 def test_message(sender: str, to: str, device_id: str) -> EmailMessage:

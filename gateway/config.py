@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import ConfigError
+from gateway.storm import DEFAULT_KEY, Policy, parse_rate
 
 DEFAULT_PATH = Path("/etc/mailgw/gateway.toml")
 
@@ -193,6 +194,7 @@ class RouteSection:
     subject: str = DEFAULT_SUBJECT
     body: str | None = None
     priority: int | None = None  # 0-9; default: the alert's severity (0-3)
+    storm: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,11 @@ class Config:
     @property
     def outbox_path(self) -> Path:
         return self.gateway.state_dir / "outbox.db"
+
+    @property
+    def storm_policies(self) -> dict[str, Policy]:
+        """Storm control of the routes that have any, by route name."""
+        return {r.name: r.storm for r in self.routes if r.storm.active}
 
     def summary(self) -> str:
         parts = [f"device {self.gateway.device_id}", f"outbox {self.outbox_path}"]
@@ -590,9 +597,27 @@ def _route(t: _Table, index: int) -> RouteSection:
         subject=t.text("subject", DEFAULT_SUBJECT),
         body=t.text("body", None),
         priority=t.integer("priority", None, lo=0, hi=9),
+        storm=_storm(t),
     )
     t.done()
     return section
+
+
+def _storm(t: _Table) -> Policy:
+    rate = None
+    text = t.text("rate_limit", None)
+    if text is not None:
+        try:
+            rate = parse_rate(text)
+        except ValueError as exc:
+            t.loader.problem(t.name, "rate_limit", str(exc))
+    return Policy(
+        dedupe_window=t.duration("dedupe_window", 0.0) or 0.0,
+        rate=rate,
+        digest_every=t.duration("digest_every", 3600.0, minimum=1) or 3600.0,
+        critical_bypass=bool(t.flag("critical_bypass", True)),
+        key=t.text("dedupe_key", DEFAULT_KEY) or DEFAULT_KEY,
+    )
 
 
 def parse(text: str, source: str = "<config>", path: Path | None = None) -> Config:

@@ -28,7 +28,7 @@ def render(report: dict[str, Any]) -> str:
             lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
             out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    states = ("queued", "deferred", "sending", "sent", "dead", "unrouted")
+    states = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed")
     metric(
         "mailgw_outbox_messages",
         "gauge",

@@ -16,6 +16,14 @@ A delivery is one mail to send: (alert, route). Its states:
       └─ 4xx / network ──┤
                          └─ 5xx / expired ──▶ dead   (kept until an operator acts)
     unrouted: no route matched; kept and shown, never dropped.
+    suppressed: storm control folded it into another mail (`owner`): a repeat counted
+      on its key's queued lead, or a line of the route's digest. It becomes sent when
+      that mail is sent.
+
+A delivery's `kind` is `mail` or `digest`. A digest row is owned by its own first
+alert (`owner = alert_seq`); its other alerts are `suppressed` rows with that owner.
+Storm state (gateway/storm.py) lives in `storm_lead`, `storm_bucket` and
+`storm_digest`, so a restart neither forgets a window nor refills a bucket.
 
 `due` is a time.monotonic() value of the boot recorded in `meta.due_boot`, so a
 wall-clock jump cannot stall or storm retries. After a reboot every queued
@@ -34,12 +42,13 @@ backlog's tail) has those rows copied into `alert_kept` and is dropped anyway.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +56,15 @@ from typing import Any
 from gateway.alert import Alert, Severity
 from gateway.clock import Stamp, boot_id
 from gateway.errors import OutboxCorrupt, OutboxFull
+from gateway.routing import render
+from gateway.storm import Bucket, Lead, Policy, decide
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
-STATES = ("queued", "sending", "sent", "dead", "unrouted")
+SCHEMA_VERSION = 4
+STATES = ("queued", "sending", "sent", "dead", "unrouted", "suppressed")
 MAX_PRIORITY = 9
-LIVE_STATES = ("queued", "sending", "dead", "unrouted")
+LIVE_STATES = ("queued", "sending", "dead", "unrouted", "suppressed")
 
 SHARD_ROWS = 4096
 
@@ -108,6 +119,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE delivery ADD COLUMN rcpts TEXT;
     """,
+    # 3 → 4: storm control: digests, repeats folded into another mail, policy state.
+    """
+    ALTER TABLE delivery ADD COLUMN kind TEXT NOT NULL DEFAULT 'mail';
+    ALTER TABLE delivery ADD COLUMN owner INTEGER;
+    CREATE INDEX delivery_owner ON delivery (owner, route) WHERE owner IS NOT NULL;
+    CREATE TABLE storm_lead (
+        route TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL, until REAL NOT NULL,
+        PRIMARY KEY (route, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE storm_bucket (
+        route TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE storm_digest (route TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -128,6 +153,8 @@ class Claimed:
     attempts: int
     seq: int
     rcpts: tuple[str, ...] | None = None  # None: all of the route's recipients
+    kind: str = "mail"  # or "digest"
+    members: tuple[Alert, ...] = ()  # mail: its counted repeats; digest: its other alerts
 
     @property
     def key(self) -> tuple[int, str]:
@@ -291,9 +318,12 @@ class Outbox:
         allow_volatile: bool = False,
         boot: str | None = None,
         recover: bool = True,
+        policies: Mapping[str, Policy] | None = None,
     ) -> None:
         self.path = Path(path)
         self.max_messages = max_messages
+        # Storm control by route name; replaced whole on reload (the writer reads it).
+        self.policies: Mapping[str, Policy] = policies or {}
         self.boot = boot or boot_id()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not allow_volatile and (why := volatile_reason(self.path.parent)):
@@ -407,12 +437,15 @@ class Outbox:
 
     # --- ingest ------------------------------------------------------------
 
-    def add(self, batch: Sequence[Routed]) -> list[str]:
+    def add(
+        self, batch: Sequence[Routed], now: float | None = None, mono: float | None = None
+    ) -> list[str]:
         """Store alerts in one transaction; return once committed.
 
         Returns the seen keys of alerts skipped as already stored (a retransmission
         recognised by `seen_key`). Raises OutboxFull, storing nothing, when the
-        bound would be exceeded or the disk is full.
+        bound would be exceeded or the disk is full. `now` (wall) and `mono`
+        (monotonic) are the clocks storm control runs on; tests pass their own.
         """
         new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
         if self.live + new_deliveries > self.max_messages:
@@ -423,14 +456,17 @@ class Outbox:
                 f"outbox holds {self.live} undelivered messages, bound is "
                 f"outbox.max_messages = {self.max_messages}"
             )
-        now = time.time()
+        now = time.time() if now is None else now
+        mono = time.monotonic() if mono is None else mono
         duplicates: list[str] = []
+        policies = self.policies
         try:
             with self.transaction() as c:
                 row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
                 seq = int(row[0]) if row else 1
                 rows: dict[str, list[tuple[Any, ...]]] = {}
                 deliveries: list[tuple[Any, ...]] = []
+                stormed = 0
                 for r in batch:
                     if r.seen_key is not None:
                         fresh = c.execute(
@@ -441,9 +477,13 @@ class Outbox:
                             duplicates.append(r.seen_key)
                             continue
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
-                    if r.deliveries:
-                        deliveries.extend((seq, rt, "queued", p, now) for rt, p in r.deliveries)
-                    else:
+                    for rt, p in r.deliveries:
+                        policy = policies.get(rt)
+                        if policy is None or not policy.active:
+                            deliveries.append((seq, rt, "queued", p, now))
+                        else:
+                            stormed += self._storm(c, policy, r.alert, seq, rt, p, now, mono)
+                    if not r.deliveries:
                         deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
                     seq += 1
                 for table, chunk in rows.items():
@@ -458,7 +498,7 @@ class Outbox:
                     " VALUES (?, ?, ?, ?, ?)",
                     deliveries,
                 )
-                added = len(deliveries)
+                added = len(deliveries) + stormed
                 c.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
                 )
@@ -469,16 +509,84 @@ class Outbox:
         self.live += added
         return duplicates
 
+    _INSERT = (
+        "INSERT INTO delivery (alert_seq, route, state, priority, due, updated_at, kind, owner)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+
+    def _storm(
+        self,
+        c: sqlite3.Connection,
+        policy: Policy,
+        alert: Alert,
+        seq: int,
+        route: str,
+        prio: int,
+        now: float,
+        mono: float,
+    ) -> int:
+        """Storm control for one (alert, route): decide, insert its delivery, keep state."""
+        key, lead, bucket = "", None, None
+        if policy.dedupe_window:
+            text = render(policy.key, alert.template_values())
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+            row = c.execute(
+                "SELECT l.seq, l.until, d.state FROM storm_lead l LEFT JOIN delivery d"
+                " ON d.alert_seq = l.seq AND d.route = l.route WHERE l.route = ? AND l.key = ?",
+                (route, key),
+            ).fetchone()
+            if row is not None:
+                lead = Lead(row[0], row[2] == "queued", row[1])
+        if policy.rate is not None:
+            row = c.execute(
+                "SELECT tokens, at FROM storm_bucket WHERE route = ?", (route,)
+            ).fetchone()
+            if row is not None:
+                bucket = Bucket(row[0], row[1])
+        d = decide(policy, alert.severity, now, lead, bucket)
+        if d.bucket is not None:
+            c.execute(
+                "INSERT OR REPLACE INTO storm_bucket (route, tokens, at) VALUES (?, ?, ?)",
+                (route, d.bucket.tokens, d.bucket.at),
+            )
+        if d.kind == "mail":
+            c.execute(self._INSERT, (seq, route, "queued", prio, 0.0, now, "mail", None))
+            if d.lead_until is not None:
+                c.execute(
+                    "INSERT OR REPLACE INTO storm_lead (route, key, seq, until)"
+                    " VALUES (?, ?, ?, ?)",
+                    (route, key, seq, d.lead_until),
+                )
+        elif d.kind == "repeat":
+            assert lead is not None
+            c.execute(self._INSERT, (seq, route, "suppressed", prio, 0.0, now, "mail", lead.seq))
+        else:
+            row = c.execute(
+                "SELECT g.seq FROM storm_digest g JOIN delivery d ON d.alert_seq = g.seq"
+                " AND d.route = g.route WHERE g.route = ? AND d.state = 'queued'",
+                (route,),
+            ).fetchone()
+            if row is not None:  # the route's open digest takes it
+                c.execute(self._INSERT, (seq, route, "suppressed", prio, 0.0, now, "mail", row[0]))
+            else:  # this alert opens a digest, due when the period ends
+                due = mono + policy.digest_every
+                c.execute(self._INSERT, (seq, route, "queued", prio, due, now, "digest", seq))
+                c.execute(
+                    "INSERT OR REPLACE INTO storm_digest (route, seq) VALUES (?, ?)", (route, seq)
+                )
+        return 1
+
     # --- relay side --------------------------------------------------------
 
     def claim(self, limit: int, now: float | None = None) -> list[Claimed]:
         """Take up to `limit` due deliveries, highest priority first, oldest first."""
         now = time.monotonic() if now is None else now
-        picked: list[tuple[int, str, int, str | None]] = []
+        picked: list[tuple[int, str, int, str | None, str]] = []
         with self.transaction() as c:
             for prio in range(MAX_PRIORITY, -1, -1):
                 rows = c.execute(
-                    "SELECT alert_seq, route, attempts, rcpts FROM delivery INDEXED BY delivery_due"
+                    "SELECT alert_seq, route, attempts, rcpts, kind FROM delivery"
+                    " INDEXED BY delivery_due"
                     " WHERE state = 'queued' AND priority = ? AND due <= ?"
                     " ORDER BY due, alert_seq LIMIT ?",
                     (prio, now, limit - len(picked)),
@@ -490,12 +598,35 @@ class Outbox:
                 return []
             c.executemany(
                 "UPDATE delivery SET state = 'sending' WHERE alert_seq = ? AND route = ?",
-                [(seq, route) for seq, route, _, _ in picked],
+                [(seq, route) for seq, route, *_ in picked],
             )
-            alerts = fetch_alerts(c, (seq for seq, _, _, _ in picked))
+            # Storm control folded these into the mail: a digest's lines, a lead's repeats.
+            member_seqs = {
+                (seq, route): [
+                    m
+                    for (m,) in c.execute(
+                        "SELECT alert_seq FROM delivery WHERE owner = ? AND route = ?"
+                        " AND alert_seq != ? ORDER BY alert_seq",
+                        (seq, route, seq),
+                    )
+                ]
+                for seq, route, *_ in picked
+            }
+            wanted = {seq for seq, *_ in picked}
+            for seqs in member_seqs.values():
+                wanted.update(seqs)
+            alerts = fetch_alerts(c, wanted)
         return [
-            Claimed(alerts[seq], route, attempts, seq, tuple(rcpts.split("\n")) if rcpts else None)
-            for seq, route, attempts, rcpts in picked
+            Claimed(
+                alerts[seq],
+                route,
+                attempts,
+                seq,
+                tuple(rcpts.split("\n")) if rcpts else None,
+                kind,
+                tuple(alerts[m] for m in member_seqs[(seq, route)] if m in alerts),
+            )
+            for seq, route, attempts, rcpts, kind in picked
         ]
 
     def finish(self, outcomes: Iterable[Outcome]) -> None:
@@ -511,7 +642,15 @@ class Outbox:
                         " attempts + 1, last_error = ? WHERE alert_seq = ? AND route = ?",
                         (now, o.error, seq, route),
                     )
-                    done += 1
+                    # What storm control folded into this mail went out with it.
+                    done += (
+                        1
+                        + c.execute(
+                            "UPDATE delivery SET state = 'sent', updated_at = ? WHERE owner = ?"
+                            " AND route = ? AND state = 'suppressed'",
+                            (now, seq, route),
+                        ).rowcount
+                    )
                 elif o.state == "dead":
                     c.execute(
                         "UPDATE delivery SET state = 'dead', updated_at = ?, attempts ="
@@ -547,6 +686,7 @@ class Outbox:
     def prune(self, older_than: float, limit: int = 500) -> int:
         """Delete up to `limit` sent deliveries finished before `older_than` (wall time)."""
         with self.transaction() as c:
+            c.execute("DELETE FROM storm_lead WHERE until < ?", (time.time(),))
             rows = c.execute(
                 "SELECT alert_seq, route FROM delivery INDEXED BY delivery_sent"
                 " WHERE state = 'sent' AND updated_at < ? LIMIT ?",
@@ -713,7 +853,11 @@ def delete(conn: sqlite3.Connection, alert_id: str) -> int:
         n = 0
         if located is not None:
             seq, table = located
-            n = conn.execute("DELETE FROM delivery WHERE alert_seq = ?", (seq,)).rowcount
+            # What storm control folded into its mails (repeats, digest lines) goes too.
+            n = conn.execute(
+                "DELETE FROM delivery WHERE owner = ? AND state = 'suppressed'", (seq,)
+            ).rowcount
+            n += conn.execute("DELETE FROM delivery WHERE alert_seq = ?", (seq,)).rowcount
             conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         conn.execute("COMMIT")
     except BaseException:

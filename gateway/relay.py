@@ -29,7 +29,7 @@ from pathlib import Path
 import aiosmtplib
 
 from gateway.clock import Stamp
-from gateway.compose import compose
+from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.outbox import Claimed, Outbox, Outcome
 from gateway.routing import Router
@@ -336,14 +336,25 @@ class Relay:
                     "`mailgw queue retry ID`"
                 ),
             )
-        composed = compose(
-            item.alert,
-            route,
-            device_id=self.config.gateway.device_id,
-            sender=self.smtp.sender,
-            now=now,
-            recipients=item.rcpts,
-        )
+        if item.kind == "digest":
+            composed = compose_digest(
+                (item.alert, *item.members),
+                route,
+                device_id=self.config.gateway.device_id,
+                sender=self.smtp.sender,
+                now=now,
+                recipients=item.rcpts,
+            )
+        else:
+            composed = compose(
+                item.alert,
+                route,
+                device_id=self.config.gateway.device_id,
+                sender=self.smtp.sender,
+                now=now,
+                recipients=item.rcpts,
+                repeats=item.members,
+            )
         try:
             refused_raw, _reply = await self.session.send(
                 composed.data, composed.sender, composed.recipients

@@ -61,6 +61,7 @@ class Daemon:
             cfg.outbox_path,
             max_messages=cfg.outbox.max_messages,
             allow_volatile=cfg.outbox.allow_volatile,
+            policies=cfg.storm_policies,
         )
         self.writer = Writer(
             self.outbox,
@@ -164,6 +165,8 @@ class Daemon:
         if new is None:
             return
         self.router.__init__(new.routes, new.gateway.default_route)  # type: ignore[misc]
+        if self.outbox is not None:
+            self.outbox.policies = new.storm_policies  # one reference swap: the writer reads it
         self.config = new
         if self.relay is not None:
             self.relay.reload(new)  # type: ignore[attr-defined]

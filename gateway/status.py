@@ -154,6 +154,7 @@ def render(r: dict[str, Any]) -> str:
         f"queue      {r['queued']} queued ({r['deferred']} deferred), {r['sending']} sending, "
         f"{r['dead']} dead",
         f"           {r['unrouted']} unrouted, {r['sent']} sent (kept for the retention period)",
+        f"           {r.get('suppressed', 0)} held by storm control (for a lead mail or digest)",
     ]
     if r.get("queued_by_priority"):
         prios = ", ".join(
