@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import table
 
-BENCHMARKS = ["outbox", "relay", "mqtt", "serial"]
+BENCHMARKS = ["outbox", "relay", "mqtt", "serial", "daemon"]
 
 
 def main(argv: list[str]) -> int:

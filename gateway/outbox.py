@@ -428,8 +428,15 @@ class Outbox:
 
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
             if exc_type is None:
-                self.conn.execute("COMMIT")
-            else:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error:
+                    # A COMMIT that fails (disk full, I/O error) may leave the transaction
+                    # open; every later BEGIN would then fail too.
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            elif self.conn.in_transaction:  # SQLite may have rolled back already (FULL)
                 self.conn.execute("ROLLBACK")
 
     def transaction(self) -> Outbox._Tx:

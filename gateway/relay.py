@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -126,6 +127,13 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
+DISK_RETRY = 5.0
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    return "full" in str(exc).lower()
+
+
 def _claim(limit: int, ob: Outbox) -> list[Claimed]:
     return ob.claim(limit)
 
@@ -162,6 +170,10 @@ class Relay:
         self.probe_at = 0.0
         self.last_used = 0.0
         self.sent = 0
+        # Outcomes the outbox could not record (its disk was full): recorded first thing
+        # once it can. Until then those rows stay `sending`, so nothing claims them twice.
+        self._unrecorded: list[Outcome] = []
+        self._disk_trouble = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.helo = socket.getfqdn()
@@ -220,10 +232,23 @@ class Relay:
             await asyncio.Event().wait()  # test hook: a relay stuck forever, loop alive
         now = time.monotonic()
         self.heartbeat = now
+        if self._unrecorded:
+            if not await self._record(self._unrecorded):
+                await self._sleep(DISK_RETRY)
+                return
+            self._unrecorded = []
         if self.probe_at > now:
             await self._sleep(self.probe_at - now)
             return
-        batch = await self.writer.run(partial(_claim, self.smtp.batch))
+        try:
+            batch = await self.writer.run(partial(_claim, self.smtp.batch))
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            self._outbox_trouble(exc)
+            await self._sleep(DISK_RETRY)
+            return
+        self._outbox_recovered()
         if not batch:
             if self.session is not None and now - self.last_used > IDLE_QUIT:
                 await self._close_session()
@@ -258,11 +283,43 @@ class Relay:
         finally:
             # Not sent yet: back to the queue, uncharged and due now.
             outcomes += [Outcome(c.key, "queued", due=0.0, count_attempt=False) for c in pending]
-            fut = self.writer.call(partial(_finish, outcomes))
             if cancelled:
-                fut.result(10)  # shutting down: record what was sent before we go
-            else:
-                await asyncio.wrap_future(fut)
+                # Shutting down: record what was sent before we go. If that fails, those
+                # rows are `sending` and go out again, same Message-ID, after the restart.
+                try:
+                    self.writer.call(partial(_finish, outcomes)).result(10)
+                except Exception as exc:
+                    log.error("could not record %d delivery outcomes: %s", len(outcomes), exc)
+            elif not await self._record(outcomes):
+                self._unrecorded = outcomes
+
+    async def _record(self, outcomes: list[Outcome]) -> bool:
+        """Write outcomes to the outbox; False (and logged) when its disk is full."""
+        try:
+            await self.writer.run(partial(_finish, outcomes))
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            self._outbox_trouble(exc)
+            return False
+        self._outbox_recovered()
+        return True
+
+    def _outbox_trouble(self, exc: Exception) -> None:
+        self.runtime.error(f"outbox: {exc}")
+        if not self._disk_trouble:
+            self._disk_trouble = True
+            log.error(
+                "the relay cannot write to the outbox (%s): free space on the disk holding "
+                "it; retrying every %.0f s, mails already sent may be sent again",
+                exc,
+                DISK_RETRY,
+            )
+
+    def _outbox_recovered(self) -> None:
+        if self._disk_trouble:
+            self._disk_trouble = False
+            log.warning("the relay can write to the outbox again")
 
     def _expired(self, item: Claimed, now: Stamp) -> Outcome | None:
         received, _ = item.alert.received.corrected(now)

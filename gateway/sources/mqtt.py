@@ -66,6 +66,10 @@ class MqttSource:
         self._generation = 0  # bumped on every (re)connect
         self._lock = threading.Lock()
         self._held: dict[int, tuple[int, int, Any]] = {}  # mid → (generation, qos, routed)
+        # Held messages the outbox refused (full, disk full): stored again every second
+        # until they fit. Each holds one of the broker's in-flight slots meanwhile.
+        self._waiting: set[int] = set()
+        self._store_error_logged = False
         self._stopping = False
         self._connected = threading.Event()
         self._unreachable_logged = False
@@ -135,6 +139,7 @@ class MqttSource:
             self._generation += 1
             # What we held from the last connection will be redelivered by the broker.
             self._held.clear()
+            self._waiting.clear()
         client.subscribe([(t, 1) for t in self.cfg.topics])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.runtime.sources[self.name] = "connected"
@@ -221,19 +226,27 @@ class MqttSource:
         generation, qos, routed = held
 
         def done(result: list[str] | BaseException) -> None:  # the writer's thread
-            if isinstance(result, OutboxFull):
-                self.runtime.outbox_full = True
-                return  # stays held; retried by the loop, not acked meanwhile
+            if isinstance(result, BaseException):
+                # Not acked; stays held and is stored again by the loop. (Dropping it
+                # would leave the broker's in-flight slot taken until a reconnect.)
+                if isinstance(result, OutboxFull):
+                    self.runtime.outbox_full = True
+                elif not self._store_error_logged:
+                    self._store_error_logged = True
+                    log.error(
+                        "could not store an MQTT alert (it stays unacknowledged; retrying "
+                        "every %.0f s): %s",
+                        RETRY_FULL,
+                        result,
+                    )
+                with self._lock:
+                    if mid in self._held:
+                        self._waiting.add(mid)
+                return
+            self._store_error_logged = False
             with self._lock:
                 current = self._held.pop(mid, None)
                 same = self._generation == generation
-            if isinstance(result, BaseException):
-                log.error(
-                    "could not store an MQTT alert (it stays unacknowledged and the "
-                    "broker will redeliver it): %s",
-                    result,
-                )
-                return
             if current is not None and same:
                 self.client.ack(mid, qos)
 
@@ -241,7 +254,8 @@ class MqttSource:
 
     def _retry_held(self) -> None:
         with self._lock:
-            mids = list(self._held)
+            mids = [m for m in self._held if m in self._waiting]  # in arrival order
+            self._waiting.clear()
         for mid in mids:
             self._store(mid)
 
@@ -260,7 +274,7 @@ class MqttSource:
         try:
             while True:
                 await asyncio.sleep(RETRY_FULL)
-                if self.ingest.full:
+                if self._waiting:
                     self._retry_held()
                 now = time.monotonic()
                 if self._connected.is_set() and now - last_status >= self.cfg.status_interval:
