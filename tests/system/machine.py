@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,8 @@ class Machine:
                     "--keep-unit",
                     "--system-call-filter=bpf",
                     "--console=read-only",
-                    f"--machine={self.path.name}",
+                    # A machine name allows letters, digits and '-' only.
+                    f"--machine={re.sub(r'[^A-Za-z0-9-]', '-', self.path.name)}",
                     "-D",
                     str(self.path),
                 ],
