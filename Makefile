@@ -56,7 +56,7 @@ unit: bootstrap system-deps
 test: lint typecheck unit
 
 soak: bootstrap system-deps
-	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/pytest -q -rP -m slow $(PYTEST_ARGS)
 
 bench: bootstrap system-deps
 	$(BIN)/python -m bench

@@ -150,7 +150,7 @@ def ours(data: bytes, tmp: Path) -> tuple[float, float]:
     return rate, cpu_per_1000
 
 
-def eight_uarts(tmp: Path, seconds: float = 10.0) -> float:
+def eight_uarts(tmp: Path, seconds: float = 10.0, commit_interval: float = 0.005) -> float:
     """Share of one core the gateway uses for 8 ports, each at a full 115200-baud UART's
     line rate (144 80-byte frames/s, paced), acking every frame."""
     ports = [make_pty() for _ in range(8)]
@@ -163,7 +163,7 @@ def eight_uarts(tmp: Path, seconds: float = 10.0) -> float:
         '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
     )
     ob = Outbox(cfg.outbox_path, max_messages=10**7)
-    writer = Writer(ob)
+    writer = Writer(ob, commit_interval=commit_interval)
     writer.start()
     runtime = Runtime()
     ingest = Ingest(writer, Router(cfg.routes), runtime)

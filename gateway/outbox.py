@@ -67,6 +67,7 @@ MAX_PRIORITY = 9
 LIVE_STATES = ("queued", "sending", "dead", "unrouted", "suppressed")
 
 SHARD_ROWS = 4096
+RECOUNT_EVERY = 1.0  # seconds between recounts of live rows while at the bound
 
 _ALERT_TABLE = """
     CREATE TABLE IF NOT EXISTS {name} (
@@ -338,6 +339,7 @@ class Outbox:
         if recover:  # only the daemon may: another process's `sending` rows are live
             self._recover()
         self.live = self._count_live()
+        self._recounted = time.monotonic()
 
     # --- opening ---------------------------------------------------------
 
@@ -455,9 +457,15 @@ class Outbox:
         (monotonic) are the clocks storm control runs on; tests pass their own.
         """
         new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
-        if self.live + new_deliveries > self.max_messages:
+        if (
+            self.live + new_deliveries > self.max_messages
+            and time.monotonic() - self._recounted > RECOUNT_EVERY
+        ):
             # Another process (`mailgw queue delete`, `send`) may have changed the count.
+            # At most once a second: the count scans the table, and while the outbox is
+            # full every source retries (chaos found the writer starving the relay).
             self.live = self._count_live()
+            self._recounted = time.monotonic()
         if self.live + new_deliveries > self.max_messages:
             raise OutboxFull(
                 f"outbox holds {self.live} undelivered messages, bound is "

@@ -192,7 +192,14 @@ def _chaos(
 
     subjects_seen_count: list[int] = []
     try:
-        wait_for(all_delivered, 180, "every acknowledged alert delivered")
+        # A long run leaves a backlog in the broker that drains at the relay's rate:
+        # wait as long as delivery makes progress, fail after 60 s without any.
+        while not all_delivered():
+            before = len(subjects_seen)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda b=before: all_delivered() or len(subjects_seen) > b, 60)
+            if len(subjects_seen) == before and not all_delivered():
+                raise AssertionError("no progress for 60 s")
     except AssertionError:
         missing = sorted(acked - subjects_seen)
         raise AssertionError(
