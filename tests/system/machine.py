@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -110,8 +109,8 @@ class Machine:
                     "--keep-unit",
                     "--system-call-filter=bpf",
                     "--console=read-only",
-                    # A machine name allows letters, digits and '-' only.
-                    f"--machine={re.sub(r'[^A-Za-z0-9-]', '-', self.path.name)}",
+                    # A host name: letters, digits and inner '-' only.
+                    f"--machine=mailgw-{self.name}-{self.path.stat().st_ino:x}",
                     "-D",
                     str(self.path),
                 ],
