@@ -278,6 +278,7 @@ def test_a_flapping_sensor_is_throttled_and_critical_goes_first(tmp_path: Path) 
         gw.wait_ready(("mqtt",))
         flood = [f"temperature {20 + i % 40} C" for i in range(3000)]
         pub = Publisher(broker.port)
+        t_flood = time.monotonic()
         for i, text in enumerate(flood):
             pub.publish("alerts/cold-room/temp", text)
             if i % 600 == 300:  # five criticals inside the flood
@@ -293,6 +294,7 @@ def test_a_flapping_sensor_is_throttled_and_critical_goes_first(tmp_path: Path) 
             return int(st["queued"] + st["sending"] + st["suppressed"])
 
         wait_for(lambda: stored() == 3005, 30, "all 3,005 alerts stored")
+        window = time.monotonic() - t_flood
         smtp.start()  # the uplink returns with the whole storm queued
         gw.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
         wait_for(lambda: stored() == 0, 60, "the queue drained")
@@ -301,8 +303,13 @@ def test_a_flapping_sensor_is_throttled_and_critical_goes_first(tmp_path: Path) 
         # Every critical individually, and before any warning mail or digest.
         assert order[:5] == ["critical"] * 5, order
         assert order.count("critical") == 5
-        # The rate limit let 3 warnings through; everything else is in one digest.
-        assert len(mails) <= 5 + 3 + 1, [str(m.message["Subject"]) for m in mails]
+        # The rate limit let a full bucket (3) through, plus what it refilled (3 per 2 s)
+        # while the flood was being stored; everything else is in digests: one, plus
+        # one more each time a relay probe held the open one (at most one per second).
+        singles = [r for r in mails if not r.message["X-Mailgw-Digest"]]
+        digests = [r for r in mails if r.message["X-Mailgw-Digest"]]
+        assert len(singles) <= 5 + 3 + 1.5 * window, (len(singles), window)
+        assert len(digests) <= 1 + window, (len(digests), window)
         assert total == 3000  # each warning mailed, counted as a repeat, or in a digest
 
         # A second wave while the uplink is up: the rate holds in real time.
@@ -326,7 +333,8 @@ def test_a_flapping_sensor_is_throttled_and_critical_goes_first(tmp_path: Path) 
         assert len(singles) <= 3 + 3 * (elapsed / 2 + 1), (len(singles), elapsed)
         assert len(digests) <= elapsed / 2 + 2, (len(digests), elapsed)
         print(
-            f"\nstorm: 3,005 alerts -> {len(mails)} mails; then 1,000 in {elapsed:.1f} s -> "
+            f"\nstorm: 3,005 alerts in {window:.1f} s -> {len(mails)} mails; "
+            f"then 1,000 in {elapsed:.1f} s -> "
             f"{len(singles)} mails + {len(digests)} digests"
         )
         assert gw.terminate() == 0
