@@ -160,19 +160,19 @@ class Writer:
                     self._commit([p])
                 return
             self._set_full(True, str(exc))
-            pending[0].done(exc)
+            _notify(pending[0], exc)
             return
         except Exception as exc:
             log.error("could not store %d alerts in the outbox: %s", len(combined), exc)
             for p in pending:
-                p.done(exc)
+                _notify(p, exc)
             return
         self._set_full(False)
         self.commits += 1
         self._last_commit = time.monotonic()
         self.committed_alerts += len(combined)
         for p in pending:
-            p.done(duplicates)
+            _notify(p, duplicates)
         if self.on_commit is not None:
             self.on_commit()
 
@@ -186,6 +186,15 @@ class Writer:
         elif self.full and not full:
             log.warning("the outbox has room again; sources acknowledge as before")
         self.full = full
+
+
+def _notify(add: _Add, result: list[str] | BaseException) -> None:
+    # A source's callback that raises must not end the one writer thread (and with it
+    # every source's acks); the bug is logged with its traceback instead.
+    try:
+        add.done(result)
+    except Exception:
+        log.exception("a source's commit callback failed")
 
 
 def _settle(fut: asyncio.Future[list[str]], result: list[str] | BaseException) -> None:

@@ -314,3 +314,69 @@ def test_starts_without_a_broker(
     # Said once, with the address and what to check; not paho's error per retry.
     assert log.count("cannot connect to the MQTT broker 127.0.0.1") == 1, log
     assert "Client is not connected" not in log
+
+
+def test_a_commit_from_before_a_reconnect_does_not_strand_the_redelivery(tmp_path: Path) -> None:
+    """A commit that finishes after a reconnect must not eat the redelivered message's ack.
+
+    The broker redelivers what we held with the same packet ids. If the old connection's
+    commit callback took the new entry for that id, neither copy was acked: the broker's
+    in-flight window filled with messages it would never hear about again, and nothing
+    more arrived until the next reconnect (chaos found MQTT ingest stalled this way).
+    """
+    import asyncio
+
+    from gateway.config import parse
+    from gateway.ingest import Ingest
+    from gateway.outbox import Outbox
+    from gateway.routing import Router
+    from gateway.sources.mqtt import MqttSource
+    from gateway.status import Runtime
+    from gateway.writer import Writer
+
+    window = 5
+    broker = Mosquitto(tmp_path / "mosquitto", max_inflight=window).start()
+    cfg = parse(
+        f'[gateway]\ndevice_id = "gw-gen"\nstate_dir = "{tmp_path}/state"\n'
+        f'runtime_dir = "{tmp_path}/run"\n'
+        f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    (tmp_path / "state").mkdir()
+    box = Outbox(cfg.outbox_path)
+    writer = Writer(box)
+    writer.start()
+    runtime = Runtime()
+    source = MqttSource(cfg, Ingest(writer, Router(cfg.routes), runtime), runtime)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(source.run(), loop)
+    gate = threading.Event()
+    pub = Publisher(broker.port)
+    try:
+        wait_for(lambda: runtime.sources.get("mqtt") == "connected", what="connected")
+        writer.call(lambda _: gate.wait(30))  # commits wait behind this
+        for i in range(window):
+            pub.publish("alerts/gen/x", f"held {i}")
+        wait_for(lambda: runtime.ingested["mqtt"] == window, what="the window delivered")
+        pub.close()
+        broker.restart()
+        # The broker redelivers the unacknowledged window on the new connection.
+        wait_for(lambda: runtime.ingested["mqtt"] == 2 * window, 20, "the redelivery")
+        gate.set()  # the old connection's commits finish now, after the new ones arrived
+        pub = Publisher(broker.port)
+        pub.publish("alerts/gen/x", "after")
+        wait_for(lambda: "after" in messages(tmp_path), 15, "an alert after the window")
+        assert {f"held {i}" for i in range(window)} <= set(messages(tmp_path))
+    finally:
+        gate.set()
+        pub.close()
+        running.cancel()
+        source.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        writer.stop()
+        box.close()
+        broker.stop()

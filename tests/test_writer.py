@@ -74,3 +74,20 @@ def test_calls_run_in_the_writer_thread_in_order(tmp_path: Path) -> None:
     assert {f.result(5) for f in names} == {"outbox-writer"}
     writer.stop()
     assert not writer.alive
+
+
+def test_a_failing_callback_does_not_end_the_writer(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    writer = Writer(ob)
+    writer.start()
+    after = threading.Event()
+
+    def broken(result: object) -> None:
+        raise RuntimeError("a bug in a source")
+
+    writer.submit([routed(1)], broken)
+    writer.submit([routed(2)], lambda result: after.set())
+    assert after.wait(10)
+    assert writer.alive
+    writer.stop()
+    assert counts(ob.conn)["queued"] == 2

@@ -88,6 +88,9 @@ class MqttSource:
             manual_ack=True,
         )
         client.enable_logger(_paho_log)
+        # A bug in a callback must not end paho's network thread: the daemon would stay
+        # up, "connected", and take no MQTT alert again. paho logs the exception instead.
+        client.suppress_exceptions = True
         client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX)
         client.max_queued_messages_set(1000)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
@@ -223,8 +226,12 @@ class MqttSource:
             held = self._held.get(mid)
         if held is None:
             return
-        generation, qos, routed = held
+        _, qos, routed = held
 
+        # The broker redelivers what we held with the same packet ids after a reconnect,
+        # so a mid alone does not name a message: only this very entry may be acked or
+        # retried by this commit. (Matching on the mid let an old connection's commit
+        # take the redelivered entry unacked, stranding a slot of the broker's window.)
         def done(result: list[str] | BaseException) -> None:  # the writer's thread
             if isinstance(result, BaseException):
                 # Not acked; stays held and is stored again by the loop. (Dropping it
@@ -240,14 +247,17 @@ class MqttSource:
                         result,
                     )
                 with self._lock:
-                    if mid in self._held:
+                    if self._held.get(mid) is held:
                         self._waiting.add(mid)
                 return
             self._store_error_logged = False
             with self._lock:
-                current = self._held.pop(mid, None)
-                same = self._generation == generation
-            if current is not None and same:
+                mine = self._held.get(mid) is held
+                if mine:
+                    del self._held[mid]
+            if mine and self._connected.is_set():
+                # Disconnected, the broker redelivers it anyway; a PUBACK queued now
+                # could reach the next connection ahead of its CONNECT.
                 self.client.ack(mid, qos)
 
         self.ingest.writer.submit([routed], done)

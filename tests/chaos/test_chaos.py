@@ -23,6 +23,7 @@ import collections
 import contextlib
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -74,6 +75,21 @@ def ballast(where: Path) -> Iterator[None]:
     finally:
         os.close(fd)
         path.unlink()
+
+
+def post_mortem(gw: DaemonProcess, tmp_path: Path) -> str:
+    """What a failed run leaves to read: status, the outbox's states, stacks, the log's end."""
+    status = gw.status()
+    try:
+        conn = sqlite3.connect(f"file:{tmp_path / 'state' / 'outbox.db'}?mode=ro", uri=True)
+        states = dict(conn.execute("SELECT state, count(*) FROM delivery GROUP BY state"))
+        conn.close()
+    except sqlite3.Error as exc:
+        states = {"error": str(exc)}
+    if gw.alive and gw.proc is not None:
+        gw.proc.send_signal(signal.SIGUSR2)  # the daemon writes every thread's stack to its log
+        time.sleep(1.0)
+    return f"status: {status}\noutbox: {states}\ndaemon log (end):\n{gw.log_text()[-6000:]}"
 
 
 def chaos(tmp_path: Path, faults: int, seed: int) -> dict[str, object]:
@@ -203,7 +219,9 @@ def _chaos(
     except AssertionError:
         missing = sorted(acked - subjects_seen)
         raise AssertionError(
-            f"seed {seed}: {len(missing)} acknowledged alerts never arrived, e.g. {missing[:10]}"
+            f"seed {seed}: {len(missing)} acknowledged alerts never arrived "
+            f"({sum(m.startswith('mqtt') for m in missing)} of them MQTT), e.g. {missing[:10]}"
+            f"\n{post_mortem(gw, tmp_path)}"
         ) from None
     received = list(smtp.received)
     assert gw.terminate() == 0
