@@ -1,7 +1,10 @@
 """MQTT ingest benchmark: alerts/s committed and acked vs paho auto-acking, no storage.
 
 Both drain the same backlog (N messages queued by the broker for a persistent
-session while the client was away) from the same Mosquitto, 100 in flight.
+session while the client was away) from the same Mosquitto (max_inflight_messages
+100, which Debian 12's 2.0.11 does not keep to for a resumed session; the gateway reads
+no further ahead than its own mqtt.max_inflight). The machines are shared and noisy,
+so the two run in ROUNDS interleaved pairs and the pair with the median ratio is reported.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def queue_backlog(port: int, client_id: str) -> None:
     pub.loop_stop()
 
 
-def ceiling(port: int) -> float:
-    queue_backlog(port, "bench-raw")
+ROUNDS = 3
+
+
+def ceiling(port: int, client_id: str = "bench-raw") -> float:
+    queue_backlog(port, client_id)
     got = [0]
     done = threading.Event()
 
@@ -68,7 +74,7 @@ def ceiling(port: int) -> float:
         if got[0] == N:
             done.set()
 
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", clean_session=False)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
     c.on_message = on_message
     t0 = time.perf_counter()
     c.connect("127.0.0.1", port)
@@ -80,13 +86,14 @@ def ceiling(port: int) -> float:
     return N / elapsed
 
 
-def ours(port: int, tmp: Path) -> tuple[float, int, int]:
+def ours(port: int, tmp: Path, device_id: str = "bench") -> tuple[float, int, int]:
     cfg = parse(
-        f'[gateway]\ndevice_id = "bench"\nstate_dir = "{tmp}/state"\nruntime_dir = "{tmp}/run"\n'
+        f'[gateway]\ndevice_id = "{device_id}"\nstate_dir = "{tmp}/state"\n'
+        f'runtime_dir = "{tmp}/run"\n'
         f"[outbox]\nmax_messages = 1000000\n[mqtt]\nport = {port}\n"
         '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
     )
-    queue_backlog(port, "mailgw-bench")
+    queue_backlog(port, f"mailgw-{device_id}")
     ob = Outbox(cfg.outbox_path, max_messages=10**7)
     writer = Writer(ob)
     writer.start()
@@ -122,11 +129,24 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         broker = Mosquitto(tmp / "broker", max_inflight=100).start()
+        raws, rates, growth = [], [], []
         try:
-            raw = ceiling(broker.port)
-            rate, before, after = ours(broker.port, tmp)
+            for i in range(ROUNDS):
+                raws.append(ceiling(broker.port, f"bench-raw-{i}"))
+                (tmp / f"r{i}").mkdir()
+                rate, before, after = ours(broker.port, tmp / f"r{i}", f"bench-{i}")
+                rates.append(rate)
+                growth.append(after - before)
         finally:
             broker.stop()
+    # The round whose ratio is the median: a pair measured side by side, not two medians.
+    pairs = sorted(zip(rates, raws, strict=True), key=lambda p: p[0] / p[1])
+    rate, raw = pairs[len(pairs) // 2]
+    print(
+        "  mqtt rounds (ours / paho): "
+        + ", ".join(f"{o:,.0f}/{r:,.0f}" for o, r in zip(rates, raws, strict=True)),
+        file=sys.stderr,
+    )
     return [
         row(
             "MQTT ingest, PUBACK after FULL commit",
@@ -138,7 +158,7 @@ def run() -> list[dict[str, Any]]:
         ),
         row(
             f"MQTT ingest RSS growth over {N} alerts",
-            (after - before) / 1024,
+            max(growth) / 1024,
             "MiB",
             None,
             "",

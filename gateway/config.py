@@ -538,7 +538,7 @@ def _mqtt(t: _Table) -> MqttSection:
         keepalive=t.integer("keepalive", 30, lo=5, hi=3600),
         accept_retained=t.flag("accept_retained", False),
         max_payload=t.size("max_payload", 64 * 1024),
-        max_inflight=t.integer("max_inflight", 100, lo=1, hi=65535),
+        max_inflight=t.integer("max_inflight", 500, lo=1, hi=65535),
         status_interval=t.duration("status_interval", 60.0, minimum=1),
     )
     t.done()

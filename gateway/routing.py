@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from gateway.alert import Alert, Severity, parse_severity
 from gateway.config import RouteSection
 
+CACHE_MAX = 4096
+
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT 3.1.1 §4.7 matching: '+' one level, '#' the rest (including none)."""
@@ -56,6 +58,9 @@ class Router:
         self.by_name = {r.name: r for r in self.routes}
         self.default = self.by_name.get(default_route) if default_route else None
         self._min = {r.name: parse_severity(r.min_severity) or Severity.INFO for r in self.routes}
+        # Sensors publish on a few fixed topics: remember each answer rather than
+        # matching every filter for every alert. Cleared when it outgrows CACHE_MAX.
+        self._cache: dict[tuple[str, Severity], tuple[tuple[str, int], ...]] = {}
 
     def matching(self, topic: str, severity: Severity) -> list[RouteSection]:
         return [
@@ -66,6 +71,16 @@ class Router:
 
     def route(self, alert: Alert) -> tuple[tuple[str, int], ...]:
         """The deliveries (route name, priority) for an alert; empty means unrouted."""
+        key = (alert.topic, alert.severity)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._route(alert)
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def _route(self, alert: Alert) -> tuple[tuple[str, int], ...]:
         chosen = self.matching(alert.topic, alert.severity)
         if not chosen and self.default is not None:
             chosen = [self.default]

@@ -63,6 +63,9 @@ class Writer:
         self.committed_alerts = 0
         self.full = False
         self.on_commit: Callable[[], None] | None = None
+        # Called in this thread once the callbacks of a group have run: sources that
+        # collect acknowledgements in their callbacks send them here, in one write.
+        self.after_group: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -136,6 +139,11 @@ class Writer:
                     pending = []
                     self._call(item)
             self._commit(pending)
+            for hook in self.after_group:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a source's after-commit hook failed")
             self.heartbeat = time.monotonic()
         log.debug("outbox writer stopped")
 

@@ -316,6 +316,55 @@ def test_starts_without_a_broker(
     assert "Client is not connected" not in log
 
 
+class InProcess:
+    """The MQTT source, its writer and outbox in this process, on a real broker."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto, extra: str = "") -> None:
+        import asyncio
+
+        from gateway.config import parse
+        from gateway.ingest import Ingest
+        from gateway.outbox import Outbox
+        from gateway.routing import Router
+        from gateway.sources.mqtt import MqttSource
+        from gateway.status import Runtime
+        from gateway.writer import Writer
+
+        cfg = parse(
+            f'[gateway]\ndevice_id = "gw-inproc"\nstate_dir = "{tmp_path}/state"\n'
+            f'runtime_dir = "{tmp_path}/run"\n'
+            f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n{extra}\n'
+            '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        )
+        (tmp_path / "state").mkdir(exist_ok=True)
+        self.outbox = Outbox(cfg.outbox_path, max_messages=cfg.outbox.max_messages)
+        self.writer = Writer(self.outbox)
+        self.writer.start()
+        self.runtime = Runtime()
+        self.source = MqttSource(
+            cfg, Ingest(self.writer, Router(cfg.routes), self.runtime), self.runtime
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(self.source.run(), self.loop)
+        wait_for(lambda: self.runtime.sources.get("mqtt") == "connected", what="connected")
+
+    @property
+    def taken(self) -> int:
+        """Messages the source has taken from the broker (redeliveries included)."""
+        return self.runtime.ingested["mqtt"]
+
+    def close(self) -> None:
+        self.running.cancel()
+        self.source.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+        self.writer.stop()
+        self.outbox.close()
+
+
 def test_a_commit_from_before_a_reconnect_does_not_strand_the_redelivery(tmp_path: Path) -> None:
     """A commit that finishes after a reconnect must not eat the redelivered message's ack.
 
@@ -324,46 +373,20 @@ def test_a_commit_from_before_a_reconnect_does_not_strand_the_redelivery(tmp_pat
     in-flight window filled with messages it would never hear about again, and nothing
     more arrived until the next reconnect (chaos found MQTT ingest stalled this way).
     """
-    import asyncio
-
-    from gateway.config import parse
-    from gateway.ingest import Ingest
-    from gateway.outbox import Outbox
-    from gateway.routing import Router
-    from gateway.sources.mqtt import MqttSource
-    from gateway.status import Runtime
-    from gateway.writer import Writer
-
     window = 5
     broker = Mosquitto(tmp_path / "mosquitto", max_inflight=window).start()
-    cfg = parse(
-        f'[gateway]\ndevice_id = "gw-gen"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
-        f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
-        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
-    )
-    (tmp_path / "state").mkdir()
-    box = Outbox(cfg.outbox_path)
-    writer = Writer(box)
-    writer.start()
-    runtime = Runtime()
-    source = MqttSource(cfg, Ingest(writer, Router(cfg.routes), runtime), runtime)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(source.run(), loop)
+    gw = InProcess(tmp_path, broker, f"max_inflight = {window}")
     gate = threading.Event()
     pub = Publisher(broker.port)
     try:
-        wait_for(lambda: runtime.sources.get("mqtt") == "connected", what="connected")
-        writer.call(lambda _: gate.wait(30))  # commits wait behind this
+        gw.writer.call(lambda _: gate.wait(30))  # commits wait behind this
         for i in range(window):
             pub.publish("alerts/gen/x", f"held {i}")
-        wait_for(lambda: runtime.ingested["mqtt"] == window, what="the window delivered")
+        wait_for(lambda: gw.taken == window, what="the window delivered")
         pub.close()
         broker.restart()
         # The broker redelivers the unacknowledged window on the new connection.
-        wait_for(lambda: runtime.ingested["mqtt"] == 2 * window, 20, "the redelivery")
+        wait_for(lambda: gw.taken == 2 * window, 20, "the redelivery")
         gate.set()  # the old connection's commits finish now, after the new ones arrived
         pub = Publisher(broker.port)
         pub.publish("alerts/gen/x", "after")
@@ -372,11 +395,37 @@ def test_a_commit_from_before_a_reconnect_does_not_strand_the_redelivery(tmp_pat
     finally:
         gate.set()
         pub.close()
-        running.cancel()
-        source.close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        writer.stop()
-        box.close()
+        gw.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_the_gateway_reads_no_further_than_its_window(tmp_path: Path, protocol: str) -> None:
+    """Memory stays flat even where the broker floods: what is taken is bounded.
+
+    Mosquitto 2.0.11 sends a resumed session's whole backlog regardless of
+    max_inflight_messages; with the outbox full, the gateway must take no more than
+    its own window (mqtt.max_inflight), then everything once there is room.
+    """
+    window, bound, backlog = 20, 10, 600
+    broker = Mosquitto(tmp_path / "mosquitto", max_inflight=1000).start()
+    extra = f'max_inflight = {window}\nprotocol = "{protocol}"'
+    gw = InProcess(tmp_path, broker, extra)
+    gw.close()  # the session exists; the backlog queues up for it
+    pub = Publisher(broker.port)
+    sent = [f"flood {i}" for i in range(backlog)]
+    for text in sent:
+        pub.publish("alerts/flood/x", text)
+    wait_for(lambda: pub.acked == set(sent), what="the backlog at the broker")
+    pub.close()
+    gw = InProcess(tmp_path, broker, f"{extra}\n[outbox]\nmax_messages = {bound}")
+    try:
+        wait_for(lambda: len(messages(tmp_path)) == bound, what="the outbox at its bound")
+        time.sleep(1.0)  # the broker had every chance to push more at us
+        assert gw.taken <= bound + window, gw.taken
+        gw.outbox.max_messages = backlog + 10  # room (the writer reads the bound each add)
+        wait_for(lambda: len(set(messages(tmp_path))) == backlog, 60, "the whole backlog")
+        assert set(messages(tmp_path)) == set(sent)
+    finally:
+        gw.close()
         broker.stop()

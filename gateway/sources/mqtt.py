@@ -6,11 +6,14 @@ after the group commit, and only then is the PUBACK sent (invariant 1). A crash
 before that leaves the message unacknowledged in our persistent session, so the
 broker redelivers it: at worst a duplicate with the same content, never a loss.
 
-Memory stays flat because the broker never has more than its in-flight window
-of unacknowledged messages out to us (Mosquitto's max_inflight_messages, or the
-MQTT 5 Receive Maximum we announce). While the outbox is full the messages we
-hold are retried every second and stay unacknowledged; since the broker sends
-nothing new past the window, ingestion pauses by itself.
+Memory stays flat because we take no more than mqtt.max_inflight messages (and
+MAX_HELD_BYTES) ahead of their commit: past that the socket is not read and TCP
+pushes back on the broker. Brokers should not send past their own window anyway
+(Mosquitto's max_inflight_messages, or the MQTT 5 Receive Maximum we announce),
+but Debian 12's Mosquitto 2.0.11 sends a resumed session's whole backlog at once.
+While the outbox is full the messages we hold are retried every second and stay
+unacknowledged, so ingestion pauses by itself. The throughput side (read-ahead,
+acks in bursts after each group commit) is in mqtt_client.py.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ from gateway.alert import Draft, Severity, normalize
 from gateway.config import Config
 from gateway.errors import OutboxFull
 from gateway.ingest import Ingest
+from gateway.sources.mqtt_client import Client
 from gateway.status import Runtime
 
 log = logging.getLogger(__name__)
 
 RETRY_FULL = 1.0
+# What we read ahead of the commits: mqtt.max_inflight messages, and at most this many
+# payload bytes (alerts are small, but max_payload allows 64 KiB each).
+MAX_HELD_BYTES = 4 * 1024 * 1024
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 RECONNECT_MAX = 30
 
@@ -65,22 +72,34 @@ class MqttSource:
         self.client_id = self.cfg.client_id or f"mailgw-{self.device_id}"
         self._generation = 0  # bumped on every (re)connect
         self._lock = threading.Lock()
-        self._held: dict[int, tuple[int, int, Any]] = {}  # mid → (generation, qos, routed)
+        # mid → (generation, qos, routed, payload bytes); bounded by may_read below
+        self._held: dict[int, tuple[int, int, Any, int]] = {}
+        self._held_bytes = 0
         # Held messages the outbox refused (full, disk full): stored again every second
         # until they fit. Each holds one of the broker's in-flight slots meanwhile.
         self._waiting: set[int] = set()
+        self._acks: list[tuple[int, int]] = []  # (mid, qos) committed, not yet acked
+        ingest.writer.after_group.append(self._flush_acks)
         self._store_error_logged = False
         self._stopping = False
         self._connected = threading.Event()
         self._unreachable_logged = False
         self.client = self._make_client()
+        # Mosquitto 2.0.11 (Debian 12) does not keep to max_inflight_messages for a
+        # resumed session: it sends a whole backlog at once. Reading no further than
+        # our own window keeps memory flat whatever the broker does (TCP pushes back).
+        # Between connections always read: the next CONNACK must get through.
+        self.client.may_read = lambda: (
+            not self._connected.is_set()
+            or (len(self._held) < self.cfg.max_inflight and self._held_bytes < MAX_HELD_BYTES)
+        )
         self.runtime.sources[self.name] = "connecting"
 
     # --- paho setup -------------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> Client:
         v5 = self.cfg.protocol == "5"
-        client = mqtt.Client(
+        client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if v5 else False,
@@ -142,7 +161,9 @@ class MqttSource:
             self._generation += 1
             # What we held from the last connection will be redelivered by the broker.
             self._held.clear()
+            self._held_bytes = 0
             self._waiting.clear()
+        self.client.room.set()
         client.subscribe([(t, 1) for t in self.cfg.topics])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.runtime.sources[self.name] = "connected"
@@ -216,7 +237,11 @@ class MqttSource:
         routed = self.ingest.prepare(alert)
         with self._lock:
             generation = self._generation
-            self._held[msg.mid] = (generation, msg.qos, routed)
+            old = self._held.get(msg.mid)
+            if old is not None:  # a redelivery of a message we still hold
+                self._held_bytes -= old[3]
+            self._held[msg.mid] = (generation, msg.qos, routed, len(msg.payload))
+            self._held_bytes += len(msg.payload)
         self._store(msg.mid)
 
     # --- storing and acknowledging ----------------------------------------------------
@@ -226,7 +251,7 @@ class MqttSource:
             held = self._held.get(mid)
         if held is None:
             return
-        _, qos, routed = held
+        _, qos, routed, size = held
 
         # The broker redelivers what we held with the same packet ids after a reconnect,
         # so a mid alone does not name a message: only this very entry may be acked or
@@ -252,15 +277,23 @@ class MqttSource:
                 return
             self._store_error_logged = False
             with self._lock:
-                mine = self._held.get(mid) is held
-                if mine:
+                if self._held.get(mid) is held:
                     del self._held[mid]
-            if mine and self._connected.is_set():
-                # Disconnected, the broker redelivers it anyway; a PUBACK queued now
-                # could reach the next connection ahead of its CONNECT.
-                self.client.ack(mid, qos)
+                    self._held_bytes -= size
+                    self._acks.append((mid, qos))  # sent once the group's callbacks ran
+            self.client.room.set()
 
         self.ingest.writer.submit([routed], done)
+
+    def _flush_acks(self) -> None:  # the writer's thread, after each group commit
+        with self._lock:
+            if not self._acks:
+                return
+            acks, self._acks = self._acks, []
+        if self._connected.is_set():
+            # Disconnected, the broker redelivers these anyway; PUBACKs queued now
+            # could reach the next connection ahead of its CONNECT.
+            self.client.ack_many(acks)
 
     def _retry_held(self) -> None:
         with self._lock:
