@@ -216,6 +216,7 @@ def normalize(
     *,
     parse_json: bool = True,
     alert_id: str | None = None,
+    fields: Mapping[str, FieldValue] | None = None,
 ) -> Alert:
     """Turn a payload into an Alert; never raises on any input.
 
@@ -261,6 +262,6 @@ def normalize(
         message=message,
         received=stamp,
         event_time=values.get("event_time"),
-        fields=values["fields"],
+        fields=values["fields"] if fields is None else fields,
         notes=tuple(dict.fromkeys(notes)),
     )

@@ -23,9 +23,11 @@ class Ingest:
         self.runtime.ingested[alert.source] += 1
         return Routed(alert, self.router.route(alert), seen_key)
 
-    def submit(self, alerts: Sequence[tuple[Alert, str | None]], done: Done) -> None:
+    def submit(
+        self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0
+    ) -> None:
         """From any thread: store, then call `done` (after the commit) in the writer thread."""
-        self.writer.submit([self.prepare(a, key) for a, key in alerts], done)
+        self.writer.submit([self.prepare(a, key) for a, key in alerts], done, linger)
 
     async def add(self, alerts: Sequence[Alert]) -> list[str]:
         return await self.writer.add([self.prepare(a) for a in alerts])

@@ -37,6 +37,7 @@ Done = Callable[[list[str] | BaseException], None]
 class _Add:
     batch: Sequence[Routed]
     done: Done
+    linger: float = 0.0
 
 
 @dataclass(slots=True)
@@ -82,8 +83,14 @@ class Writer:
 
     # --- submitting (any thread) ---------------------------------------------
 
-    def submit(self, batch: Sequence[Routed], done: Done) -> None:
-        self._q.put(_Add(batch, done))
+    def submit(self, batch: Sequence[Routed], done: Done, linger: float = 0.0) -> None:
+        """Store `batch`, then call `done` from this thread after the commit.
+
+        `linger`: how long the batch may wait for others to share its commit, for
+        sources whose acks are not urgent (serial devices retransmit after 0.5 s).
+        Anything submitted without linger ends the wait.
+        """
+        self._q.put(_Add(batch, done, linger))
 
     def call(self, fn: Callable[[Outbox], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -114,6 +121,8 @@ class Writer:
                 self.heartbeat = time.monotonic()
                 continue
             items = [first]
+            if isinstance(first, _Add) and first.linger > 0:
+                self._linger(items, time.monotonic() + first.linger)
             # Under a steady stream, commit at most once per commit_interval: the alerts
             # arriving meanwhile join the group. Idle, an alert commits at once (the last
             # commit is long past). Fewer fsyncs: less CPU, less flash wear, same acks.
@@ -146,6 +155,18 @@ class Writer:
                     log.exception("a source's after-commit hook failed")
             self.heartbeat = time.monotonic()
         log.debug("outbox writer stopped")
+
+    def _linger(self, items: list[_Add | _Call | object], deadline: float) -> None:
+        # Eight UARTs each sending a frame every 7 ms otherwise cost a commit (an fsync
+        # and ~300 µs of CPU) for nearly every frame.
+        while len(items) < self.max_group and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._q.get(timeout=left)
+            except queue.Empty:
+                return
+            items.append(item)
+            if not (isinstance(item, _Add) and item.linger > 0):
+                return  # someone waits on this one: commit now
 
     def _call(self, item: _Call) -> None:
         if not item.future.set_running_or_notify_cancel():

@@ -91,3 +91,22 @@ def test_a_failing_callback_does_not_end_the_writer(tmp_path: Path) -> None:
     assert writer.alive
     writer.stop()
     assert counts(ob.conn)["queued"] == 2
+
+
+def test_lingering_batches_share_a_commit_and_an_urgent_one_ends_the_wait(
+    tmp_path: Path,
+) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    writer = Writer(ob)
+    writer.start()
+    lazy_done = threading.Event()
+    # Eight ports' batches submitted within the linger: one commit for all of them.
+    for i in range(8):
+        writer.submit([routed(i)], lambda r, i=i: lazy_done.set() if i == 7 else None, 5.0)
+    urgent_done = threading.Event()
+    writer.submit([routed(100)], lambda r: urgent_done.set())  # no linger: commit now
+    # Far sooner than the 5 s linger: the urgent submission ended the wait.
+    assert urgent_done.wait(2.0) and lazy_done.is_set()
+    assert writer.commits == 1 and writer.committed_alerts == 9
+    writer.stop()
+    ob.close()

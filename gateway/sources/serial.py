@@ -14,12 +14,12 @@ loss logged once, and the port reopened with backoff until it returns.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import re
 import select
 import threading
+import time
 
 import serial
 
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 
 REOPEN_MIN = 0.5
 REOPEN_MAX = 30.0
+# Added latency under load only (an idle port is read at once); well inside the
+# device's 0.5 s retransmit timeout.
+READ_PAUSE = 0.05
+READ_SIZE = 65536
+WRITE_WAIT = 1.0
+LINGER = 0.05  # how long a batch may wait for other ports' to share a commit
 
 
 class SerialSource:
@@ -140,7 +146,7 @@ class SerialSource:
                 ready, _, _ = select.select([fd], [], [], 0.2)
                 if not ready:
                     continue
-                data = os.read(fd, 4096)
+                data = os.read(fd, READ_SIZE)
                 if not data:
                     raise serial.SerialException("the device returned no data (unplugged?)")
             else:
@@ -155,6 +161,12 @@ class SerialSource:
                 self._handle(event)
             if self._batch:
                 self._submit(self._batch)
+            if fd is not None and not select.select([fd], [], [], 0)[0]:
+                # Caught up (with more waiting, read on at once). A UART delivers a frame
+                # every ~7 ms at full rate: waking for each one cost more than handling
+                # it. What arrives during the pause waits in the kernel's buffer and is
+                # read, committed and ACKed as one batch.
+                self._stop.wait(READ_PAUSE)
 
     # --- framed protocol ---------------------------------------------------------------
 
@@ -165,9 +177,25 @@ class SerialSource:
         ser = self._ser
         if ser is None:
             return  # the port is gone; the device retransmits to the next session
+        data = b"".join(codec.encode(f) for f in frames)
+        fd = getattr(ser, "fd", None)
         try:
             with self._write_lock:
-                ser.write(b"".join(codec.encode(f) for f in frames))
+                if fd is None:
+                    ser.write(data)
+                    return
+                # Straight to the fd: pyserial's write() costs a Timeout object and
+                # more syscalls per call. A device that stops reading must not hold the
+                # writer thread (every source shares it) for long: after WRITE_WAIT the
+                # rest is dropped, and the device retransmits what it has no ACK for.
+                left = _write_fd(fd, data, WRITE_WAIT)
+                if left:
+                    log.warning(
+                        "%s: the device is not reading; %d bytes of replies dropped "
+                        "(it retransmits the alerts it has no ACK for)",
+                        self.cfg.port,
+                        left,
+                    )
         except (serial.SerialException, OSError) as exc:
             log.debug("could not write to %s: %s", self.cfg.port, exc)
 
@@ -211,9 +239,6 @@ class SerialSource:
                 severity=parse_severity(frame.severity) or Severity.WARNING,
             ),
             parse_json=False,
-        )
-        alert = dataclasses.replace(
-            alert,
             fields={"serial_device": device_id, "serial_boot": boot_id, "serial_seq": frame.seq},
         )
         # Collected per read chunk: one submission, one commit, one write of all the ACKs.
@@ -232,7 +257,7 @@ class SerialSource:
                 replies = [codec.Ack(s) for s in seqs]
             self._send_all(replies)
 
-        self.ingest.submit([(a, key) for a, key in batch], done)
+        self.ingest.submit([(a, key) for a, key in batch], done, linger=LINGER)
 
     # --- legacy lines ----------------------------------------------------------------------
 
@@ -272,6 +297,22 @@ class SerialSource:
         if batch:
             self.ingest.submit(batch, _ignore)
         return rest
+
+
+def _write_fd(fd: int, data: bytes, wait: float) -> int:
+    """Write to a non-blocking fd, waiting up to `wait` s for room; return bytes unsent."""
+    view = memoryview(data)
+    deadline = time.monotonic() + wait
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+            continue
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            break
+    return len(view)
 
 
 def _ignore(result: list[str] | BaseException) -> None:
