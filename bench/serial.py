@@ -26,7 +26,7 @@ from gateway.config import parse
 from gateway.ingest import Ingest
 from gateway.outbox import Outbox
 from gateway.routing import Router
-from gateway.sources.serial import SerialSource
+from gateway.sources.serial import SerialHub, SerialSource
 from gateway.status import Runtime
 from gateway.writer import Writer
 
@@ -167,7 +167,8 @@ def eight_uarts(tmp: Path, seconds: float = 10.0, commit_interval: float = 0.005
     writer.start()
     runtime = Runtime()
     ingest = Ingest(writer, Router(cfg.routes), runtime)
-    sources = [SerialSource(cfg, s, ingest, runtime) for s in cfg.serial]
+    hub = SerialHub()  # as the daemon does: one thread reads all eight
+    sources = [SerialSource(cfg, s, ingest, runtime, hub=hub) for s in cfg.serial]
     # The eight devices run in another process, so that only the gateway's CPU is counted.
     device_code = (
         "import os, select, sys, threading, time\n"

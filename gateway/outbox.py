@@ -194,6 +194,11 @@ def volatile_reason(path: Path) -> str | None:
     return None
 
 
+# One encoder for every row: json.dumps() with these options builds a new JSONEncoder
+# per call, which cost more than encoding a serial alert's three fields.
+_fields_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _alert_row(a: Alert) -> tuple[Any, ...]:
     return (
         a.id,
@@ -207,7 +212,7 @@ def _alert_row(a: Alert) -> tuple[Any, ...]:
         a.received.boottime,
         a.received.boot_id,
         int(a.received.synced),
-        json.dumps(dict(a.fields), ensure_ascii=False, separators=(",", ":")) if a.fields else "{}",
+        _fields_json(dict(a.fields)) if a.fields else "{}",
         ",".join(a.notes),
     )
 
@@ -482,15 +487,15 @@ class Outbox:
                 rows: dict[str, list[tuple[Any, ...]]] = {}
                 deliveries: list[tuple[Any, ...]] = []
                 stormed = 0
+                known = self._known_keys(c, batch)
+                seen_rows: list[tuple[str, str, float]] = []
                 for r in batch:
                     if r.seen_key is not None:
-                        fresh = c.execute(
-                            "INSERT OR IGNORE INTO seen (key, alert_id, at) VALUES (?, ?, ?)",
-                            (r.seen_key, r.alert.id, now),
-                        ).rowcount
-                        if not fresh:
+                        if r.seen_key in known:
                             duplicates.append(r.seen_key)
                             continue
+                        known.add(r.seen_key)  # twice in one batch: store it once
+                        seen_rows.append((r.seen_key, r.alert.id, now))
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
                     for rt, p in r.deliveries:
                         policy = policies.get(rt)
@@ -513,6 +518,10 @@ class Outbox:
                     " VALUES (?, ?, ?, ?, ?)",
                     deliveries,
                 )
+                if seen_rows:
+                    c.executemany(
+                        "INSERT INTO seen (key, alert_id, at) VALUES (?, ?, ?)", seen_rows
+                    )
                 added = len(deliveries) + stormed
                 c.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
@@ -523,6 +532,19 @@ class Outbox:
             raise
         self.live += added
         return duplicates
+
+    @staticmethod
+    def _known_keys(c: sqlite3.Connection, batch: Sequence[Routed]) -> set[str]:
+        """Which of the batch's seen keys are stored already: one query for the batch
+        (a statement per alert cost more than the rest of storing it)."""
+        keys = [r.seen_key for r in batch if r.seen_key is not None]
+        if not keys:
+            return set()
+        found = c.execute(
+            "SELECT key FROM seen WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        )
+        return {k for (k,) in found}
 
     _INSERT = (
         "INSERT INTO delivery (alert_seq, route, state, priority, due, updated_at, kind, owner)"

@@ -88,10 +88,12 @@ class Daemon:
             from gateway.sources.mqtt import MqttSource
 
             self.components.append(MqttSource(cfg, self.ingest, self.runtime))
-        for port in cfg.serial:
-            from gateway.sources.serial import SerialSource
+        if cfg.serial:
+            from gateway.sources.serial import SerialHub, SerialSource
 
-            self.components.append(SerialSource(cfg, port, self.ingest, self.runtime))
+            hub = SerialHub()  # one thread reads every device-path port
+            for port in cfg.serial:
+                self.components.append(SerialSource(cfg, port, self.ingest, self.runtime, hub=hub))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -53,3 +53,16 @@ def test_pending_counts_what_is_buffered() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_read_past_the_buffer_returns_what_is_left() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"\x00\x00")
+        sock = ReadAhead(b)
+        assert sock.recv(1) == b"\x00"
+        assert sock.recv(2) == b"\x00"  # short, as recv() may be
+        assert sock.pending() == 0
+    finally:
+        a.close()
+        b.close()

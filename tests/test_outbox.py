@@ -115,6 +115,17 @@ def test_retransmission_key_stores_once(tmp_path: Path) -> None:
     again = alert("once")
     assert ob.add([Routed(again.alert, again.deliveries, seen_key="dev/boot/7")]) == ["dev/boot/7"]
     assert ob_mod.counts(ob.conn)["queued"] == 1
+    # In one batch: a retransmission of a stored alert, a frame retransmitted within the
+    # batch (stored once), keys with quotes and brackets (the lookup goes through JSON).
+    batch = [
+        Routed(alert("old").alert, first.deliveries, seen_key="dev/boot/7"),
+        Routed(alert("new").alert, first.deliveries, seen_key='dev/b"o[o]t/8'),
+        Routed(alert("new").alert, first.deliveries, seen_key='dev/b"o[o]t/8'),
+        Routed(alert("plain").alert, first.deliveries),
+    ]
+    assert ob.add(batch) == ["dev/boot/7", 'dev/b"o[o]t/8']
+    assert ob_mod.counts(ob.conn)["queued"] == 3
+    assert ob.add(batch[1:2]) == ['dev/b"o[o]t/8']
 
 
 def test_restart_requeues_sending_and_new_boot_makes_everything_due(tmp_path: Path) -> None:

@@ -224,3 +224,50 @@ def test_missing_port_at_start_is_waited_for(tmp_path: Path, pty: Pty) -> None:
         dev.stop()
     finally:
         gw.terminate()
+
+
+def test_ports_share_one_reader_and_a_url_port_has_its_own(tmp_path: Path) -> None:
+    """Two ptys (read by the one hub thread) and a socket:// port (its own thread)."""
+    import socket
+
+    ptys = [Pty(tmp_path / f"ttyHUB{i}") for i in range(2)]
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\ndevice_id = "gw-hub"\nstate_dir = "{tmp_path}/state"\n'
+        f'runtime_dir = "{tmp_path}/run"\n'
+        + "".join(f'[[serial]]\nport = "{p.link}"\nname = "hub{i}"\n' for i, p in enumerate(ptys))
+        + f'[[serial]]\nport = "socket://127.0.0.1:{port}"\nname = "net"\n'
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    devices: list[Device] = []
+    try:
+        server.settimeout(20)
+        conn, _ = server.accept()  # the gateway dialled the "device server"
+        gw.wait_ready(("serial:hub0", "serial:hub1", "serial:net"))
+        devices = [
+            Device(ptys[0].master, device_id="a").start(),
+            Device(ptys[1].master, device_id="b").start(),
+            Device(conn.fileno(), device_id="c").start(),
+        ]
+        for i in range(100):
+            for d in devices:
+                d.alert("temp", "warning", f"{d.device_id} {i}")
+        for d in devices:
+            assert d.wait_acked(timeout=30), f"{d.device_id}: {d.unacked} never acked"
+        got = collections.Counter(m for _, m, _ in rows(tmp_path))
+        assert set(got) == {f"{d} {i}" for d in "abc" for i in range(100)}
+        assert max(got.values()) == 1
+        topics = {t for t, _, _ in rows(tmp_path)}
+        assert topics == {"serial/hub0/temp", "serial/hub1/temp", "serial/net/temp"}
+        assert gw.terminate() == 0
+    finally:
+        for d in devices:
+            d.stop()
+        if gw.alive:
+            gw.terminate()
+        server.close()
+        for p in ptys:
+            p.close()

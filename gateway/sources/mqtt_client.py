@@ -43,7 +43,7 @@ class ReadAhead:
                 return bytes(data)
             self._view = memoryview(data)
             self._pos = 0
-        end = self._pos + size
+        end = min(self._pos + size, len(self._view))
         out = bytes(self._view[self._pos : end])
         self._pos = end
         return out

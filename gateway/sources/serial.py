@@ -1,11 +1,14 @@
-"""Serial ingest: the firmware_bridge protocol over pyserial, one thread per port.
+"""Serial ingest: the firmware_bridge protocol over pyserial.
 
-A port's thread reads in chunks (readline() would cost a syscall per byte: ~1,200
-lines/s on a pty against ~720,000 with chunked reads), feeds the sans-IO decoder
-and acts on its events. An ALERT goes to the outbox writer; `$ACK` is written from
-the writer's callback, after the group commit (invariant 1). Retransmissions are
-recognised by (device id, boot id, seq), kept in the outbox, so a retransmitted
-alert is ACKed again but stored once, even across a gateway restart.
+Every port that is a device path is read by one thread for all of them (SerialHub):
+select() over their file descriptors, a chunked read of whatever arrived (readline()
+would cost a syscall per byte: ~1,200 lines/s on a pty against ~720,000 with chunked
+reads), the sans-IO decoder, and the events acted on. A port given as a pyserial URL
+(socket://, rfc2217://) has no descriptor to select on and keeps a thread of its own.
+An ALERT goes to the outbox writer; `$ACK` is written from the writer's callback,
+after the group commit (invariant 1). Retransmissions are recognised by (device id,
+boot id, seq), kept in the outbox, so a retransmitted alert is ACKed again but stored
+once, even across a gateway restart.
 
 When the device disappears (USB unplugged, cable cut) the port is closed, the
 loss logged once, and the port reopened with backoff until it returns.
@@ -14,6 +17,7 @@ loss logged once, and the port reopened with backoff until it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REOPEN_MIN = 0.5
 REOPEN_MAX = 30.0
+IDLE_POLL = 0.2
 # Added latency under load only (an idle port is read at once); well inside the
 # device's 0.5 s retransmit timeout.
 READ_PAUSE = 0.05
@@ -42,40 +47,159 @@ WRITE_WAIT = 1.0
 LINGER = 0.05  # how long a batch may wait for other ports' to share a commit
 
 
+class SerialHub:
+    """One thread reading every device-path port: select over their descriptors.
+
+    Eight UARTs at full rate deliver a frame every ~0.9 ms between them; a thread per
+    port woke for nearly every frame, and the wake-ups and GIL hand-offs cost more
+    than the frames. Once everything readable has been read the hub pauses READ_PAUSE,
+    so what arrives meanwhile is read, committed and ACKed as one batch per port.
+    The thread starts with the first port and ends with the last.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ports: list[SerialSource] = []
+        self._leaving: list[SerialSource] = []
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def add(self, port: SerialSource) -> None:
+        with self._lock:
+            self._ports.append(port)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="serial", daemon=True)
+                self._thread.start()
+        self._wake()
+
+    def remove(self, port: SerialSource) -> None:
+        """Stop reading `port` and close it; returns once its file is closed."""
+        with self._lock:
+            if port not in self._ports:
+                return
+            self._ports.remove(port)
+            running = self._thread is not None and self._thread.is_alive()
+            if running:
+                # The hub closes it: closing a descriptor another thread selects on
+                # could read from whatever file reuses the number next.
+                self._leaving.append(port)
+        if running and threading.current_thread() is not self._thread:
+            self._wake()
+            port._left.wait(5)
+        else:
+            port._close_port()
+
+    @staticmethod
+    def _submit(work: list[tuple[SerialSource, list[tuple[Alert, str]]]]) -> None:
+        """All ports' alerts of one pass in one submission: one wake-up of the writer."""
+        if not work:
+            return
+        answers = [(p, _seqs(batch)) for p, batch in work]
+
+        def done(result: list[str] | BaseException) -> None:  # the writer's thread
+            for p, seqs in answers:
+                p._answer(seqs, result)
+
+        alerts = [(a, key) for _, batch in work for a, key in batch]
+        work[0][0].ingest.submit(alerts, done, linger=LINGER)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already pending: it wakes anyway
+            os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                ports = list(self._ports)
+                leaving, self._leaving = self._leaving, []
+                if not ports and not leaving:
+                    self._thread = None
+                    return
+            for p in leaving:
+                p._close_port()
+                p._left.set()
+            now = time.monotonic()
+            for p in ports:
+                if p._ser is None and now >= p._next_open:
+                    p._try_open()
+            by_fd = {p._fd: p for p in ports if p._ser is not None and p._fd is not None}
+            waits = [p._next_open - now for p in ports if p._ser is None]
+            timeout = max(0.0, min([IDLE_POLL, *waits]))
+            ready = select.select([self._wake_r, *by_fd], [], [], timeout)[0]
+            read_any = False
+            for fd in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                read_any |= by_fd[fd]._read_ready()
+            self._submit([(p, p._take_batch()) for p in ports if p._batch])
+            if read_any:
+                still = [fd for fd, p in by_fd.items() if p._fd == fd]  # not lost meanwhile
+                if not select.select(still, [], [], 0)[0]:
+                    # Caught up: pause, unless a port joins or leaves meanwhile.
+                    select.select([self._wake_r], [], [], READ_PAUSE)
+
+
 class SerialSource:
     def __init__(
-        self, config: Config, port: SerialSection, ingest: Ingest, runtime: Runtime
+        self,
+        config: Config,
+        port: SerialSection,
+        ingest: Ingest,
+        runtime: Runtime,
+        hub: SerialHub | None = None,
     ) -> None:
         self.cfg = port
         self.name = f"serial:{port.name}"
         self.ingest = ingest
         self.runtime = runtime
+        # A device path joins the daemon's hub (or a hub of its own); a URL has no
+        # descriptor to select on and gets a thread.
+        self._hub = (hub or SerialHub()) if "://" not in port.port else None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._left = threading.Event()
         self._write_lock = threading.Lock()
         self._ser: serial.SerialBase | None = None
+        self._fd: int | None = None
+        self._decoder = codec.Decoder()
+        self._pending = b""  # lines mode: a line not yet complete
+        self._next_open = 0.0
+        self._delay = REOPEN_MIN
+        self._lost_logged = False
         self._boot: tuple[str, str] | None = None  # (device id, boot id) from HELLO
         self._regex = re.compile(port.line_regex) if port.line_regex else None
         self._batch: list[tuple[Alert, str]] = []
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.runtime.sources[self.name] = "opening"
 
     # --- life cycle ----------------------------------------------------------------
 
     async def run(self) -> None:
-        self._thread.start()
+        if self._hub is not None:
+            self._hub.add(self)
+        else:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
         try:
-            await asyncio.Event().wait()  # the thread does the work; we wait to be cancelled
+            await asyncio.Event().wait()  # the reading is done in a thread; wait to be cancelled
         finally:
-            self._stop.set()  # stop reading: nothing new is taken in
+            self._leave()  # stop reading: nothing new is taken in
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        ser, self._ser = self._ser, None
-        if ser is not None:
-            ser.close()
+        self._leave()
+        self._close_port()
 
-    # --- the port's thread -----------------------------------------------------------
+    def _leave(self) -> None:
+        self._stop.set()
+        if self._hub is not None:
+            self._hub.remove(self)
+        elif self._thread is not None:
+            self._thread.join(5)
+
+    # --- the port, from the thread that reads it -------------------------------------
 
     def _open(self) -> serial.SerialBase:
         ser = serial.serial_for_url(
@@ -84,89 +208,114 @@ class SerialSource:
         ser.open()
         return ser
 
-    def _run(self) -> None:
-        delay = REOPEN_MIN
-        lost_logged = False
-        while not self._stop.is_set():
-            try:
-                self._ser = self._open()
-            except (serial.SerialException, OSError, ValueError) as exc:
-                if not lost_logged:
-                    log.error(
-                        "cannot open serial port %s (%s): %s; retrying with backoff "
-                        "up to every %.0f s",
-                        self.cfg.port,
-                        self.cfg.name,
-                        exc,
-                        REOPEN_MAX,
-                    )
-                    lost_logged = True
-                self.runtime.sources[self.name] = "absent"
-                self._stop.wait(delay)
-                delay = min(REOPEN_MAX, delay * 2)
-                continue
-            if lost_logged:
-                log.warning("serial port %s (%s) is back", self.cfg.port, self.cfg.name)
-            else:
-                log.info(
-                    "reading serial port %s (%s) at %d baud, %s protocol",
+    def _try_open(self) -> bool:
+        """Open the port, or say so (once) and set when to try again (backoff)."""
+        try:
+            ser = self._open()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            if not self._lost_logged:
+                log.error(
+                    "cannot open serial port %s (%s): %s; retrying with backoff up to every %.0f s",
                     self.cfg.port,
                     self.cfg.name,
-                    self.cfg.baudrate,
-                    self.cfg.protocol,
+                    exc,
+                    REOPEN_MAX,
                 )
-            lost_logged = False
-            delay = REOPEN_MIN
-            self.runtime.sources[self.name] = "connected"
-            try:
-                self._read_loop(self._ser)
-            except (serial.SerialException, OSError) as exc:
-                if not self._stop.is_set():
-                    log.error(
-                        "serial port %s (%s) is gone: %s; waiting for it to return",
-                        self.cfg.port,
-                        self.cfg.name,
-                        exc,
-                    )
-                    lost_logged = True
-                    self.runtime.sources[self.name] = "absent"
-            finally:
-                ser, self._ser = self._ser, None
-                if ser is not None:
-                    ser.close()
+                self._lost_logged = True
+            self.runtime.sources[self.name] = "absent"
+            self._next_open = time.monotonic() + self._delay
+            self._delay = min(REOPEN_MAX, self._delay * 2)
+            return False
+        if self._lost_logged:
+            log.warning("serial port %s (%s) is back", self.cfg.port, self.cfg.name)
+        else:
+            log.info(
+                "reading serial port %s (%s) at %d baud, %s protocol",
+                self.cfg.port,
+                self.cfg.name,
+                self.cfg.baudrate,
+                self.cfg.protocol,
+            )
+        self._lost_logged = False
+        self._delay = REOPEN_MIN
+        self._decoder = codec.Decoder()
+        self._pending = b""
+        with self._write_lock:
+            self._ser = ser
+            # A POSIX tty: read and write the descriptor directly. pyserial's read()
+            # costs a Timeout object, an abort pipe and an ioctl per call.
+            fd = getattr(ser, "fd", None)
+            self._fd = fd if isinstance(fd, int) else None
+        self.runtime.sources[self.name] = "connected"
+        return True
 
-    def _read_loop(self, ser: serial.SerialBase) -> None:
-        decoder = codec.Decoder()
-        pending = b""
-        fd = getattr(ser, "fd", None)  # a POSIX tty; URLs (socket://, rfc2217://) have none
+    def _lost(self, exc: BaseException) -> None:
+        if not self._stop.is_set():
+            log.error(
+                "serial port %s (%s) is gone: %s; waiting for it to return",
+                self.cfg.port,
+                self.cfg.name,
+                exc,
+            )
+            self._lost_logged = True
+            self.runtime.sources[self.name] = "absent"
+        self._close_port()
+        self._next_open = time.monotonic()  # at once; then with backoff
+
+    def _close_port(self) -> None:
+        with self._write_lock:  # not while the writer thread writes an ACK to it
+            ser, self._ser, self._fd = self._ser, None, None
+        if ser is not None:
+            ser.close()
+
+    def _read_ready(self) -> bool:
+        """The hub saw the descriptor readable: read and handle it. False if lost."""
+        fd = self._fd
+        if fd is None:
+            return False
+        try:
+            data = os.read(fd, READ_SIZE)
+            if not data:
+                raise serial.SerialException("the device returned no data (unplugged?)")
+            self._on_data(data)
+        except (serial.SerialException, OSError) as exc:
+            self._lost(exc)
+            return False
+        except Exception:
+            # A bug must not end the thread that reads every port: say so, and start
+            # this port afresh (a new decoder resynchronises on the next frame).
+            log.exception("%s: failed handling input; reopening the port", self.name)
+            self._close_port()
+            self._next_open = time.monotonic() + REOPEN_MIN
+            return False
+        return True
+
+    def _run(self) -> None:  # a URL port's own thread
         while not self._stop.is_set():
-            if fd is not None:
-                # select + read directly: pyserial's read() costs a Timeout object, an
-                # abort pipe and an ioctl per call, which showed at 144 frames/s per port.
-                ready, _, _ = select.select([fd], [], [], 0.2)
-                if not ready:
+            ser = self._ser
+            if ser is None:
+                left = self._next_open - time.monotonic()
+                if left > 0:
+                    self._stop.wait(left)
+                elif not self._try_open():
                     continue
-                data = os.read(fd, READ_SIZE)
-                if not data:
-                    raise serial.SerialException("the device returned no data (unplugged?)")
-            else:
-                data = ser.read(max(1, ser.in_waiting))
-                if not data:
-                    continue
-            if self.cfg.protocol == "lines":
-                pending = self._lines(pending + data)
                 continue
-            self._batch = []
-            for event in decoder.feed(data):
-                self._handle(event)
-            if self._batch:
-                self._submit(self._batch)
-            if fd is not None and not select.select([fd], [], [], 0)[0]:
-                # Caught up (with more waiting, read on at once). A UART delivers a frame
-                # every ~7 ms at full rate: waking for each one cost more than handling
-                # it. What arrives during the pause waits in the kernel's buffer and is
-                # read, committed and ACKed as one batch.
-                self._stop.wait(READ_PAUSE)
+            try:
+                data = ser.read(max(1, ser.in_waiting))
+                if data:
+                    self._on_data(data)
+                    if self._batch:
+                        self._submit(self._take_batch())
+            except (serial.SerialException, OSError) as exc:
+                self._lost(exc)
+        self._close_port()
+
+    def _on_data(self, data: bytes) -> None:
+        if self.cfg.protocol == "lines":
+            self._pending = self._lines(self._pending + data)
+            return
+        for event in self._decoder.feed(data):
+            self._handle(event)  # alerts collect in self._batch, submitted by the reader
 
     # --- framed protocol ---------------------------------------------------------------
 
@@ -174,13 +323,12 @@ class SerialSource:
         self._send_all([frame])
 
     def _send_all(self, frames: list[codec.Frame]) -> None:
-        ser = self._ser
-        if ser is None:
-            return  # the port is gone; the device retransmits to the next session
         data = b"".join(codec.encode(f) for f in frames)
-        fd = getattr(ser, "fd", None)
         try:
-            with self._write_lock:
+            with self._write_lock:  # the port is not closed (nor its fd reused) meanwhile
+                ser, fd = self._ser, self._fd
+                if ser is None:
+                    return  # the port is gone; the device retransmits to the next session
                 if fd is None:
                     ser.write(data)
                     return
@@ -244,20 +392,27 @@ class SerialSource:
         # Collected per read chunk: one submission, one commit, one write of all the ACKs.
         self._batch.append((alert, f"{device_id}/{boot_id}/{frame.seq}"))
 
+    def _take_batch(self) -> list[tuple[Alert, str]]:
+        batch, self._batch = self._batch, []
+        return batch
+
     def _submit(self, batch: list[tuple[Alert, str]]) -> None:
-        seqs = [int(a.fields["serial_seq"] or 0) for a, _ in batch]
+        seqs = _seqs(batch)
+        self.ingest.submit(
+            [(a, key) for a, key in batch], lambda r: self._answer(seqs, r), linger=LINGER
+        )
 
-        def done(result: list[str] | BaseException) -> None:  # the writer's thread
-            if isinstance(result, BaseException):
-                if not isinstance(result, OutboxFull):
-                    log.error("could not store alerts from %s: %s", self.cfg.name, result)
-                self.runtime.rejected["serial_full"] += len(seqs)
-                replies: list[codec.Frame] = [codec.Nak(s, codec.Reason.FULL.value) for s in seqs]
-            else:
-                replies = [codec.Ack(s) for s in seqs]
-            self._send_all(replies)
-
-        self.ingest.submit([(a, key) for a, key in batch], done, linger=LINGER)
+    def _answer(self, seqs: list[int], result: list[str] | BaseException) -> None:
+        """ACK what was committed (or already stored), NAK FULL what was not; the
+        writer's thread, after the commit."""
+        if isinstance(result, BaseException):
+            if not isinstance(result, OutboxFull):
+                log.error("could not store alerts from %s: %s", self.cfg.name, result)
+            self.runtime.rejected["serial_full"] += len(seqs)
+            replies: list[codec.Frame] = [codec.Nak(s, codec.Reason.FULL.value) for s in seqs]
+        else:
+            replies = [codec.Ack(s) for s in seqs]
+        self._send_all(replies)
 
     # --- legacy lines ----------------------------------------------------------------------
 
@@ -297,6 +452,10 @@ class SerialSource:
         if batch:
             self.ingest.submit(batch, _ignore)
         return rest
+
+
+def _seqs(batch: list[tuple[Alert, str]]) -> list[int]:
+    return [int(a.fields["serial_seq"] or 0) for a, _ in batch]
 
 
 def _write_fd(fd: int, data: bytes, wait: float) -> int:
