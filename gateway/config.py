@@ -169,7 +169,7 @@ class MqttSection:
     keepalive: int = 30
     accept_retained: bool = False
     max_payload: int = 64 * 1024
-    max_inflight: int = 100
+    max_inflight: int = 500
     status_interval: float = 60.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import random
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -319,7 +321,9 @@ def test_starts_without_a_broker(
 class InProcess:
     """The MQTT source, its writer and outbox in this process, on a real broker."""
 
-    def __init__(self, tmp_path: Path, broker: Mosquitto, extra: str = "") -> None:
+    def __init__(
+        self, tmp_path: Path, broker: Mosquitto, extra: str = "", port: int | None = None
+    ) -> None:
         import asyncio
 
         from gateway.config import parse
@@ -333,7 +337,7 @@ class InProcess:
         cfg = parse(
             f'[gateway]\ndevice_id = "gw-inproc"\nstate_dir = "{tmp_path}/state"\n'
             f'runtime_dir = "{tmp_path}/run"\n'
-            f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n{extra}\n'
+            f'[mqtt]\nport = {port or broker.port}\ntopics = ["alerts/#"]\n{extra}\n'
             '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
         )
         (tmp_path / "state").mkdir(exist_ok=True)
@@ -428,4 +432,100 @@ def test_the_gateway_reads_no_further_than_its_window(tmp_path: Path, protocol: 
         assert set(messages(tmp_path)) == set(sent)
     finally:
         gw.close()
+        broker.stop()
+
+
+class StallingProxy:
+    """A TCP proxy to the broker that can stop one connection's PUBLISH packets to the
+    client while everything else (CONNACK, PINGRESP, PUBACK) still flows: a session
+    that is connected and answers pings, and delivers nothing."""
+
+    def __init__(self, target: int) -> None:
+        import socket
+
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.stalled: set[int] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall_current(self) -> None:
+        self.stalled.add(self.connections - 1)
+
+    def close(self) -> None:
+        self.server.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            n, self.connections = self.connections, self.connections + 1
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._down, args=(n, upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _up(client: Any, upstream: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                upstream.sendall(data)
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+
+    def _down(self, n: int, upstream: Any, client: Any) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                buf += data
+                out = b""
+                while len(buf) >= 2:
+                    length, mult, i = 0, 1, 1
+                    while i < len(buf) and i <= 4:
+                        length += (buf[i] & 0x7F) * mult
+                        mult *= 128
+                        i += 1
+                        if not buf[i - 1] & 0x80:
+                            break
+                    else:
+                        break  # the length is not all here yet
+                    if len(buf) < i + length:
+                        break
+                    packet, buf = buf[: i + length], buf[i + length :]
+                    if n in self.stalled and packet[0] >> 4 == 3:
+                        continue  # a PUBLISH swallowed: the broker thinks it in flight
+                    out += packet
+                client.sendall(out)
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+
+
+def test_a_session_that_delivers_nothing_is_reconnected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    proxy = StallingProxy(broker.port)
+    gw = InProcess(tmp_path, broker, port=proxy.port)
+    gw.source.probe_every, gw.source.stall_after = 0.5, 2.0
+    pub = Publisher(broker.port)
+    try:
+        pub.publish("alerts/p/x", "before")
+        wait_for(lambda: "before" in messages(tmp_path), what="a first alert")
+        proxy.stall_current()
+        pub.publish("alerts/p/x", "during")
+        # Pings still answered, so paho's keepalive sees nothing wrong; the probe does,
+        # and the reconnect makes the broker send the message it had in flight.
+        wait_for(lambda: "during" in messages(tmp_path), 20, "the stuck alert")
+        assert "has delivered nothing to this session" in caplog.text
+        assert proxy.connections >= 2
+    finally:
+        pub.close()
+        gw.close()
+        proxy.close()
         broker.stop()

@@ -19,8 +19,10 @@ acks in bursts after each group commit) is in mqtt_client.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -47,6 +49,13 @@ RETRY_FULL = 1.0
 MAX_HELD_BYTES = 4 * 1024 * 1024
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 RECONNECT_MAX = 30
+# A session can stay connected (pings answered) and yet deliver nothing: a broker bug,
+# or a window of messages the broker thinks are in flight to us. When the session has
+# been quiet for PROBE_EVERY we publish an empty QoS 1 message to a topic of our own;
+# if neither it nor anything else arrives for STALL_AFTER while we hold nothing,
+# we reconnect, which makes the broker send again what it has in flight.
+PROBE_EVERY = 30.0
+STALL_AFTER = 90.0
 
 
 def _not_paho_noise(record: logging.LogRecord) -> bool:
@@ -69,6 +78,11 @@ class MqttSource:
         self.ingest = ingest
         self.runtime = runtime
         self.status_topic = f"mailgw/{self.device_id}/status"
+        self.probe_topic = f"mailgw/{self.device_id}/probe"
+        self.probe_every = PROBE_EVERY
+        self.stall_after = STALL_AFTER
+        self._probe_sent: float | None = None
+        self._last_rx = time.monotonic()
         self.client_id = self.cfg.client_id or f"mailgw-{self.device_id}"
         self._generation = 0  # bumped on every (re)connect
         self._lock = threading.Lock()
@@ -164,7 +178,9 @@ class MqttSource:
             self._held_bytes = 0
             self._waiting.clear()
         self.client.room.set()
-        client.subscribe([(t, 1) for t in self.cfg.topics])
+        self._probe_sent = None
+        self._last_rx = time.monotonic()
+        client.subscribe([(t, 1) for t in self.cfg.topics] + [(self.probe_topic, 1)])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.runtime.sources[self.name] = "connected"
         self._connected.set()
@@ -201,6 +217,7 @@ class MqttSource:
         )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self._last_rx = time.monotonic()
         if self._stopping:
             return  # not acked: the broker redelivers it to the next run
         if msg.retain and not self.cfg.accept_retained:
@@ -223,6 +240,10 @@ class MqttSource:
             topic = msg.topic
         except UnicodeDecodeError:
             self.runtime.reject("mqtt_bad_topic")
+            client.ack(msg.mid, msg.qos)
+            return
+        if topic == self.probe_topic:
+            self._probe_sent = None  # the session delivers
             client.ack(msg.mid, msg.qos)
             return
         alert = normalize(
@@ -320,6 +341,8 @@ class MqttSource:
                 if self._waiting:
                     self._retry_held()
                 now = time.monotonic()
+                if self._connected.is_set():
+                    self._check_delivery(now)
                 if self._connected.is_set() and now - last_status >= self.cfg.status_interval:
                     last_status = now
                     self.client.publish(
@@ -332,6 +355,31 @@ class MqttSource:
             # Stop taking input; what was submitted still commits and is acked by
             # the writer's callbacks before close() disconnects.
             self._stopping = True
+
+    def _check_delivery(self, now: float) -> None:
+        if self._probe_sent is None:
+            if now - self._last_rx >= self.probe_every:
+                self._probe_sent = now
+                self.client.publish(self.probe_topic, b"", qos=1)
+            return
+        quiet = now - max(self._probe_sent, self._last_rx)
+        if quiet < self.stall_after or self._held:
+            return  # still in time, or we hold messages (a full outbox): not the broker
+        log.error(
+            "the MQTT broker %s:%d has delivered nothing to this session for %.0f s, not "
+            "even the gateway's own probe on %s; reconnecting, so that it sends again "
+            "what it holds for us",
+            self.cfg.host,
+            self.cfg.port,
+            quiet,
+            self.probe_topic,
+        )
+        self._probe_sent = None
+        sock = self.client.socket()
+        if sock is not None:
+            # paho sees the end of the stream and reconnects as after any loss.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         try:
