@@ -199,6 +199,28 @@ def volatile_reason(path: Path) -> str | None:
 _fields_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+ROWS_PER_INSERT = 64
+
+
+def _insert_rows(
+    c: sqlite3.Connection, into: str, width: int, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert rows ROWS_PER_INSERT to a statement rather than one a statement.
+
+    executemany() steps the statement once per row, and gives up the GIL at every step;
+    getting it back waits on whichever source thread holds it. Whole chunks first
+    (one cached statement), then the rest one by one.
+    """
+    whole = len(rows) - len(rows) % ROWS_PER_INSERT
+    if whole:
+        one = "(" + ", ".join("?" * width) + ")"
+        sql = f"INSERT INTO {into} VALUES {', '.join([one] * ROWS_PER_INSERT)}"
+        for i in range(0, whole, ROWS_PER_INSERT):
+            c.execute(sql, [v for row in rows[i : i + ROWS_PER_INSERT] for v in row])
+    if whole < len(rows):
+        c.executemany(f"INSERT INTO {into} VALUES ({', '.join('?' * width)})", rows[whole:])
+
+
 def _alert_row(a: Alert) -> tuple[Any, ...]:
     return (
         a.id,
@@ -510,13 +532,9 @@ class Outbox:
                     if table not in self._shards:
                         c.execute(_ALERT_TABLE.format(name=table))
                         self._shards.add(table)
-                    c.executemany(
-                        f"INSERT INTO {table} ({_ALERT_COLS}) VALUES (?{', ?' * 13})", chunk
-                    )
-                c.executemany(
-                    "INSERT INTO delivery (alert_seq, route, state, priority, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    deliveries,
+                    _insert_rows(c, f"{table} ({_ALERT_COLS})", 14, chunk)
+                _insert_rows(
+                    c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
                 )
                 if seen_rows:
                     c.executemany(
