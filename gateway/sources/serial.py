@@ -66,6 +66,11 @@ class SerialHub:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
+    def __del__(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def add(self, port: SerialSource) -> None:
         with self._lock:
             self._ports.append(port)
