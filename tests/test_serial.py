@@ -271,3 +271,54 @@ def test_ports_share_one_reader_and_a_url_port_has_its_own(tmp_path: Path) -> No
         server.close()
         for p in ptys:
             p.close()
+
+
+def test_a_device_that_stops_reading_holds_up_nothing_else(tmp_path: Path) -> None:
+    """Its replies queue up to a bound and are then dropped (logged once); another port's
+    ACKs keep coming, and every alert of both is stored once."""
+    ptys = [Pty(tmp_path / f"ttyW{i}") for i in range(2)]
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\ndevice_id = "gw-wedge"\nstate_dir = "{tmp_path}/state"\n'
+        f'runtime_dir = "{tmp_path}/run"\n'
+        + "".join(f'[[serial]]\nport = "{p.link}"\nname = "w{i}"\n' for i, p in enumerate(ptys))
+        + '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    dev = None
+    try:
+        gw.wait_ready(("serial:w0", "serial:w1"))
+        # Port 0: a device that sends and never reads. ~84 KiB of ACKs (7,000 x 12 bytes)
+        # is more than the pty holds plus the gateway's 64 KiB queue.
+        wedged = codec.encode(codec.Hello(0, "wedged", "1.0", "boot1")) + b"".join(
+            codec.encode(codec.Alert(i + 1, "temp", "warning", f"wedged {i}")) for i in range(7000)
+        )
+        for i in range(0, len(wedged), 4096):
+            os.write(ptys[0].master, wedged[i : i + 4096])
+        wait_for(lambda: "not reading its replies" in gw.log_text(), 30, "the drop logged")
+        # Port 1 is served as usual meanwhile.
+        dev = Device(ptys[1].master, device_id="fine").start()
+        t0 = time.monotonic()
+        seqs = {dev.alert("temp", "warning", f"fine {i}") for i in range(20)}
+        assert dev.wait_acked(seqs, timeout=10)
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: len(rows(tmp_path)) == 7020, 30, "every alert stored")
+        got = collections.Counter(m for _, m, _ in rows(tmp_path))
+        assert max(got.values()) == 1
+        assert gw.log_text().count("not reading its replies") == 1
+        # The device reads again: the queue drains and the gateway says so.
+        os.set_blocking(ptys[0].master, False)
+        deadline = time.monotonic() + 20
+        while "reads its replies again" not in gw.log_text() and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                os.read(ptys[0].master, 65536)
+            time.sleep(0.01)
+        assert "reads its replies again" in gw.log_text()
+        assert gw.terminate() == 0
+    finally:
+        if dev is not None:
+            dev.stop()
+        if gw.alive:
+            gw.terminate()
+        for p in ptys:
+            p.close()

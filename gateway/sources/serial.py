@@ -5,10 +5,12 @@ select() over their file descriptors, a chunked read of whatever arrived (readli
 would cost a syscall per byte: ~1,200 lines/s on a pty against ~720,000 with chunked
 reads), the sans-IO decoder, and the events acted on. A port given as a pyserial URL
 (socket://, rfc2217://) has no descriptor to select on and keeps a thread of its own.
-An ALERT goes to the outbox writer; `$ACK` is written from the writer's callback,
-after the group commit (invariant 1). Retransmissions are recognised by (device id,
-boot id, seq), kept in the outbox, so a retransmitted alert is ACKed again but stored
-once, even across a gateway restart.
+An ALERT goes to the outbox writer; its `$ACK` is queued by the writer's callback,
+after the group commit (invariant 1), and written by the thread that reads the port,
+as the device takes it: a device that stops reading holds up nothing else (its
+replies are dropped past MAX_OUT, and it retransmits what has no ACK).
+Retransmissions are recognised by (device id, boot id, seq), kept in the outbox, so
+a retransmitted alert is ACKed again but stored once, even across a gateway restart.
 
 When the device disappears (USB unplugged, cable cut) the port is closed, the
 loss logged once, and the port reopened with backoff until it returns.
@@ -43,7 +45,7 @@ IDLE_POLL = 0.2
 # device's 0.5 s retransmit timeout.
 READ_PAUSE = 0.05
 READ_SIZE = 65536
-WRITE_WAIT = 1.0
+MAX_OUT = 64 * 1024  # replies queued for a port that is not reading them
 LINGER = 0.05  # how long a batch may wait for other ports' to share a commit
 
 
@@ -132,20 +134,43 @@ class SerialHub:
             by_fd = {p._fd: p for p in ports if p._ser is not None and p._fd is not None}
             waits = [p._next_open - now for p in ports if p._ser is None]
             timeout = max(0.0, min([IDLE_POLL, *waits]))
-            ready = select.select([self._wake_r, *by_fd], [], [], timeout)[0]
+            ready, writable, _ = select.select([self._wake_r, *by_fd], _writers(by_fd), [], timeout)
+            self._drain_wake(ready)
+            for fd in writable:
+                by_fd[fd]._flush()
             read_any = False
             for fd in ready:
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                    continue
-                read_any |= by_fd[fd]._read_ready()
+                if fd != self._wake_r:
+                    read_any |= by_fd[fd]._read_ready()
             self._submit([(p, p._take_batch()) for p in ports if p._batch])
+            for p in by_fd.values():
+                p._flush()  # this pass's own replies (PONG, NAK, the HELLO's ACK)
             if read_any:
                 still = [fd for fd, p in by_fd.items() if p._fd == fd]  # not lost meanwhile
                 if not select.select(still, [], [], 0)[0]:
-                    # Caught up: pause, unless a port joins or leaves meanwhile.
-                    select.select([self._wake_r], [], [], READ_PAUSE)
+                    self._pause(by_fd)
+
+    def _pause(self, by_fd: dict[int, SerialSource]) -> None:
+        """Caught up: let input gather for READ_PAUSE, writing replies meanwhile."""
+        deadline = time.monotonic() + READ_PAUSE
+        while (left := deadline - time.monotonic()) > 0:
+            ready, writable, _ = select.select([self._wake_r], _writers(by_fd), [], left)
+            self._drain_wake(ready)
+            for fd in writable:
+                by_fd[fd]._flush()
+            with self._lock:
+                if self._leaving:
+                    return  # a port is leaving: do not keep it waiting
+
+    def _drain_wake(self, ready: list[int]) -> None:
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+
+
+def _writers(by_fd: dict[int, SerialSource]) -> list[int]:
+    """The ports with replies to write (and still open on that descriptor)."""
+    return [fd for fd, p in by_fd.items() if p._out and p._fd == fd]
 
 
 class SerialSource:
@@ -170,6 +195,8 @@ class SerialSource:
         self._write_lock = threading.Lock()
         self._ser: serial.SerialBase | None = None
         self._fd: int | None = None
+        self._out = bytearray()  # replies not yet written (device-path ports)
+        self._out_dropping = False
         self._decoder = codec.Decoder()
         self._pending = b""  # lines mode: a line not yet complete
         self._next_open = 0.0
@@ -270,6 +297,7 @@ class SerialSource:
     def _close_port(self) -> None:
         with self._write_lock:  # not while the writer thread writes an ACK to it
             ser, self._ser, self._fd = self._ser, None, None
+            self._out.clear()  # replies for a session that is over
         if ser is not None:
             ser.close()
 
@@ -328,29 +356,52 @@ class SerialSource:
         self._send_all([frame])
 
     def _send_all(self, frames: list[codec.Frame]) -> None:
+        """Queue replies for the port (any thread); the thread that reads it writes them."""
         data = b"".join(codec.encode(f) for f in frames)
-        try:
-            with self._write_lock:  # the port is not closed (nor its fd reused) meanwhile
-                ser, fd = self._ser, self._fd
-                if ser is None:
-                    return  # the port is gone; the device retransmits to the next session
-                if fd is None:
+        hub = self._hub
+        with self._write_lock:  # the port is not closed (nor its fd reused) meanwhile
+            ser = self._ser
+            if ser is None:
+                return  # the port is gone; the device retransmits to the next session
+            if hub is None:  # a URL port: pyserial writes it
+                try:
                     ser.write(data)
-                    return
-                # Straight to the fd: pyserial's write() costs a Timeout object and
-                # more syscalls per call. A device that stops reading must not hold the
-                # writer thread (every source shares it) for long: after WRITE_WAIT the
-                # rest is dropped, and the device retransmits what it has no ACK for.
-                left = _write_fd(fd, data, WRITE_WAIT)
-                if left:
+                except (serial.SerialException, OSError) as exc:
+                    log.debug("could not write to %s: %s", self.cfg.port, exc)
+                return
+            if len(self._out) + len(data) > MAX_OUT:
+                # The device is not reading: a thread blocked on it would hold up every
+                # other port and source. Dropped replies cost retransmissions, not alerts.
+                if not self._out_dropping:
+                    self._out_dropping = True
                     log.warning(
-                        "%s: the device is not reading; %d bytes of replies dropped "
-                        "(it retransmits the alerts it has no ACK for)",
+                        "%s: the device is not reading its replies; dropping them until it "
+                        "does (it retransmits the alerts it has no ACK for)",
                         self.cfg.port,
-                        left,
                     )
-        except (serial.SerialException, OSError) as exc:
-            log.debug("could not write to %s: %s", self.cfg.port, exc)
+                return
+            self._out += data
+        if threading.current_thread() is not hub._thread:
+            hub._wake()
+
+    def _flush(self) -> None:
+        """Write what is queued, as much as the device takes now (the hub's thread)."""
+        with self._write_lock:
+            fd = self._fd
+            if fd is None or not self._out:
+                return
+            try:
+                sent = os.write(fd, self._out)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("could not write to %s: %s", self.cfg.port, exc)
+                self._out.clear()
+                return
+            del self._out[:sent]
+            if not self._out and self._out_dropping:
+                self._out_dropping = False
+                log.info("%s: the device reads its replies again", self.cfg.port)
 
     def _handle(self, event: codec.Event) -> None:
         if isinstance(event, codec.FrameError):
@@ -461,22 +512,6 @@ class SerialSource:
 
 def _seqs(batch: list[tuple[Alert, str]]) -> list[int]:
     return [int(a.fields["serial_seq"] or 0) for a, _ in batch]
-
-
-def _write_fd(fd: int, data: bytes, wait: float) -> int:
-    """Write to a non-blocking fd, waiting up to `wait` s for room; return bytes unsent."""
-    view = memoryview(data)
-    deadline = time.monotonic() + wait
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-            continue
-        except BlockingIOError:
-            pass
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([], [fd], [], left)[1]:
-            break
-    return len(view)
 
 
 def _ignore(result: list[str] | BaseException) -> None:
