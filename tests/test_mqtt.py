@@ -322,7 +322,12 @@ class InProcess:
     """The MQTT source, its writer and outbox in this process, on a real broker."""
 
     def __init__(
-        self, tmp_path: Path, broker: Mosquitto, extra: str = "", port: int | None = None
+        self,
+        tmp_path: Path,
+        broker: Mosquitto,
+        extra: str = "",
+        port: int | None = None,
+        topics: str = '["alerts/#"]',
     ) -> None:
         import asyncio
 
@@ -337,7 +342,7 @@ class InProcess:
         cfg = parse(
             f'[gateway]\ndevice_id = "gw-inproc"\nstate_dir = "{tmp_path}/state"\n'
             f'runtime_dir = "{tmp_path}/run"\n'
-            f'[mqtt]\nport = {port or broker.port}\ntopics = ["alerts/#"]\n{extra}\n'
+            f"[mqtt]\nport = {port or broker.port}\ntopics = {topics}\n{extra}\n"
             '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
         )
         (tmp_path / "state").mkdir(exist_ok=True)
@@ -528,4 +533,24 @@ def test_a_session_that_delivers_nothing_is_reconnected(
         pub.close()
         gw.close()
         proxy.close()
+        broker.stop()
+
+
+def test_the_gateways_own_messages_are_not_alerts(tmp_path: Path) -> None:
+    """Subscribed to '#', the gateway also receives its status and probe messages."""
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    gw = InProcess(tmp_path, broker, topics='["#"]')
+    gw.source.probe_every = 0.5  # a probe goes out as soon as things are quiet
+    pub = Publisher(broker.port)
+    try:
+        wait_for(lambda: gw.source.probes_back >= 1, 10, "a probe there and back")
+        # The broker keeps a session's order: by the time this one is stored, the
+        # "online" status from the connect and the probe have been handled before it.
+        pub.publish("sensors/door", "a real alert")
+        wait_for(lambda: "a real alert" in messages(tmp_path), what="the real alert")
+        assert messages(tmp_path) == ["a real alert"]
+        assert gw.taken == 1
+    finally:
+        pub.close()
+        gw.close()
         broker.stop()

@@ -79,9 +79,11 @@ class MqttSource:
         self.runtime = runtime
         self.status_topic = f"mailgw/{self.device_id}/status"
         self.probe_topic = f"mailgw/{self.device_id}/probe"
+        self.own_prefix = f"mailgw/{self.device_id}/"
         self.probe_every = PROBE_EVERY
         self.stall_after = STALL_AFTER
         self._probe_sent: float | None = None
+        self.probes_back = 0
         self._last_rx = time.monotonic()
         self.client_id = self.cfg.client_id or f"mailgw-{self.device_id}"
         self._generation = 0  # bumped on every (re)connect
@@ -242,8 +244,12 @@ class MqttSource:
             self.runtime.reject("mqtt_bad_topic")
             client.ack(msg.mid, msg.qos)
             return
-        if topic == self.probe_topic:
-            self._probe_sent = None  # the session delivers
+        if topic.startswith(self.own_prefix):
+            # Our own status and probe messages (a subscription to '#' gets them too):
+            # news about the gateway, not alerts.
+            if topic == self.probe_topic:
+                self._probe_sent = None  # the session delivers
+                self.probes_back += 1
             client.ack(msg.mid, msg.qos)
             return
         alert = normalize(
