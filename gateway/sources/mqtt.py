@@ -86,10 +86,10 @@ class MqttSource:
         self.probes_back = 0
         self._last_rx = time.monotonic()
         self.client_id = self.cfg.client_id or f"mailgw-{self.device_id}"
-        self._generation = 0  # bumped on every (re)connect
         self._lock = threading.Lock()
-        # mid → (generation, qos, routed, payload bytes); bounded by may_read below
-        self._held: dict[int, tuple[int, int, Any, int]] = {}
+        # mid → (qos, routed, payload bytes); bounded by may_read below. A commit acks
+        # only the very tuple it was made for (identity), not whatever holds that mid.
+        self._held: dict[int, tuple[int, Any, int]] = {}
         self._held_bytes = 0
         # Held messages the outbox refused (full, disk full): stored again every second
         # until they fit. Each holds one of the broker's in-flight slots meanwhile.
@@ -174,7 +174,6 @@ class MqttSource:
             return
         self._unreachable_logged = False
         with self._lock:
-            self._generation += 1
             # What we held from the last connection will be redelivered by the broker.
             self._held.clear()
             self._held_bytes = 0
@@ -263,11 +262,10 @@ class MqttSource:
         )
         routed = self.ingest.prepare(alert)
         with self._lock:
-            generation = self._generation
             old = self._held.get(msg.mid)
             if old is not None:  # a redelivery of a message we still hold
-                self._held_bytes -= old[3]
-            self._held[msg.mid] = (generation, msg.qos, routed, len(msg.payload))
+                self._held_bytes -= old[2]
+            self._held[msg.mid] = (msg.qos, routed, len(msg.payload))
             self._held_bytes += len(msg.payload)
         self._store(msg.mid)
 
@@ -278,7 +276,7 @@ class MqttSource:
             held = self._held.get(mid)
         if held is None:
             return
-        _, qos, routed, size = held
+        qos, routed, size = held
 
         # The broker redelivers what we held with the same packet ids after a reconnect,
         # so a mid alone does not name a message: only this very entry may be acked or
