@@ -89,16 +89,13 @@ def new_alert_id(now: float | None = None) -> str:
     by its own sequence), it just makes ids sort roughly by age for a human.
     """
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    rand = int.from_bytes(_random_bytes(10), "big")
-    value = (
-        (ms << 80)
-        | (0x7 << 76)
-        | ((rand >> 62) & 0xFFF) << 64
-        | (0b10 << 62)
-        | (rand & ((1 << 62) - 1))
-    )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    t = f"{ms:012x}"
+    r = _random_bytes(10).hex()  # 80 bits: 74 are used (12 + 2 + 12 + 48)
+    # Built as text, not as a 128-bit integer: this runs for every alert.
+    return f"{t[:8]}-{t[8:]}-7{r[:3]}-{_VARIANT[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
+
+
+_VARIANT = "89ab"  # the RFC 9562 variant bits 10, then two random bits
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

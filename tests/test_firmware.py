@@ -175,6 +175,74 @@ def test_one_flipped_bit_is_rejected(frame: codec.Frame, data: st.DataObject) ->
     assert all(isinstance(e, codec.FrameError) for e in events if e != frame)
 
 
+ascii_message = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters="$"), max_size=120
+)
+alert_frames = st.builds(
+    codec.Alert, seqs, ident, st.sampled_from(["debug", "info", "warning", "critical"]), message
+) | st.builds(codec.Alert, seqs, ident, st.sampled_from(["info", "warning"]), ascii_message)
+
+
+@settings(max_examples=500)
+@given(alert_frames, st.data())
+def test_the_fast_alert_path_agrees_with_the_general_parser(
+    frame: codec.Alert, data: st.DataObject
+) -> None:
+    """The shortcut for ALERT lines either declines or returns what parse_line's
+    general path returns: on intact frames, on damaged ones, and on damage a device
+    then sealed with a valid CRC (control bytes, non-ASCII, extra separators)."""
+    wire = codec.encode(frame)
+    body = bytearray(wire[1 : wire.rindex(b"*")])
+    for _ in range(data.draw(st.integers(0, 3))):
+        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        i = data.draw(st.integers(0, len(body) - 1))
+        if op == "flip":
+            body[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            body.insert(i, data.draw(st.sampled_from(b"$*,\t\x00\x7f9AFa \xc3\xff")))
+        elif len(body) > 1:
+            del body[i]
+    crc = crc16(bytes(body)) if data.draw(st.booleans()) else int(wire[-6:-2], 16)
+    line = b"$%s*%04X" % (body, crc) + data.draw(st.sampled_from([b"", b"\r", b"\r\r", b" "]))
+    fast = codec._fast_alert(line)
+    assert fast is None or fast == codec._parse_line(line)
+    if (
+        line.rstrip(b"\r") == wire.rstrip(b"\r\n")
+        and frame.message.isascii()
+        and line[-2:] != b"\r\r"
+    ):
+        assert fast == frame  # the common case does take the shortcut
+
+
+@given(st.lists(seqs, max_size=20))
+def test_encode_acks_is_encode(batch: list[int]) -> None:
+    assert codec.encode_acks(batch) == b"".join(codec.encode(codec.Ack(s)) for s in batch)
+    with pytest.raises(ValueError):
+        codec.encode_acks([*batch, codec.MAX_SEQ + 1])
+
+
+@pytest.mark.parametrize("severity", [b"warning", b"crit", b"WARNING", b"warn", b""])
+@pytest.mark.parametrize(
+    "odd", [bytes([b]) for b in b"\x00\t\x1f\x7f\x80\xc3\xff$*,"] + [b"\xc3\xa9"]
+)
+def test_the_fast_alert_path_on_sealed_odd_bytes(severity: bytes, odd: bytes) -> None:
+    for body in (
+        b"ALERT,7,temp," + severity + b",a" + odd + b"b",
+        b"ALERT,7,te" + odd + b"mp," + severity + b",ab",
+        b"ALERT,7" + odd + b",temp," + severity + b",ab",
+    ):
+        line = b"$%s*%04X\r" % (body, crc16(body))
+        fast = codec._fast_alert(line)
+        assert fast is None or fast == codec._parse_line(line), line
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600))
+def test_the_fast_alert_path_never_accepts_what_the_parser_rejects(line: bytes) -> None:
+    fast = codec._fast_alert(b"$ALERT," + line)
+    assert fast is None or fast == codec._parse_line(b"$ALERT," + line)
+
+
 def test_garbage_then_frame_resynchronises() -> None:
     events = codec.Decoder().feed(b"\x00\xffnoise$$garbage\r\n" + codec.encode(codec.Ping(5)))
     assert events[-1] == codec.Ping(5)

@@ -12,9 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firmware_bridge import codec
 from firmware_bridge.device import Device
+from gateway.alert import Draft, clean_sensor, normalize, parse_severity
+from gateway.clock import Stamp
+from gateway.sources.serial import from_frame
 from tests.parts import DaemonProcess, stored_alerts, wait_for
 
 
@@ -322,3 +327,38 @@ def test_a_device_that_stops_reading_holds_up_nothing_else(tmp_path: Path) -> No
             gw.terminate()
         for p in ptys:
             p.close()
+
+
+@settings(max_examples=300)
+@given(
+    st.builds(
+        codec.Alert,
+        st.integers(0, codec.MAX_SEQ),
+        st.text("abcxyzABC019._:-", min_size=1, max_size=64),
+        st.sampled_from(["debug", "info", "warning", "critical"]),
+        st.text(max_size=400),
+    )
+)
+def test_a_frame_becomes_the_alert_normalize_would_make(frame: codec.Alert) -> None:
+    """The serial source skips normalize() for decoded frames; the result must be the
+    same for anything the codec lets through."""
+    try:
+        wire = codec.encode(frame)
+    except ValueError:
+        return  # not sendable
+    decoded = codec.Decoder().feed(wire)
+    if decoded != [frame]:
+        return  # the codec refuses it (e.g. control characters): never reaches the source
+    stamp = Stamp.now()
+    fields: dict[str, str | int | float | bool | None] = {"serial_seq": frame.seq}
+    fast = from_frame(frame, frame.sensor, f"serial/p/{frame.sensor}", stamp, fields)
+    slow = normalize(
+        frame.message,
+        Draft(f"serial/p/{frame.sensor}", "serial", frame.sensor, parse_severity(frame.severity)),
+        stamp,
+        parse_json=False,
+        alert_id=fast.id,
+        fields=fields,
+    )
+    assert fast == slow
+    assert clean_sensor(frame.sensor) == frame.sensor
