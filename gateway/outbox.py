@@ -203,22 +203,34 @@ ROWS_PER_INSERT = 64
 
 
 def _insert_rows(
-    c: sqlite3.Connection, into: str, width: int, rows: Sequence[tuple[Any, ...]]
-) -> None:
-    """Insert rows ROWS_PER_INSERT to a statement rather than one a statement.
+    c: sqlite3.Connection,
+    into: str,
+    width: int,
+    rows: Sequence[tuple[Any, ...]],
+    verb: str = "INSERT",
+    returning: str = "",
+) -> list[Any]:
+    """Insert rows up to ROWS_PER_INSERT to a statement rather than one a statement.
 
     executemany() steps the statement once per row, and gives up the GIL at every step;
-    getting it back waits on whichever source thread holds it. Whole chunks first
-    (one cached statement), then the rest one by one.
+    getting it back waits on whichever source thread holds it. Chunks of 64, then the
+    rest in powers of two: at most seven statements per table, each one cached.
+    Returns what `returning` (a RETURNING clause's columns) gave, if any.
     """
-    whole = len(rows) - len(rows) % ROWS_PER_INSERT
-    if whole:
+    out: list[Any] = []
+    i = 0
+    while i < len(rows):
+        n = min(ROWS_PER_INSERT, 1 << ((len(rows) - i).bit_length() - 1))
         one = "(" + ", ".join("?" * width) + ")"
-        sql = f"INSERT INTO {into} VALUES {', '.join([one] * ROWS_PER_INSERT)}"
-        for i in range(0, whole, ROWS_PER_INSERT):
-            c.execute(sql, [v for row in rows[i : i + ROWS_PER_INSERT] for v in row])
-    if whole < len(rows):
-        c.executemany(f"INSERT INTO {into} VALUES ({', '.join('?' * width)})", rows[whole:])
+        sql = f"{verb} INTO {into} VALUES {', '.join([one] * n)}"
+        cur = c.execute(
+            f"{sql} RETURNING {returning}" if returning else sql,
+            [v for row in rows[i : i + n] for v in row],
+        )
+        if returning:
+            out += cur.fetchall()
+        i += n
+    return out
 
 
 def _alert_row(a: Alert) -> tuple[Any, ...]:
@@ -509,15 +521,13 @@ class Outbox:
                 rows: dict[str, list[tuple[Any, ...]]] = {}
                 deliveries: list[tuple[Any, ...]] = []
                 stormed = 0
-                known = self._known_keys(c, batch)
-                seen_rows: list[tuple[str, str, float]] = []
+                fresh = self._record_keys(c, batch, now)
                 for r in batch:
                     if r.seen_key is not None:
-                        if r.seen_key in known:
+                        if r.seen_key not in fresh:
                             duplicates.append(r.seen_key)
                             continue
-                        known.add(r.seen_key)  # twice in one batch: store it once
-                        seen_rows.append((r.seen_key, r.alert.id, now))
+                        fresh.remove(r.seen_key)  # twice in one batch: store it once
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
                     for rt, p in r.deliveries:
                         policy = policies.get(rt)
@@ -536,10 +546,6 @@ class Outbox:
                 _insert_rows(
                     c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
                 )
-                if seen_rows:
-                    c.executemany(
-                        "INSERT INTO seen (key, alert_id, at) VALUES (?, ?, ?)", seen_rows
-                    )
                 added = len(deliveries) + stormed
                 c.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
@@ -552,17 +558,18 @@ class Outbox:
         return duplicates
 
     @staticmethod
-    def _known_keys(c: sqlite3.Connection, batch: Sequence[Routed]) -> set[str]:
-        """Which of the batch's seen keys are stored already: one query for the batch
-        (a statement per alert cost more than the rest of storing it)."""
-        keys = [r.seen_key for r in batch if r.seen_key is not None]
-        if not keys:
+    def _record_keys(c: sqlite3.Connection, batch: Sequence[Routed], now: float) -> set[str]:
+        """Record the batch's seen keys; return those that were new (the rest are
+        retransmissions of stored alerts). Looking up and inserting in one statement
+        probes the index once per key, not twice. A key twice in the batch is recorded
+        with its first alert, the one that will be stored."""
+        rows = [(r.seen_key, r.alert.id, now) for r in batch if r.seen_key is not None]
+        if not rows:
             return set()
-        found = c.execute(
-            "SELECT key FROM seen WHERE key IN (SELECT value FROM json_each(?))",
-            (json.dumps(keys),),
+        added = _insert_rows(
+            c, "seen (key, alert_id, at)", 3, rows, verb="INSERT OR IGNORE", returning="key"
         )
-        return {k for (k,) in found}
+        return {k for (k,) in added}
 
     _INSERT = (
         "INSERT INTO delivery (alert_seq, route, state, priority, due, updated_at, kind, owner)"

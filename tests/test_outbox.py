@@ -126,6 +126,25 @@ def test_retransmission_key_stores_once(tmp_path: Path) -> None:
     assert ob.add(batch) == ["dev/boot/7", 'dev/b"o[o]t/8']
     assert ob_mod.counts(ob.conn)["queued"] == 3
     assert ob.add(batch[1:2]) == ['dev/b"o[o]t/8']
+    # The key is recorded with the alert that was stored, not with its copy.
+    (kept,) = ob.conn.execute("SELECT alert_id FROM seen WHERE key = ?", ('dev/b"o[o]t/8',))
+    assert kept[0] == batch[1].alert.id
+    assert ob.conn.execute("SELECT 1 FROM alert_0 WHERE id = ?", kept).fetchone()
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 127, 200])
+def test_batches_of_any_size_store_every_row_once(tmp_path: Path, size: int) -> None:
+    """Rows go in chunks of 64 and then powers of two: every size lands whole."""
+    ob = open_ob(tmp_path)
+    template = alert("x")
+    old = [Routed(alert(f"old {i}").alert, template.deliveries, f"d/b/{i}") for i in range(3)]
+    ob.add(old)
+    batch = [Routed(alert(f"m {i}").alert, template.deliveries, f"d/b/{i}") for i in range(size)]
+    assert ob.add(batch) == [f"d/b/{i}" for i in range(min(3, size))]
+    assert ob_mod.counts(ob.conn)["queued"] == max(3, size)
+    stored = {m for (m,) in ob.conn.execute("SELECT message FROM alert_0")}
+    assert stored == {f"old {i}" for i in range(3)} | {f"m {i}" for i in range(3, size)}
+    assert ob.conn.execute("SELECT count(*) FROM seen").fetchone()[0] == max(3, size)
 
 
 def test_restart_requeues_sending_and_new_boot_makes_everything_due(tmp_path: Path) -> None:
