@@ -51,12 +51,12 @@ log = logging.getLogger(__name__)
 REOPEN_MIN = 0.5
 REOPEN_MAX = 30.0
 IDLE_POLL = 0.2
-# Added latency under load only (an idle port is read at once); well inside the
-# device's 0.5 s retransmit timeout.
-READ_PAUSE = 0.05
+# Added latency under load only (an idle port is read at once): with the commit, an
+# ACK leaves within ~0.1 s of its frame, well inside the device's 0.5 s retransmit timeout.
+READ_PAUSE = 0.1
 READ_SIZE = 65536
 MAX_OUT = 64 * 1024  # replies queued for a port that is not reading them
-LINGER = 0.05  # how long a batch may wait for other ports' to share a commit
+LINGER = 0.05  # how long a URL port's batch may wait for others to share a commit
 MAX_SENSORS = 256  # topics remembered per port (a device names a handful of sensors)
 
 
@@ -65,9 +65,11 @@ class SerialHub:
 
     Eight UARTs at full rate deliver a frame every ~0.9 ms between them; a thread per
     port woke for nearly every frame, and the wake-ups and GIL hand-offs cost more
-    than the frames. Once everything readable has been read the hub pauses READ_PAUSE,
-    so what arrives meanwhile is read, committed and ACKed as one batch per port.
-    The thread starts with the first port and ends with the last.
+    than the frames. After a pass that read something the hub pauses READ_PAUSE
+    (unless a read filled its buffer: a backlog is read on at once), so what arrives
+    meanwhile is read, committed and ACKed together: one batch, one commit, one write
+    of the ACKs per port per pass. The thread starts with the first port and ends with
+    the last.
     """
 
     def __init__(self) -> None:
@@ -121,7 +123,8 @@ class SerialHub:
                 p._answer(seqs, result)
 
         alerts = [(a, key) for _, batch in work for a, key in batch]
-        work[0][0].ingest.submit(alerts, done, linger=LINGER)
+        # No linger: the pause has gathered this pass, and the next is READ_PAUSE away.
+        work[0][0].ingest.submit(alerts, done)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # already pending: it wakes anyway
@@ -149,17 +152,14 @@ class SerialHub:
             self._drain_wake(ready)
             for fd in writable:
                 by_fd[fd]._flush()
-            read_any = False
-            for fd in ready:
-                if fd != self._wake_r:
-                    read_any |= by_fd[fd]._read_ready()
+            got = [by_fd[fd]._read_ready() for fd in ready if fd != self._wake_r]
             self._submit([(p, p._take_batch()) for p in ports if p._batch])
             for p in by_fd.values():
                 p._flush()  # this pass's own replies (PONG, NAK, the HELLO's ACK)
-            if read_any:
-                still = [fd for fd, p in by_fd.items() if p._fd == fd]  # not lost meanwhile
-                if not select.select(still, [], [], 0)[0]:
-                    self._pause(by_fd)
+            # Testing for "nothing readable now" instead would almost never pause under
+            # load: with eight busy ports a frame is always just arriving.
+            if got and READ_SIZE not in got:
+                self._pause(by_fd)
 
     def _pause(self, by_fd: dict[int, SerialSource]) -> None:
         """Caught up: let input gather for READ_PAUSE, writing replies meanwhile."""
@@ -314,11 +314,12 @@ class SerialSource:
         if ser is not None:
             ser.close()
 
-    def _read_ready(self) -> bool:
-        """The hub saw the descriptor readable: read and handle it. False if lost."""
+    def _read_ready(self) -> int:
+        """The hub saw the descriptor readable: read and handle it. Returns how many
+        bytes were read (READ_SIZE: more may be waiting; 0: the port is lost)."""
         fd = self._fd
         if fd is None:
-            return False
+            return 0
         try:
             data = os.read(fd, READ_SIZE)
             if not data:
@@ -326,15 +327,15 @@ class SerialSource:
             self._on_data(data)
         except (serial.SerialException, OSError) as exc:
             self._lost(exc)
-            return False
+            return 0
         except Exception:
             # A bug must not end the thread that reads every port: say so, and start
             # this port afresh (a new decoder resynchronises on the next frame).
             log.exception("%s: failed handling input; reopening the port", self.name)
             self._close_port()
             self._next_open = time.monotonic() + REOPEN_MIN
-            return False
-        return True
+            return 0
+        return len(data)
 
     def _run(self) -> None:  # a URL port's own thread
         while not self._stop.is_set():
