@@ -64,21 +64,33 @@ def parse_severity(text: str) -> Severity | None:
     return _SEVERITY_WORDS.get(text.strip().lower())
 
 
-_pool = bytearray()
-_pool_lock = threading.Lock()
-os.register_at_fork(after_in_child=_pool.clear)  # a child must not reuse the parent's bytes
+_hex = ""  # random hex digits, used from _hex_at on
+_hex_at = 0
+_hex_lock = threading.Lock()
 
 
-def _random_bytes(n: int) -> bytes:
+def _forget_hex() -> None:
+    global _hex
+    _hex = ""  # a child must not reuse the parent's random digits
+
+
+os.register_at_fork(after_in_child=_forget_hex)
+
+
+def _random_hex(n: int) -> str:
     # os.urandom() is a syscall that gives up the GIL, and getting it back waits on
     # the writer thread: one call per 4 KiB instead of one per alert (ingest was
     # spending more time here than in parsing the MQTT packet).
-    with _pool_lock:
-        if len(_pool) < n:
-            _pool.extend(os.urandom(4096))
-        out = bytes(_pool[:n])
-        del _pool[:n]
+    global _hex, _hex_at
+    with _hex_lock:
+        if _hex_at + n > len(_hex):
+            _hex, _hex_at = os.urandom(4096).hex(), 0
+        out = _hex[_hex_at : _hex_at + n]
+        _hex_at += n
     return out
+
+
+_ms_prefix = (-1, "")  # the last millisecond and its id prefix: alerts come in bursts
 
 
 def new_alert_id(now: float | None = None) -> str:
@@ -88,14 +100,20 @@ def new_alert_id(now: float | None = None) -> str:
     the wall clock does; nothing relies on it for correctness (the outbox orders
     by its own sequence), it just makes ids sort roughly by age for a human.
     """
+    global _ms_prefix
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    t = f"{ms:012x}"
-    r = _random_bytes(10).hex()  # 80 bits: 74 are used (12 + 2 + 12 + 48)
+    last, prefix = _ms_prefix
+    if ms != last:
+        t = f"{ms:012x}"
+        prefix = f"{t[:8]}-{t[8:]}-7"
+        _ms_prefix = (ms, prefix)
+    r = _random_hex(19)  # 76 bits: 74 are used (12 + 2 + 12 + 48)
     # Built as text, not as a 128-bit integer: this runs for every alert.
-    return f"{t[:8]}-{t[8:]}-7{r[:3]}-{_VARIANT[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
+    return f"{prefix}{r[:3]}-{_VARIANT[r[3]]}{r[4:7]}-{r[7:]}"
 
 
-_VARIANT = "89ab"  # the RFC 9562 variant bits 10, then two random bits
+# The RFC 9562 variant bits 10, then two random bits of the digit.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

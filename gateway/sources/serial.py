@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
 import select
+import sys
+import termios
 import threading
 import time
 
@@ -55,6 +58,10 @@ IDLE_POLL = 0.2
 # ACK leaves within ~0.1 s of its frame, well inside the device's 0.5 s retransmit timeout.
 READ_PAUSE = 0.1
 READ_SIZE = 65536
+# This much input in one read, or waiting again right after a pass, means a device is
+# ahead of us (a USB device far faster than a UART, or one sending a backlog): read on,
+# no pause. A 115200-baud UART delivers ~1,150 bytes in a whole READ_PAUSE.
+BACKLOG = 2048
 MAX_OUT = 64 * 1024  # replies queued for a port that is not reading them
 LINGER = 0.05  # how long a URL port's batch may wait for others to share a commit
 MAX_SENSORS = 256  # topics remembered per port (a device names a handful of sensors)
@@ -66,7 +73,7 @@ class SerialHub:
     Eight UARTs at full rate deliver a frame every ~0.9 ms between them; a thread per
     port woke for nearly every frame, and the wake-ups and GIL hand-offs cost more
     than the frames. After a pass that read something the hub pauses READ_PAUSE
-    (unless a read filled its buffer: a backlog is read on at once), so what arrives
+    (unless a device is ahead: BACKLOG bytes read or waiting again), so what arrives
     meanwhile is read, committed and ACKed together: one batch, one commit, one write
     of the ACKs per port per pass. The thread starts with the first port and ends with
     the last.
@@ -156,13 +163,16 @@ class SerialHub:
             self._submit([(p, p._take_batch()) for p in ports if p._batch])
             for p in by_fd.values():
                 p._flush()  # this pass's own replies (PONG, NAK, the HELLO's ACK)
-            # Testing for "nothing readable now" instead would almost never pause under
-            # load: with eight busy ports a frame is always just arriving.
-            if got and READ_SIZE not in got:
+            # Not "is anything readable now": with eight busy ports a frame is always
+            # just arriving, and the hub would run pass after pass of a frame or two.
+            if got and max(got) < BACKLOG and not _behind(by_fd):
                 self._pause(by_fd)
 
     def _pause(self, by_fd: dict[int, SerialSource]) -> None:
-        """Caught up: let input gather for READ_PAUSE, writing replies meanwhile."""
+        """Caught up: let input gather for READ_PAUSE, writing replies meanwhile.
+
+        Not looking for bursts meanwhile: waking to look cost more than the frames
+        (each wake-up ~0.2 ms here), and a burst is seen at the next pass anyway."""
         deadline = time.monotonic() + READ_PAUSE
         while (left := deadline - time.monotonic()) > 0:
             ready, writable, _ = select.select([self._wake_r], _writers(by_fd), [], left)
@@ -177,6 +187,20 @@ class SerialHub:
         if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
+
+
+def _behind(by_fd: dict[int, SerialSource]) -> bool:
+    """Has input piled up on any port (BACKLOG bytes waiting) while we handled the last?"""
+    for fd, p in by_fd.items():
+        if p._fd != fd:
+            continue  # lost meanwhile
+        try:
+            waiting = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+        except OSError:
+            continue
+        if waiting >= BACKLOG:
+            return True
+    return False
 
 
 def _writers(by_fd: dict[int, SerialSource]) -> list[int]:
@@ -316,7 +340,7 @@ class SerialSource:
 
     def _read_ready(self) -> int:
         """The hub saw the descriptor readable: read and handle it. Returns how many
-        bytes were read (READ_SIZE: more may be waiting; 0: the port is lost)."""
+        bytes were read (0: the port is lost)."""
         fd = self._fd
         if fd is None:
             return 0
@@ -422,7 +446,9 @@ class SerialSource:
                 log.info("%s: the device reads its replies again", self.cfg.port)
 
     def _handle(self, event: codec.Event) -> None:
-        if isinstance(event, codec.FrameError):
+        if isinstance(event, codec.Alert):
+            self._alert(event)
+        elif isinstance(event, codec.FrameError):
             self.runtime.reject(f"serial_{event.reason.value.lower()}")
             log.debug("%s: rejected a frame: %s", self.cfg.name, event.detail)
             self._send(codec.Nak(event.seq, event.reason.value))
@@ -439,8 +465,6 @@ class SerialSource:
                 )
             self._boot = (event.device_id, event.boot_id)
             self._send(codec.Ack(event.seq))
-        elif isinstance(event, codec.Alert):
-            self._alert(event)
         else:  # ACK/NAK/PONG are ours to send, not to receive
             self.runtime.reject("serial_type")
             self._send(codec.Nak(getattr(event, "seq", None), codec.Reason.TYPE.value))
