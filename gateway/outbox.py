@@ -57,17 +57,19 @@ from gateway.alert import Alert, Severity
 from gateway.clock import Stamp, boot_id
 from gateway.errors import OutboxCorrupt, OutboxFull
 from gateway.routing import render
+from gateway.seen import Run, merge, split_key
 from gateway.storm import Bucket, Lead, Policy, decide
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATES = ("queued", "sending", "sent", "dead", "unrouted", "suppressed")
 MAX_PRIORITY = 9
 LIVE_STATES = ("queued", "sending", "dead", "unrouted", "suppressed")
 
 SHARD_ROWS = 4096
 RECOUNT_EVERY = 1.0  # seconds between recounts of live rows while at the bound
+MAX_BOOTS_REMEMBERED = 4096  # device boots whose newest run is kept in memory
 
 _ALERT_TABLE = """
     CREATE TABLE IF NOT EXISTS {name} (
@@ -133,6 +135,28 @@ MIGRATIONS: tuple[str, ...] = (
         route TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL
     ) WITHOUT ROWID;
     CREATE TABLE storm_digest (route TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    """,
+    # 4 → 5: retransmission memory as runs of seqs per boot, not a row per alert
+    # (gateway/seen.py). Each boot's keys become its runs: gaps and islands.
+    """
+    CREATE TABLE seen_run (
+        boot TEXT    NOT NULL,
+        lo   INTEGER NOT NULL,
+        hi   INTEGER NOT NULL,
+        at   REAL    NOT NULL,
+        PRIMARY KEY (boot, lo)
+    ) WITHOUT ROWID;
+    INSERT INTO seen_run (boot, lo, hi, at)
+        SELECT boot, min(n), max(n), max(at) FROM (
+            SELECT boot, n, at, n - row_number() OVER (PARTITION BY boot ORDER BY n) AS island
+            FROM (
+                SELECT substr(key, 1, length(rtrim(key, '0123456789')) - 1) AS boot,
+                       CAST(substr(key, length(rtrim(key, '0123456789')) + 1) AS INTEGER) AS n,
+                       at
+                FROM seen WHERE key GLOB '*/[0-9]*' AND rtrim(key, '0123456789') GLOB '*/'
+            )
+        ) GROUP BY boot, island;
+    DROP TABLE seen;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -203,34 +227,21 @@ ROWS_PER_INSERT = 64
 
 
 def _insert_rows(
-    c: sqlite3.Connection,
-    into: str,
-    width: int,
-    rows: Sequence[tuple[Any, ...]],
-    verb: str = "INSERT",
-    returning: str = "",
-) -> list[Any]:
+    c: sqlite3.Connection, into: str, width: int, rows: Sequence[tuple[Any, ...]]
+) -> None:
     """Insert rows up to ROWS_PER_INSERT to a statement rather than one a statement.
 
     executemany() steps the statement once per row, and gives up the GIL at every step;
     getting it back waits on whichever source thread holds it. Chunks of 64, then the
     rest in powers of two: at most seven statements per table, each one cached.
-    Returns what `returning` (a RETURNING clause's columns) gave, if any.
     """
-    out: list[Any] = []
+    one = "(" + ", ".join("?" * width) + ")"
     i = 0
     while i < len(rows):
         n = min(ROWS_PER_INSERT, 1 << ((len(rows) - i).bit_length() - 1))
-        one = "(" + ", ".join("?" * width) + ")"
-        sql = f"{verb} INTO {into} VALUES {', '.join([one] * n)}"
-        cur = c.execute(
-            f"{sql} RETURNING {returning}" if returning else sql,
-            [v for row in rows[i : i + n] for v in row],
-        )
-        if returning:
-            out += cur.fetchall()
+        sql = f"INSERT INTO {into} VALUES {', '.join([one] * n)}"
+        c.execute(sql, [v for row in rows[i : i + n] for v in row])
         i += n
-    return out
 
 
 def _alert_row(a: Alert) -> tuple[Any, ...]:
@@ -373,6 +384,9 @@ class Outbox:
                 "if losing queued alerts on power loss is acceptable"
             )
         self._shards: set[str] = set()
+        # The newest run of each boot, as committed (gateway/seen.py): new seqs nearly
+        # always extend it, so most batches need no query. Only this object writes runs.
+        self._last_run: dict[str, Run] = {}
         self.conn = self._open_checked()
         self._migrate()
         if recover:  # only the daemon may: another process's `sending` rows are live
@@ -521,13 +535,14 @@ class Outbox:
                 rows: dict[str, list[tuple[Any, ...]]] = {}
                 deliveries: list[tuple[Any, ...]] = []
                 stormed = 0
-                fresh = self._record_keys(c, batch, now)
-                for r in batch:
+                keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
+                fresh = self._record_keys(c, keys, now)
+                for r, key in zip(batch, keys, strict=True):
                     if r.seen_key is not None:
-                        if r.seen_key not in fresh:
+                        if key not in fresh:
                             duplicates.append(r.seen_key)
                             continue
-                        fresh.remove(r.seen_key)  # twice in one batch: store it once
+                        fresh.remove(key)  # twice in one batch: store it once
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
                     for rt, p in r.deliveries:
                         policy = policies.get(rt)
@@ -550,26 +565,68 @@ class Outbox:
                 c.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
                 )
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc).lower():
+        except BaseException as exc:
+            self._last_run.clear()  # rolled back: what it learnt of runs was not committed
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                 raise OutboxFull(f"the disk holding {self.path} is full: {exc}") from exc
             raise
         self.live += added
         return duplicates
 
-    @staticmethod
-    def _record_keys(c: sqlite3.Connection, batch: Sequence[Routed], now: float) -> set[str]:
-        """Record the batch's seen keys; return those that were new (the rest are
-        retransmissions of stored alerts). Looking up and inserting in one statement
-        probes the index once per key, not twice. A key twice in the batch is recorded
-        with its first alert, the one that will be stored."""
-        rows = [(r.seen_key, r.alert.id, now) for r in batch if r.seen_key is not None]
-        if not rows:
-            return set()
-        added = _insert_rows(
-            c, "seen (key, alert_id, at)", 3, rows, verb="INSERT OR IGNORE", returning="key"
-        )
-        return {k for (k,) in added}
+    def _record_keys(
+        self, c: sqlite3.Connection, keys: Sequence[tuple[str, int] | None], now: float
+    ) -> set[tuple[str, int]]:
+        """Record the batch's retransmission keys; return the (boot, seq) that were new
+        (the rest are retransmissions of stored alerts). See gateway/seen.py."""
+        by_boot: dict[str, list[int]] = {}
+        for key in keys:
+            if key is not None:
+                by_boot.setdefault(key[0], []).append(key[1])
+        fresh: set[tuple[str, int]] = set()
+        for boot, seqs in by_boot.items():
+            near, newest = self._near_runs(c, boot, min(seqs), max(seqs))
+            new, runs = merge(near, seqs)
+            if len(self._last_run) >= MAX_BOOTS_REMEMBERED:
+                self._last_run.clear()
+            # The boot's newest run now: the merge's, unless the boot had a newer one.
+            self._last_run[boot] = runs[-1] if newest is None else max(newest, runs[-1])
+            if not new:
+                continue
+            fresh.update((boot, s) for s in new)
+            kept = {lo for lo, _ in runs}
+            for lo, _ in near:
+                if lo not in kept:
+                    c.execute("DELETE FROM seen_run WHERE boot = ? AND lo = ?", (boot, lo))
+            for run in set(runs) - set(near):
+                c.execute(
+                    "INSERT OR REPLACE INTO seen_run (boot, lo, hi, at) VALUES (?, ?, ?, ?)",
+                    (boot, *run, now),
+                )
+        return fresh
+
+    def _near_runs(
+        self, c: sqlite3.Connection, boot: str, first: int, last: int
+    ) -> tuple[list[Run], Run | None]:
+        """The runs that seqs first..last can fall in or join, in order; and the boot's
+        newest run (None: it has none yet)."""
+        newest = self._last_run.get(boot)
+        if newest is not None and first >= newest[0]:
+            # Every older run ends below newest[0] - 1, so below first - 1: only this one.
+            return ([newest] if newest[1] >= first - 1 else []), newest
+        # Newest first (which also tells the newest), until a run ends below them: runs
+        # are disjoint and sorted. Usually one or two rows.
+        near: list[Run] = []
+        newest = None
+        cur = c.execute("SELECT lo, hi FROM seen_run WHERE boot = ? ORDER BY lo DESC", (boot,))
+        for lo, hi in cur:
+            newest = newest or (lo, hi)
+            if hi < first - 1:
+                break
+            if lo <= last + 1:
+                near.append((lo, hi))
+        cur.close()
+        near.reverse()
+        return near, newest
 
     _INSERT = (
         "INSERT INTO delivery (alert_seq, route, state, priority, due, updated_at, kind, owner)"
@@ -757,7 +814,8 @@ class Outbox:
             if not rows:
                 return 0
             c.executemany("DELETE FROM delivery WHERE alert_seq = ? AND route = ?", rows)
-            c.execute("DELETE FROM seen WHERE at < ?", (older_than,))
+            c.execute("DELETE FROM seen_run WHERE at < ?", (older_than,))
+            self._last_run.clear()
         return len(rows)
 
     def drop_free_shards(self) -> int:

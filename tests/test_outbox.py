@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import outbox as ob_mod
 from gateway.alert import Draft, Severity, normalize
@@ -116,7 +119,7 @@ def test_retransmission_key_stores_once(tmp_path: Path) -> None:
     assert ob.add([Routed(again.alert, again.deliveries, seen_key="dev/boot/7")]) == ["dev/boot/7"]
     assert ob_mod.counts(ob.conn)["queued"] == 1
     # In one batch: a retransmission of a stored alert, a frame retransmitted within the
-    # batch (stored once), keys with quotes and brackets (the lookup goes through JSON).
+    # batch (stored once), a boot id with quotes and brackets.
     batch = [
         Routed(alert("old").alert, first.deliveries, seen_key="dev/boot/7"),
         Routed(alert("new").alert, first.deliveries, seen_key='dev/b"o[o]t/8'),
@@ -126,10 +129,12 @@ def test_retransmission_key_stores_once(tmp_path: Path) -> None:
     assert ob.add(batch) == ["dev/boot/7", 'dev/b"o[o]t/8']
     assert ob_mod.counts(ob.conn)["queued"] == 3
     assert ob.add(batch[1:2]) == ['dev/b"o[o]t/8']
-    # The key is recorded with the alert that was stored, not with its copy.
-    (kept,) = ob.conn.execute("SELECT alert_id FROM seen WHERE key = ?", ('dev/b"o[o]t/8',))
-    assert kept[0] == batch[1].alert.id
-    assert ob.conn.execute("SELECT 1 FROM alert_0 WHERE id = ?", kept).fetchone()
+    stored = [m for (m,) in ob.conn.execute("SELECT message FROM alert_0 ORDER BY seq")]
+    assert stored == ["once", "new", "plain"]
+    runs = ob.conn.execute("SELECT boot, lo, hi FROM seen_run ORDER BY boot").fetchall()
+    assert runs == [('dev/b"o[o]t', 8, 8), ("dev/boot", 7, 7)]
+    with pytest.raises(ValueError, match="not a retransmission key"):
+        ob.add([Routed(first.alert, first.deliveries, seen_key="dev/boot/x7")])
 
 
 @pytest.mark.parametrize("size", [1, 63, 64, 65, 127, 200])
@@ -144,7 +149,55 @@ def test_batches_of_any_size_store_every_row_once(tmp_path: Path, size: int) -> 
     assert ob_mod.counts(ob.conn)["queued"] == max(3, size)
     stored = {m for (m,) in ob.conn.execute("SELECT message FROM alert_0")}
     assert stored == {f"old {i}" for i in range(3)} | {f"m {i}" for i in range(3, size)}
-    assert ob.conn.execute("SELECT count(*) FROM seen").fetchone()[0] == max(3, size)
+    assert ob.conn.execute("SELECT lo, hi FROM seen_run").fetchall() == [(0, max(3, size) - 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(["a/1", "a/2", "b/1"]), st.integers(0, 40)), max_size=12
+        ),
+        max_size=8,
+    )
+)
+def test_retransmission_memory_matches_a_set(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[list[tuple[str, int]]]
+) -> None:
+    """Whatever order seqs arrive in (gaps, retransmissions, repeats within a batch),
+    each (boot, seq) is stored exactly once, and the runs hold exactly what was stored."""
+    ob = open_ob(tmp_path_factory.mktemp("seen"))
+    template = alert("x")
+    model: set[tuple[str, int]] = set()
+    for batch in batches:
+        keys = [f"{boot}/{n}" for boot, n in batch]
+        routed = [Routed(alert(k).alert, template.deliveries, k) for k in keys]
+        expected_dupes = []
+        fresh = set()
+        for boot, n in batch:
+            if (boot, n) in model or (boot, n) in fresh:
+                expected_dupes.append(f"{boot}/{n}")
+            else:
+                fresh.add((boot, n))
+        assert ob.add(routed) == expected_dupes
+        model |= fresh
+    stored = sorted(
+        m
+        for t in ob_mod.alert_tables(ob.conn)
+        for (m,) in ob.conn.execute(f"SELECT message FROM {t}")
+    )
+    assert stored == sorted(f"{boot}/{n}" for boot, n in model)
+    covered = {
+        (boot, n)
+        for boot, lo, hi in ob.conn.execute("SELECT boot, lo, hi FROM seen_run")
+        for n in range(lo, hi + 1)
+    }
+    assert covered == model
+    # As few rows as can be: no two runs of a boot touch.
+    runs = ob.conn.execute("SELECT boot, lo, hi FROM seen_run ORDER BY boot, lo").fetchall()
+    for (b1, _, hi), (b2, lo, _) in itertools.pairwise(runs):
+        assert b1 != b2 or lo > hi + 1
+    ob.close()
 
 
 def test_restart_requeues_sending_and_new_boot_makes_everything_due(tmp_path: Path) -> None:
@@ -237,14 +290,44 @@ def test_migrates_from_version_0_and_keeps_data(tmp_path: Path) -> None:
     conn.close()
     ob = Outbox(db)
     assert ob.conn.execute("PRAGMA user_version").fetchone()[0] == ob_mod.SCHEMA_VERSION
-    assert ob.conn.execute("SELECT count(*) FROM seen").fetchone()[0] == 0
+    assert ob.conn.execute("SELECT count(*) FROM seen_run").fetchone()[0] == 0
     assert [c.alert.message for c in ob.claim(5)] == ["old"]
+
+
+def test_migration_5_turns_seen_keys_into_runs(tmp_path: Path) -> None:
+    """An outbox from before runs: its retransmission keys still count after the upgrade."""
+    db = tmp_path / "outbox.db"
+    conn = sqlite3.connect(db)
+    for step in range(4):
+        conn.executescript(MIGRATIONS[step])
+    conn.execute("PRAGMA user_version = 4")
+    keys = ["dev1/b7/1", "dev1/b7/2", "dev1/b7/3", "dev1/b7/5", "dev1/b7/10", "dev2/b7/0"]
+    conn.executemany(
+        "INSERT INTO seen (key, alert_id, at) VALUES (?, 'x', ?)",
+        [(k, float(i)) for i, k in enumerate(keys)],
+    )
+    conn.commit()
+    conn.close()
+    ob = Outbox(db)
+    runs = ob.conn.execute("SELECT boot, lo, hi, at FROM seen_run ORDER BY boot, lo").fetchall()
+    assert runs == [
+        ("dev1/b7", 1, 3, 2.0),
+        ("dev1/b7", 5, 5, 3.0),
+        ("dev1/b7", 10, 10, 4.0),
+        ("dev2/b7", 0, 0, 5.0),
+    ]
+    template = alert("x")
+    batch = [Routed(alert(k).alert, template.deliveries, k) for k in [*keys, "dev1/b7/4"]]
+    assert ob.add(batch) == keys  # all known; only seq 4 is new, and it joins two runs
+    assert ob.conn.execute(
+        "SELECT lo, hi FROM seen_run WHERE boot = 'dev1/b7' ORDER BY lo"
+    ).fetchall() == [(1, 5), (10, 10)]
 
 
 def test_fresh_file_goes_through_every_migration(tmp_path: Path) -> None:
     ob = open_ob(tmp_path)
     tables = {r[0] for r in ob.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"alert_kept", "delivery", "meta", "seen"} <= tables
+    assert {"alert_kept", "delivery", "meta", "seen_run"} <= tables
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
