@@ -588,8 +588,11 @@ class Outbox:
             new, runs = merge(near, seqs)
             if len(self._last_run) >= MAX_BOOTS_REMEMBERED:
                 self._last_run.clear()
-            # The boot's newest run now: the merge's, unless the boot had a newer one.
-            self._last_run[boot] = runs[-1] if newest is None else max(newest, runs[-1])
+            # The boot's newest run now: the merge's last (which absorbed the old newest
+            # if it was near), unless the boot has a newer one the batch did not touch.
+            if newest is None or newest in near or newest[0] < runs[-1][0]:
+                newest = runs[-1]
+            self._last_run[boot] = newest
             if not new:
                 continue
             fresh.update((boot, s) for s in new)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway import outbox as ob_mod
@@ -152,7 +152,8 @@ def test_batches_of_any_size_store_every_row_once(tmp_path: Path, size: int) -> 
     assert ob.conn.execute("SELECT lo, hi FROM seen_run").fetchall() == [(0, max(3, size) - 1)]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
+@example(batches=[[("a/1", 1)], [("a/1", 0)], [("a/1", 2)]])  # a run growing downwards
 @given(
     st.lists(
         st.lists(
