@@ -117,6 +117,20 @@ _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Any line break or control character: for values shown on one line (event_time).
+_ONE_LINE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+# A lone surrogate: valid in a Python str (JSON's "\ud800" gives one) but not Unicode,
+# so it cannot be encoded as UTF-8, and no database, mail or log line can take it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+MAX_EVENT_TIME = 64
+
+
+def valid_unicode(text: str) -> tuple[str, bool]:
+    """`text` with every lone surrogate replaced by U+FFFD; and whether any was."""
+    fixed, n = _SURROGATE.subn("\ufffd", text)
+    return fixed, n > 0
+
+
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SENSOR_BAD = re.compile(r"[^A-Za-z0-9._:@-]")
 
@@ -172,13 +186,26 @@ class Draft:
     severity: Severity = Severity.WARNING
 
 
-def _field_value(value: Any) -> FieldValue:
+def _field_value(value: Any, notes: list[str]) -> FieldValue:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return truncate_utf8(_CONTROL.sub("", value), MAX_FIELD_VALUE)[0]
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        text = _CONTROL.sub("", value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text, bad = valid_unicode(text)
+    if bad:
+        notes.append("bad_unicode")
     return truncate_utf8(text, MAX_FIELD_VALUE)[0]
+
+
+def _event_time(value: Any, notes: list[str]) -> str:
+    """The sensor's own time, as given, on one line: it is shown in the mail body."""
+    text = str(_field_value(value, notes))
+    one = _ONE_LINE.sub(" ", text).strip()
+    if one != text:
+        notes.append("event_time_cleaned")
+    return one[:MAX_EVENT_TIME]
 
 
 def _from_object(obj: Mapping[str, Any], draft: Draft, notes: list[str]) -> dict[str, Any]:
@@ -197,12 +224,12 @@ def _from_object(obj: Mapping[str, Any], draft: Draft, notes: list[str]) -> dict
             sev = parse_severity(str(value))
             if sev is None:
                 notes.append("unknown_severity")
-                fields["severity_given"] = _field_value(value)
+                fields["severity_given"] = _field_value(value, notes)
             else:
                 out["severity"] = sev
             continue
         elif key in ("event_time", "time", "ts", "timestamp"):
-            out["event_time"] = str(_field_value(value))
+            out["event_time"] = _event_time(value, notes)
             continue
         if not _KEY.fullmatch(key):
             notes.append("bad_field_key")
@@ -214,7 +241,7 @@ def _from_object(obj: Mapping[str, Any], draft: Draft, notes: list[str]) -> dict
         if len(fields) >= MAX_FIELDS:
             notes.append("too_many_fields")
             continue
-        fields[key] = _field_value(value)
+        fields[key] = _field_value(value, notes)
     if message is None:
         message = json.dumps(dict(obj), ensure_ascii=False)[:MAX_MESSAGE_BYTES]
     elif not isinstance(message, str):
@@ -264,13 +291,19 @@ def normalize(
                 values = _from_object(obj, draft, notes)
             else:
                 notes.append("json_not_object")
-    message, cut = truncate_utf8(_CONTROL.sub("", str(values["message"])), MAX_MESSAGE_BYTES)
+    message, bad = valid_unicode(_CONTROL.sub("", str(values["message"])))
+    if bad:
+        notes.append("bad_unicode")
+    message, cut = truncate_utf8(message, MAX_MESSAGE_BYTES)
     if cut:
         notes.append("message_truncated")
     stamp = stamp or Stamp.now()
+    topic, bad = valid_unicode(draft.topic)  # a command line's undecodable bytes
+    if bad:
+        notes.append("bad_unicode")
     return Alert(
         id=alert_id or new_alert_id(stamp.wall),
-        topic=draft.topic,
+        topic=topic,
         source=draft.source,
         sensor=clean_sensor(values["sensor"]),
         severity=values["severity"],

@@ -165,10 +165,51 @@ def _open_rw(cfg: Config):  # type: ignore[no-untyped-def]
     return outbox.connect(cfg.outbox_path)
 
 
+def cmd_salvage(cfg: Config, source: str | None) -> int:
+    """Re-queue the undelivered alerts of a moved-aside (corrupt) outbox."""
+    import sqlite3
+
+    from gateway.outbox import Outbox
+    from gateway.salvage import salvage
+
+    if not source or not Path(source).is_file():
+        print(
+            "mailgw queue salvage: give the moved-aside file, e.g. "
+            f"{cfg.outbox_path}.corrupt-20260101T000000",
+            file=sys.stderr,
+        )
+        return 2
+    _as_outbox_owner(cfg)
+    ob = Outbox(
+        cfg.outbox_path,
+        max_messages=cfg.outbox.max_messages,
+        allow_volatile=cfg.outbox.allow_volatile,
+        recover=False,
+    )
+    try:
+        report = salvage(Path(source), ob)
+    except sqlite3.DatabaseError as exc:
+        print(f"mailgw queue salvage: {source} cannot be read at all: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ob.close()
+    for err in report.errors:
+        print(f"damaged: {err}", file=sys.stderr)
+    print(
+        f"{report.requeued} alerts queued again (same ids and Message-IDs), "
+        f"{report.already_queued} already in the outbox, "
+        f"{report.unreadable} deliveries whose alert could not be read"
+    )
+    _signal_daemon(cfg, quiet=True)
+    return 0 if not report.unreadable else 1
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from gateway import outbox
 
     cfg = _config(args)
+    if args.action == "salvage":
+        return cmd_salvage(cfg, args.id)
     conn = _open_rw(cfg)
     try:
         if args.action in ("list", "dead"):
@@ -338,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_status)
 
     sp = add("queue", "list, show, retry or delete queued messages")
-    sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead"])
-    sp.add_argument("id", nargs="?")
+    sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead", "salvage"])
+    sp.add_argument("id", nargs="?", help="an alert id; for salvage, the moved-aside file")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
     sp.add_argument(
         "--state", choices=["queued", "sending", "sent", "dead", "unrouted", "suppressed"]

@@ -30,3 +30,15 @@ class TemporaryFailure(GatewayError):
 
 class PermanentFailure(GatewayError):
     """A delivery failed for good (5xx): the message is dead-lettered."""
+
+
+class StoreUnavailable(GatewayError):
+    """The outbox cannot be written now (locked, I/O error): nothing was stored, retry."""
+
+
+class Unstorable(GatewayError):
+    """This alert can never be stored (its data, not the disk, is at fault): reject it."""
+
+
+class ThreadDied(GatewayError):
+    """A thread that intake or storage depends on has ended: the daemon must restart."""

@@ -48,6 +48,27 @@ def render(report: dict[str, Any]) -> str:
         [({}, 1.0 if report.get("outbox_full") else 0.0)],
     )
     metric(
+        "mailgw_store_failing",
+        "gauge",
+        "1 while commits to the outbox fail (locked file, I/O errors); alerts are retried.",
+        [({}, 1.0 if report.get("store_error") else 0.0)],
+    )
+    metric(
+        "mailgw_store_failures_total",
+        "counter",
+        "Alerts whose commit failed and was retried, since the daemon started.",
+        [({}, float(report.get("store_failures") or 0))],
+    )
+    metric(
+        "mailgw_thread_up",
+        "gauge",
+        "1 while a thread the daemon relies on runs, 0 once it has died.",
+        [
+            ({"thread": k}, 1.0 if v == "alive" else 0.0)
+            for k, v in sorted((report.get("threads") or {}).items())
+        ],
+    )
+    metric(
         "mailgw_relay_attempts_total",
         "counter",
         "Delivery attempts by result since the daemon started.",
@@ -59,7 +80,7 @@ def render(report: dict[str, Any]) -> str:
     metric(
         "mailgw_ingested_total",
         "counter",
-        "Alerts taken in, by source.",
+        "Alerts stored in the outbox, by source.",
         [({"source": k}, float(v)) for k, v in sorted((report.get("ingested") or {}).items())],
     )
     metric(

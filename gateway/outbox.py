@@ -55,7 +55,7 @@ from typing import Any
 
 from gateway.alert import Alert, Severity
 from gateway.clock import Stamp, boot_id
-from gateway.errors import OutboxCorrupt, OutboxFull
+from gateway.errors import GatewayError, OutboxCorrupt, OutboxFull, StoreUnavailable, Unstorable
 from gateway.routing import render
 from gateway.seen import Run, merge, split_key
 from gateway.storm import Bucket, Lead, Policy, decide
@@ -299,6 +299,55 @@ def alert_from_row(row: Sequence[Any]) -> Alert:
     )
 
 
+# SQLite's primary result codes that say the disk or the file is at fault, not the data
+# being written: the same write can succeed later. (sqlite3.h: PERM, BUSY, LOCKED, NOMEM,
+# READONLY, IOERR, CANTOPEN, PROTOCOL.)
+_ENVIRONMENT_CODES = frozenset({3, 5, 6, 7, 8, 10, 14, 15})
+_SQLITE_FULL = 13
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+# Errors that come from the values of one alert: storing it again cannot succeed.
+_DATA_ERRORS = (
+    UnicodeError,
+    ValueError,
+    TypeError,
+    OverflowError,
+    sqlite3.InterfaceError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+)
+
+
+def sqlite_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of an exception, or None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def is_corruption(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and sqlite_code(exc) in _CORRUPT_CODES
+
+
+def store_error(exc: BaseException, path: Path) -> BaseException:
+    """What a failed ingest transaction means for the sources.
+
+    OutboxFull: the disk is full (wait, do not acknowledge). Unstorable: the data of an
+    alert cannot be stored (reject it: retrying forever would hold up intake). Any other
+    failure is StoreUnavailable: nothing was stored, the same batch may succeed later.
+    """
+    if isinstance(exc, OutboxFull | StoreUnavailable | Unstorable):
+        return exc
+    code = sqlite_code(exc)
+    if code == _SQLITE_FULL or (
+        isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+    ):
+        return OutboxFull(f"the disk holding {path} is full: {exc}")
+    if isinstance(exc, _DATA_ERRORS) and code not in _ENVIRONMENT_CODES:
+        return Unstorable(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, Exception):
+        return StoreUnavailable(f"cannot write the outbox {path}: {exc}")
+    return exc  # KeyboardInterrupt, SystemExit: not ours to translate
+
+
 def shard_table(seq: int) -> str:
     return f"alert_{seq // SHARD_ROWS}"
 
@@ -388,35 +437,74 @@ class Outbox:
         # always extend it, so most batches need no query. Only this object writes runs.
         self._last_run: dict[str, Run] = {}
         self.conn = self._open_checked()
-        self._migrate()
-        if recover:  # only the daemon may: another process's `sending` rows are live
-            self._recover()
-        self.live = self._count_live()
+        try:
+            self._migrate()
+            if recover:  # only the daemon may: another process's `sending` rows are live
+                self._recover()
+            self.live = self._count_live()
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise self._unavailable(exc) from exc
         self._recounted = time.monotonic()
 
     # --- opening ---------------------------------------------------------
 
     def _open_checked(self) -> sqlite3.Connection:
+        """Open and check the file; move it aside only if it is really corrupt.
+
+        A file that is locked by another process, on a full disk or behind an I/O error
+        is healthy as far as we know: raise StoreUnavailable or OutboxFull (the daemon
+        waits and tries again). Taking it for corruption would start an empty outbox and
+        strand every alert queued in it.
+        """
         try:
             conn = connect(self.path)
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result == "ok":
-                return conn
-            conn.close()
-            reason = f"quick_check says: {result}"
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            if not is_corruption(exc):
+                raise self._unavailable(exc) from exc
             reason = str(exc)
+        else:
+            try:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            except sqlite3.Error as exc:
+                conn.close()
+                if not is_corruption(exc):
+                    raise self._unavailable(exc) from exc
+                reason = str(exc)
+            else:
+                if result == "ok":
+                    return conn
+                conn.close()
+                reason = f"quick_check says: {result}"
         aside = self._move_aside()
         log.critical(
             "the outbox %s is corrupt (%s); it was moved to %s and a new, empty outbox "
             "started. Alerts in the old file are NOT lost: inspect or salvage it with "
-            "`sqlite3 %s .recover`",
+            "`mailgw queue salvage %s`",
             self.path,
             reason,
             aside,
             aside,
         )
         return connect(self.path)
+
+    def _unavailable(self, exc: BaseException) -> GatewayError:
+        """An error that leaves the file as it is, said for the operator."""
+        err = store_error(exc, self.path)
+        if isinstance(err, OutboxFull):
+            return OutboxFull(
+                f"the disk holding {self.path} is full ({exc}); free some space "
+                "(df -h, journalctl --vacuum-size=...); the outbox is kept as it is"
+            )
+        code = sqlite_code(exc)
+        if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+            return StoreUnavailable(
+                f"the outbox {self.path} is locked by another process ({exc}); is another "
+                f"mailgw or an sqlite3 shell holding it? (fuser -v {self.path})"
+            )
+        if isinstance(err, GatewayError):
+            return StoreUnavailable(f"cannot open the outbox {self.path}: {exc}")
+        return StoreUnavailable(f"cannot open the outbox {self.path}: {exc!r}")
 
     def _move_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -553,10 +641,11 @@ class Outbox:
                     if not r.deliveries:
                         deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
                     seq += 1
+                created: set[str] = set()
                 for table, chunk in rows.items():
                     if table not in self._shards:
                         c.execute(_ALERT_TABLE.format(name=table))
-                        self._shards.add(table)
+                        created.add(table)
                     _insert_rows(c, f"{table} ({_ALERT_COLS})", 14, chunk)
                 _insert_rows(
                     c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
@@ -567,9 +656,13 @@ class Outbox:
                 )
         except BaseException as exc:
             self._last_run.clear()  # rolled back: what it learnt of runs was not committed
-            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-                raise OutboxFull(f"the disk holding {self.path} is full: {exc}") from exc
-            raise
+            err = store_error(exc, self.path)
+            if err is exc:
+                raise
+            raise err from exc
+        # Only now: a rolled-back CREATE TABLE must not be remembered as existing, or
+        # every later batch would insert into a table that is not there.
+        self._shards |= created
         self.live += added
         return duplicates
 

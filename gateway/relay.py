@@ -192,8 +192,9 @@ class Relay:
         self.probe_at = 0.0
         self.wake()
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config, router: Router) -> None:
         self.config = config
+        self.router = router
 
     def close(self) -> None:
         pass  # the session is closed by run()'s finally, inside the loop

@@ -18,18 +18,27 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway import systemd
 from gateway.config import Config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, OutboxFull, StoreUnavailable, ThreadDied
 from gateway.ingest import Ingest
 from gateway.outbox import Outbox
 from gateway.routing import Router
 from gateway.status import Runtime
 from gateway.writer import Writer
 
+if TYPE_CHECKING:
+    from gateway.relay import Relay
+
 log = logging.getLogger(__name__)
+
+# Storing has failed this long (a locked file, I/O errors; not a full outbox, which is
+# back-pressure by design): stop the watchdog pings so that systemd restarts us.
+STORE_STUCK_AFTER = 120.0
+OPEN_RETRY_MAX = 10.0  # seconds between attempts to open an outbox that is unavailable
+THREAD_CHECK_EVERY = 1.0
 
 
 class Component(Protocol):
@@ -50,19 +59,65 @@ class Daemon:
         self.outbox: Outbox | None = None
         self.writer: Writer | None = None
         self.ingest: Ingest | None = None
-        self.relay: object | None = None
+        self.relay: Relay | None = None
         self.status_path = config.gateway.runtime_dir / "status.json"
+        self.exit_code = 0
 
     # --- life cycle ------------------------------------------------------------
 
-    def open(self) -> None:
+    def _open_outbox(self) -> Outbox:
         cfg = self.config
-        self.outbox = Outbox(
+        return Outbox(
             cfg.outbox_path,
             max_messages=cfg.outbox.max_messages,
             allow_volatile=cfg.outbox.allow_volatile,
             policies=cfg.storm_policies,
         )
+
+    async def _wait_for_outbox(self) -> Outbox | None:
+        """Open the outbox, waiting out a locked file, a full disk or I/O errors.
+
+        None if asked to stop meanwhile. Such a file is healthy as far as anyone knows:
+        what it holds must be sent once it can be read, so it is never moved aside
+        for this (only real corruption is, in Outbox). systemd is told we are still
+        starting, and why, so it neither kills us nor restarts us in a loop.
+        """
+        delay, said, since = 1.0, "", time.time()
+        while not self.stopping.is_set():
+            try:
+                outbox = await asyncio.to_thread(self._open_outbox)
+            except (StoreUnavailable, OutboxFull) as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.error(
+                        "%s. Waiting for it (trying again every %.0f s at most); nothing "
+                        "queued is discarded",
+                        exc,
+                        OPEN_RETRY_MAX,
+                    )
+                self.runtime.store_error = f"cannot open the outbox: {exc}"
+                self.runtime.store_failing_since = since
+                with contextlib.suppress(OSError):
+                    self.runtime.write(self.status_path)
+                systemd.notify(
+                    f"STATUS=waiting for the outbox: {exc}",
+                    f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1e6)}",
+                    "WATCHDOG=1",
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                delay = min(OPEN_RETRY_MAX, delay * 2)
+                continue
+            if said:
+                log.warning("the outbox %s opened after %.0f s", outbox.path, time.time() - since)
+            self.runtime.store_error = None
+            self.runtime.store_failing_since = None
+            return outbox
+        return None
+
+    def open(self, outbox: Outbox) -> None:
+        cfg = self.config
+        self.outbox = outbox
         self.writer = Writer(
             self.outbox,
             max_group=cfg.outbox.commit_batch,
@@ -97,30 +152,52 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        self._prepare_runtime_dir()
         try:
-            self.open()
+            outbox = await self._wait_for_outbox()
+            if outbox is None:
+                return 0
+            self.open(outbox)
         except GatewayError as exc:
             log.critical("%s", exc)
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop, sig)
         loop.add_signal_handler(signal.SIGUSR1, self.flush)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._prepare_runtime_dir()
         log.info("mailgw started: %s", self.config.summary())
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(c.run(), name=c.name) for c in self.components]
                 tasks.append(tg.create_task(self._housekeeping(), name="housekeeping"))
                 tasks.append(tg.create_task(self._watchdog(), name="watchdog"))
+                tasks.append(tg.create_task(self._watch_writer(), name="outbox-writer"))
                 systemd.notify("READY=1", f"STATUS={self._status_line()}")
                 await self.stopping.wait()
                 systemd.notify("STOPPING=1")
                 for t in tasks:
                     t.cancel()
+        except* ThreadDied as group:
+            for died in group.exceptions:
+                log.critical("%s; stopping so that systemd restarts the daemon", died)
+            self.exit_code = 1
         finally:
             await self._shutdown()
-        return 0
+        return self.exit_code
+
+    async def _watch_writer(self) -> None:
+        """The writer thread is owned here: if it ends before we stop, so does the daemon."""
+        assert self.writer is not None
+        writer = self.writer
+        while writer.alive:
+            self.runtime.threads["outbox-writer"] = "alive"
+            await asyncio.sleep(THREAD_CHECK_EVERY)
+        if self.stopping.is_set():
+            return
+        self.runtime.threads["outbox-writer"] = f"dead: {writer.died!r}"
+        with contextlib.suppress(OSError):
+            self.runtime.write(self.status_path)
+        raise ThreadDied(f"the outbox writer thread has died ({writer.died!r})")
 
     def _on_stop(self, sig: signal.Signals) -> None:
         if not self.stopping.is_set():
@@ -154,7 +231,7 @@ class Daemon:
     def flush(self) -> None:
         log.info("flush requested: probing the smarthost and retrying the queue now")
         if self.relay is not None:
-            self.relay.flush()  # type: ignore[attr-defined]
+            self.relay.flush()
 
     def reload(self) -> None:
         from gateway import config as config_mod
@@ -166,12 +243,21 @@ class Daemon:
             return
         if new is None:
             return
-        self.router.__init__(new.routes, new.gateway.default_route)  # type: ignore[misc]
+        try:
+            router = Router(new.routes, new.gateway.default_route)
+        except Exception as exc:  # check-config passed; still, never half a router
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        # Reference swaps only: a source thread reading the router mid-reload sees the
+        # old one or the new one, each whole (never routes without their severities).
+        self.router = router
+        if self.ingest is not None:
+            self.ingest.router = router
         if self.outbox is not None:
             self.outbox.policies = new.storm_policies  # one reference swap: the writer reads it
         self.config = new
         if self.relay is not None:
-            self.relay.reload(new)  # type: ignore[attr-defined]
+            self.relay.reload(new, router)
         log.info(
             "reloaded routes and templates (%d routes); connection settings take effect on restart",
             len(new.routes),
@@ -199,6 +285,11 @@ class Daemon:
         last_metrics = -1e9
         while True:
             self.runtime.outbox_full = self.writer.full
+            failing = self.writer.failing_since
+            self.runtime.store_error = self.writer.last_failure if failing is not None else None
+            self.runtime.store_failing_since = (
+                None if failing is None else time.time() - (time.monotonic() - failing)
+            )
             with contextlib.suppress(OSError):
                 self.runtime.write(self.status_path)
             systemd.notify(f"STATUS={self._status_line()}")
@@ -250,10 +341,14 @@ class Daemon:
         now = time.monotonic()
         if self.writer is None or not self.writer.alive or now - self.writer.heartbeat > 15:
             return "the outbox writer is stuck"
-        hb = getattr(self.relay, "heartbeat", None)
-        limit = getattr(self.relay, "stall_limit", 120.0)
-        if hb is not None and now - hb > limit:
+        failing = self.writer.failing_since
+        if failing is not None and now - failing > STORE_STUCK_AFTER:
+            return f"the outbox has failed to store alerts for {now - failing:.0f} s"
+        if self.relay is not None and now - self.relay.heartbeat > self.relay.stall_limit:
             return "the relay is stuck"
+        dead = [f"{k} ({v})" for k, v in self.runtime.threads.items() if v != "alive"]
+        if dead:
+            return "threads have died: " + ", ".join(dead)
         return None
 
     async def _watchdog(self) -> None:

@@ -24,7 +24,8 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     rejected: Counter[str] = field(default_factory=Counter)
     sanitised: Counter[str] = field(default_factory=Counter)
-    ingested: Counter[str] = field(default_factory=Counter)
+    ingested: Counter[str] = field(default_factory=Counter)  # stored, by source
+    received: Counter[str] = field(default_factory=Counter)  # taken from sources
     attempts: Counter[str] = field(default_factory=Counter)
     last_success: float | None = None
     last_error: str | None = None
@@ -33,6 +34,10 @@ class Runtime:
     next_probe_at: float | None = None  # wall time
     sources: dict[str, str] = field(default_factory=dict)
     outbox_full: bool = False
+    store_failures: int = 0  # alerts whose commit failed (locked, I/O error); retried
+    store_error: str | None = None  # why storing fails now; None while it works
+    store_failing_since: float | None = None  # wall time
+    threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -49,6 +54,7 @@ class Runtime:
             "rejected": dict(self.rejected),
             "sanitised": dict(self.sanitised),
             "ingested": dict(self.ingested),
+            "received": dict(self.received),
             "relay_attempts": dict(self.attempts),
             "last_success": self.last_success,
             "last_error": self.last_error,
@@ -57,6 +63,10 @@ class Runtime:
             "next_probe_at": self.next_probe_at,
             "sources": dict(self.sources),
             "outbox_full": self.outbox_full,
+            "store_failures": self.store_failures,
+            "store_error": self.store_error,
+            "store_failing_since": self.store_failing_since,
+            "threads": dict(self.threads),
         }
 
     def write(self, path: Path) -> None:
@@ -120,6 +130,10 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "ingested",
         "sanitised",
         "outbox_full",
+        "store_failures",
+        "store_error",
+        "store_failing_since",
+        "threads",
     ):
         result[key] = rt.get(key) if rt else None
     result["rejected"] = rt.get("rejected", {}) if rt else {}
@@ -174,6 +188,14 @@ def render(r: dict[str, Any]) -> str:
         )
         if r.get("outbox_full"):
             lines.append("FULL       the outbox is full: sources are not acknowledging")
+        if r.get("store_error"):
+            lines.append(
+                f"STORE      failing since {_when(r.get('store_failing_since'))}: "
+                f"{r['store_error']} (alerts stay unacknowledged and are retried)"
+            )
+        dead = {k: v for k, v in (r.get("threads") or {}).items() if v != "alive"}
+        if dead:
+            lines.append("THREADS    " + ", ".join(f"{k} {v}" for k, v in sorted(dead.items())))
         sources = r.get("sources") or {}
         if sources:
             lines.append("sources    " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))

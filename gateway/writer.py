@@ -10,6 +10,13 @@ commit returns, and only then do sources acknowledge (invariant 1).
 
 Relay-side work (claim, finish, prune) goes through the same thread as calls,
 so there is exactly one writer connection in the daemon.
+
+One alert can never take others down: a group whose commit fails for a reason that is
+not the disk's (Unstorable) is split, each submission stored alone, and within a
+failing submission each alert alone. What still fails alone is reported back as
+rejected (the source acknowledges and counts it: retrying would fail forever); the
+rest is stored. A failure of the disk (locked, I/O error, full) fails the group: nothing
+is stored, nothing acknowledged, and the sources retry.
 """
 
 from __future__ import annotations
@@ -24,13 +31,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.errors import OutboxFull
+from gateway.errors import OutboxFull, Unstorable
 from gateway.outbox import Outbox, Routed
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Done = Callable[[list[str] | BaseException], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A submission's outcome once committed.
+
+    duplicates: the seen keys of alerts skipped as already stored (retransmissions).
+    rejected: index in the submitted batch → why that alert can never be stored; it was
+    not stored, and its source acknowledges it as a counted rejection.
+    """
+
+    duplicates: list[str]
+    rejected: dict[int, str]
+
+
+Done = Callable[[Stored | BaseException], None]
 
 
 @dataclass(slots=True)
@@ -63,6 +85,13 @@ class Writer:
         self.commits = 0
         self.committed_alerts = 0
         self.full = False
+        # Since when (monotonic) commits have been failing for a reason other than a
+        # full outbox (locked file, I/O error); None while they succeed. The daemon's
+        # health check turns a long failure into a restart.
+        self.failing_since: float | None = None
+        self.last_failure: str | None = None
+        self.rejected = 0
+        self.died: BaseException | None = None  # what ended the thread, if not stop()
         self.on_commit: Callable[[], None] | None = None
         # Called in this thread once the callbacks of a group have run: sources that
         # collect acknowledgements in their callbacks send them here, in one write.
@@ -83,6 +112,10 @@ class Writer:
 
     # --- submitting (any thread) ---------------------------------------------
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def submit(self, batch: Sequence[Routed], done: Done, linger: float = 0.0) -> None:
         """Store `batch`, then call `done` from this thread after the commit.
 
@@ -97,11 +130,11 @@ class Writer:
         self._q.put(_Call(fn, fut))
         return fut
 
-    async def add(self, batch: Sequence[Routed]) -> list[str]:
+    async def add(self, batch: Sequence[Routed]) -> Stored:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[str]] = loop.create_future()
+        fut: asyncio.Future[Stored] = loop.create_future()
 
-        def done(result: list[str] | BaseException) -> None:
+        def done(result: Stored | BaseException) -> None:
             loop.call_soon_threadsafe(_settle, fut, result)
 
         self.submit(batch, done)
@@ -113,6 +146,16 @@ class Writer:
     # --- the thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            # Nothing in the loop should raise; if something does, the daemon must know
+            # at once (it stops: systemd restarts it), not keep running without a writer.
+            self.died = exc
+            log.critical("the outbox writer thread died: %r", exc, exc_info=exc)
+            raise
+
+    def _loop(self) -> None:
         stopping = False
         while not stopping:
             try:
@@ -182,28 +225,87 @@ class Writer:
         combined = [r for p in pending for r in p.batch]
         try:
             duplicates = self.outbox.add(combined)
-        except OutboxFull as exc:
+        except (OutboxFull, Unstorable) as exc:
             if len(pending) > 1:
-                # Some submissions may still fit on their own; try each.
+                # Full: some submissions may still fit on their own. Unstorable: find
+                # the one that holds the bad alert; the others must not wait for it.
                 for p in pending:
                     self._commit([p])
                 return
-            self._set_full(True, str(exc))
-            _notify(pending[0], exc)
+            if isinstance(exc, OutboxFull):
+                self._set_full(True, str(exc))
+                _notify(pending[0], exc)
+            else:
+                self._isolate(pending[0])
             return
         except Exception as exc:
-            log.error("could not store %d alerts in the outbox: %s", len(combined), exc)
+            self._failed(exc, len(combined))
             for p in pending:
                 _notify(p, exc)
             return
+        self._committed(len(combined))
+        for p in pending:
+            _notify(p, Stored(duplicates, {}))
+
+    def _isolate(self, add: _Add) -> None:
+        """Store a submission's alerts one by one; report those that can never be stored."""
+        duplicates: list[str] = []
+        rejected: dict[int, str] = {}
+        stored = 0
+        for i, r in enumerate(add.batch):
+            try:
+                duplicates += self.outbox.add([r])
+            except Unstorable as exc:
+                rejected[i] = str(exc)
+                self.rejected += 1
+                log.error(
+                    "alert %s on %s can never be stored (%s); it is rejected and "
+                    "acknowledged so that it does not hold up other alerts",
+                    r.alert.id,
+                    ascii(r.alert.topic),
+                    exc,
+                )
+                continue
+            except Exception as exc:  # the disk now: nothing more is stored, all retry
+                if isinstance(exc, OutboxFull):
+                    self._set_full(True, str(exc))
+                else:
+                    self._failed(exc, len(add.batch))
+                if stored:
+                    # Some went in: those are durable, yet this submission cannot say so
+                    # for part of it. Retrying is safe (their seen keys, if any, dedupe);
+                    # at worst an MQTT message is stored twice, never lost.
+                    log.warning("a split submission failed half-way: %s", exc)
+                _notify(add, exc)
+                return
+            stored += 1
+        self._committed(stored)
+        _notify(add, Stored(duplicates, rejected))
+
+    def _committed(self, n: int) -> None:
         self._set_full(False)
+        if self.failing_since is not None:
+            log.warning(
+                "the outbox stores alerts again after %.0f s of failures",
+                time.monotonic() - self.failing_since,
+            )
+            self.failing_since = None
         self.commits += 1
         self._last_commit = time.monotonic()
-        self.committed_alerts += len(combined)
-        for p in pending:
-            _notify(p, duplicates)
+        self.committed_alerts += n
         if self.on_commit is not None:
             self.on_commit()
+
+    def _failed(self, exc: BaseException, n: int) -> None:
+        self.last_failure = str(exc)
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.error(
+                "could not store %d alerts in the outbox: %s; they stay unacknowledged and "
+                "are retried",
+                n,
+                exc,
+            )
 
     def _set_full(self, full: bool, why: str = "") -> None:
         if full and not self.full:
@@ -217,7 +319,7 @@ class Writer:
         self.full = full
 
 
-def _notify(add: _Add, result: list[str] | BaseException) -> None:
+def _notify(add: _Add, result: Stored | BaseException) -> None:
     # A source's callback that raises must not end the one writer thread (and with it
     # every source's acks); the bug is logged with its traceback instead.
     try:
@@ -226,7 +328,7 @@ def _notify(add: _Add, result: list[str] | BaseException) -> None:
         log.exception("a source's commit callback failed")
 
 
-def _settle(fut: asyncio.Future[list[str]], result: list[str] | BaseException) -> None:
+def _settle(fut: asyncio.Future[Stored], result: Stored | BaseException) -> None:
     if fut.done():
         return
     if isinstance(result, BaseException):

@@ -362,7 +362,7 @@ class InProcess:
     @property
     def taken(self) -> int:
         """Messages the source has taken from the broker (redeliveries included)."""
-        return self.runtime.ingested["mqtt"]
+        return self.runtime.received["mqtt"]
 
     def close(self) -> None:
         self.running.cancel()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gateway import outbox as ob_mod
 from gateway.alert import Draft, Severity, normalize
-from gateway.errors import OutboxCorrupt, OutboxFull
+from gateway.errors import OutboxCorrupt, OutboxFull, Unstorable
 from gateway.outbox import MIGRATIONS, Outbox, Outcome, Routed
 
 
@@ -133,7 +133,8 @@ def test_retransmission_key_stores_once(tmp_path: Path) -> None:
     assert stored == ["once", "new", "plain"]
     runs = ob.conn.execute("SELECT boot, lo, hi FROM seen_run ORDER BY boot").fetchall()
     assert runs == [('dev/b"o[o]t', 8, 8), ("dev/boot", 7, 7)]
-    with pytest.raises(ValueError, match="not a retransmission key"):
+    # A key that is not one: the alert can never be stored as given (rejected, not retried).
+    with pytest.raises(Unstorable, match="not a retransmission key"):
         ob.add([Routed(first.alert, first.deliveries, seen_key="dev/boot/x7")])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from gateway.alert import Draft, normalize
 from gateway.errors import OutboxFull
 from gateway.outbox import Outbox, Routed, counts
-from gateway.writer import Writer
+from gateway.writer import Stored, Writer
 
 
 def routed(i: int) -> Routed:
@@ -34,7 +34,7 @@ def test_group_commit_acks_only_after_commit(tmp_path: Path) -> None:
         writer.submit([routed(i)], done)
     assert done_all.wait(30)
     writer.stop()
-    assert all(r == [] for r in results)
+    assert all(r == Stored([], {}) for r in results)
     assert min(seen_committed) >= 1 and seen_committed[-1] == 500
     # Many submissions shared a commit.
     assert writer.commits < 500
@@ -61,7 +61,8 @@ def test_full_outbox_fails_only_what_does_not_fit(tmp_path: Path) -> None:
 
     outcomes = asyncio.run(main())
     writer.stop()
-    assert outcomes[0] == [] and isinstance(outcomes[1], OutboxFull) and outcomes[2] == []
+    empty = Stored([], {})
+    assert outcomes[0] == empty and isinstance(outcomes[1], OutboxFull) and outcomes[2] == empty
     assert writer.full is False  # the last add fit again
     assert counts(ob.conn)["queued"] == 4
 

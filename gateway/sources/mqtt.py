@@ -36,10 +36,12 @@ from paho.mqtt.properties import Properties
 
 from gateway.alert import Draft, Severity, normalize
 from gateway.config import Config
-from gateway.errors import OutboxFull
+from gateway.errors import OutboxFull, ThreadDied
 from gateway.ingest import Ingest
 from gateway.sources.mqtt_client import Client
+from gateway.sources.mqtt_cut import Cut
 from gateway.status import Runtime
+from gateway.writer import Stored
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ RETRY_FULL = 1.0
 MAX_HELD_BYTES = 4 * 1024 * 1024
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 RECONNECT_MAX = 30
+# A packet's topic (up to 64 KiB), packet id and MQTT 5 properties come on top of its
+# payload: only packets past max_payload plus this are surely oversized.
+OVERSIZE_SLACK = 128 * 1024
 # A session can stay connected (pings answered) and yet deliver nothing: a broker bug,
 # or a window of messages the broker thinks are in flight to us. When the session has
 # been quiet for PROBE_EVERY we publish an empty QoS 1 message to a topic of our own;
@@ -95,7 +100,7 @@ class MqttSource:
         # until they fit. Each holds one of the broker's in-flight slots meanwhile.
         self._waiting: set[int] = set()
         self._acks: list[tuple[int, int]] = []  # (mid, qos) committed, not yet acked
-        ingest.writer.after_group.append(self._flush_acks)
+        ingest.after_commit(self._flush_acks)
         self._store_error_logged = False
         self._stopping = False
         self._connected = threading.Event()
@@ -109,6 +114,10 @@ class MqttSource:
             not self._connected.is_set()
             or (len(self._held) < self.cfg.max_inflight and self._held_bytes < MAX_HELD_BYTES)
         )
+        # Past this a PUBLISH is dropped as it arrives, never buffered (mqtt_cut.py);
+        # between max_payload and this, paho reads it and _on_message refuses it.
+        self.client.max_packet = self.cfg.max_payload + OVERSIZE_SLACK
+        self.client.on_oversize = self._on_oversize
         self.runtime.sources[self.name] = "connecting"
 
     # --- paho setup -------------------------------------------------------------
@@ -156,6 +165,8 @@ class MqttSource:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_NEVER_EXPIRES  # a persistent session
         props.ReceiveMaximum = self.cfg.max_inflight  # bounds what we hold unacknowledged
+        # MQTT 5 §3.1.2.11.4: the broker must not send us a larger packet at all.
+        props.MaximumPacketSize = self.cfg.max_payload + OVERSIZE_SLACK
         return props
 
     # --- paho callbacks (paho's thread) -----------------------------------------
@@ -215,6 +226,17 @@ class MqttSource:
         self.runtime.sources[self.name] = "disconnected"
         log.warning(
             "lost the MQTT broker %s:%d (%s); reconnecting", self.cfg.host, self.cfg.port, reason
+        )
+
+    def _on_oversize(self, cut: Cut) -> None:  # paho's thread; already acknowledged
+        self._last_rx = time.monotonic()
+        self.runtime.reject("mqtt_oversize")
+        log.warning(
+            "rejected a %d-byte message on %s unread (mqtt.max_payload is %d); acked so "
+            "the broker does not redeliver it forever",
+            cut.payload,
+            ascii(cut.topic.decode("utf-8", "replace")),
+            self.cfg.max_payload,
         )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -282,7 +304,9 @@ class MqttSource:
         # so a mid alone does not name a message: only this very entry may be acked or
         # retried by this commit. (Matching on the mid let an old connection's commit
         # take the redelivered entry unacked, stranding a slot of the broker's window.)
-        def done(result: list[str] | BaseException) -> None:  # the writer's thread
+        def done(result: Stored | BaseException) -> None:  # the writer's thread
+            # Stored with this message rejected (it can never be stored): acknowledged
+            # all the same, as a counted rejection; redelivering it could only fail again.
             if isinstance(result, BaseException):
                 # Not acked; stays held and is stored again by the loop. (Dropping it
                 # would leave the broker's in-flight slot taken until a reconnect.)
@@ -308,7 +332,7 @@ class MqttSource:
                     self._acks.append((mid, qos))  # sent once the group's callbacks ran
             self.client.room.set()
 
-        self.ingest.writer.submit([routed], done)
+        self.ingest.submit_routed([routed], done)
 
     def _flush_acks(self) -> None:  # the writer's thread, after each group commit
         with self._lock:
@@ -342,6 +366,7 @@ class MqttSource:
         try:
             while True:
                 await asyncio.sleep(RETRY_FULL)
+                self._check_thread()
                 if self._waiting:
                     self._retry_held()
                 now = time.monotonic()
@@ -359,6 +384,17 @@ class MqttSource:
             # Stop taking input; what was submitted still commits and is acked by
             # the writer's callbacks before close() disconnects.
             self._stopping = True
+
+    def _check_thread(self) -> None:
+        """paho's network thread is ours to watch: if it ends, MQTT intake has stopped,
+        and the daemon must say so and stop (systemd restarts it), not stay "connected"."""
+        thread = self.client.network_thread
+        if thread is not None and thread.is_alive():
+            self.runtime.threads[self.name] = "alive"
+            return
+        self.runtime.threads[self.name] = "dead"
+        self.runtime.sources[self.name] = "stopped (network thread died)"
+        raise ThreadDied("the MQTT network thread has ended: MQTT alerts are no longer taken")
 
     def _check_delivery(self, now: float) -> None:
         if self._probe_sent is None:

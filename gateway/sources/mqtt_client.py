@@ -21,6 +21,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
+from gateway.sources.mqtt_cut import Cut, Cutter, ProtocolError
+
 PUBACK = 0x40
 READ_AHEAD = 64 * 1024
 PACKETS_PER_READ = 256  # bounds a loop_read() so pings and writes still get their turn
@@ -28,17 +30,38 @@ PAUSE_POLL = 0.1
 
 
 class ReadAhead:
-    """A stream socket (plain or TLS) whose small reads are served from one large one."""
+    """A stream socket (plain or TLS) whose small reads are served from one large one.
 
-    def __init__(self, sock: Any) -> None:
+    With a `cutter`, oversized PUBLISH packets are dropped from the stream as they
+    arrive (gateway/sources/mqtt_cut.py) and handed to `on_cut` instead of paho.
+    """
+
+    def __init__(
+        self,
+        sock: Any,
+        cutter: Cutter | None = None,
+        on_cut: Callable[[Cut], None] | None = None,
+    ) -> None:
         self._sock = sock
         self.raw = sock  # for TLS, the SSLSocket: still the one file descriptor
         self._view = memoryview(b"")
         self._pos = 0
+        self._cutter = cutter
+        self._on_cut = on_cut
 
     def recv(self, size: int) -> bytes:
         if self._pos >= len(self._view):
             data = self._sock.recv(READ_AHEAD)  # BlockingIOError / SSLWantRead pass up
+            if data and self._cutter is not None:
+                try:
+                    data, cuts = self._cutter.feed(data)
+                except ProtocolError as exc:  # paho reconnects, as after any loss
+                    raise ConnectionError(f"the broker's stream is broken: {exc}") from exc
+                for cut in cuts:
+                    if self._on_cut is not None:
+                        self._on_cut(cut)
+                if not data:
+                    raise BlockingIOError  # all of it dropped: not the end of the stream
             if len(data) <= size:
                 return bytes(data)
             self._view = memoryview(data)
@@ -82,6 +105,16 @@ class Client(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.may_read: Callable[[], bool] = lambda: True
         self.room = threading.Event()
+        # PUBLISH packets longer than this are dropped unread and acknowledged, with
+        # on_oversize told (paho's thread); None: no limit.
+        self.max_packet: int | None = None
+        self.on_oversize: Callable[[Cut], None] = lambda cut: None
+
+    @property
+    def network_thread(self) -> threading.Thread | None:
+        """paho's loop thread from loop_start(); None once it has ended (for any reason)."""
+        thread: threading.Thread | None = self._thread
+        return thread
 
     def ack_many(self, acks: Sequence[tuple[int, int]]) -> None:
         """Acknowledge many messages with one write: one queued packet of PUBACKs.
@@ -99,7 +132,15 @@ class Client(mqtt.Client):
             self._packet_queue(PUBACK, frames, 0, 0)
 
     def _create_socket(self) -> Any:
-        return ReadAhead(super()._create_socket())
+        cutter = None if self.max_packet is None else Cutter(self.max_packet)
+        return ReadAhead(super()._create_socket(), cutter, self._cut)
+
+    def _cut(self, cut: Cut) -> None:
+        # Acknowledged unread: it can never be taken, and unacknowledged the broker
+        # would send it again at every reconnect. (We subscribe with QoS 1 at most.)
+        if cut.qos == 1 and cut.mid is not None:
+            self._packet_queue(PUBACK, struct.pack("!BBH", PUBACK, 2, cut.mid), 0, 0)
+        self.on_oversize(cut)
 
     def _peer_closed(self) -> bool:
         """Has the broker closed the connection? Reading nothing, we would not see it.

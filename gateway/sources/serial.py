@@ -46,9 +46,10 @@ from gateway.alert import (
 )
 from gateway.clock import Stamp
 from gateway.config import Config, SerialSection
-from gateway.errors import OutboxFull
+from gateway.errors import ThreadDied
 from gateway.ingest import Ingest
 from gateway.status import Runtime
+from gateway.writer import Stored
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ BACKLOG = 2048
 MAX_OUT = 64 * 1024  # replies queued for a port that is not reading them
 LINGER = 0.05  # how long a URL port's batch may wait for others to share a commit
 MAX_SENSORS = 256  # topics remembered per port (a device names a handful of sensors)
+THREAD_CHECK_EVERY = 1.0
 
 
 class SerialHub:
@@ -85,6 +87,7 @@ class SerialHub:
         self._ports: list[SerialSource] = []
         self._leaving: list[SerialSource] = []
         self._thread: threading.Thread | None = None
+        self.died: BaseException | None = None  # what ended the thread, if not the last port
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -98,7 +101,7 @@ class SerialHub:
         with self._lock:
             self._ports.append(port)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="serial", daemon=True)
+                self._thread = threading.Thread(target=self._guarded, name="serial", daemon=True)
                 self._thread.start()
         self._wake()
 
@@ -124,11 +127,15 @@ class SerialHub:
         """All ports' alerts of one pass in one submission: one wake-up of the writer."""
         if not work:
             return
-        answers = [(p, _seqs(batch)) for p, batch in work]
+        answers = []
+        offset = 0
+        for p, batch in work:
+            answers.append((p, _seqs(batch), offset))
+            offset += len(batch)
 
-        def done(result: list[str] | BaseException) -> None:  # the writer's thread
-            for p, seqs in answers:
-                p._answer(seqs, result)
+        def done(result: Stored | BaseException) -> None:  # the writer's thread
+            for p, seqs, at in answers:
+                p._answer(seqs, result, at)
 
         alerts = [(a, key) for _, batch in work for a, key in batch]
         # No linger: the pause has gathered this pass, and the next is READ_PAUSE away.
@@ -137,6 +144,18 @@ class SerialHub:
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # already pending: it wakes anyway
             os.write(self._wake_w, b"x")
+
+    def alive(self) -> bool:
+        with self._lock:
+            return self._thread is not None and self._thread.is_alive()
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.died = exc
+            log.critical("the serial reading thread died: %r", exc, exc_info=exc)
+            raise
 
     def _run(self) -> None:
         while True:
@@ -243,6 +262,7 @@ class SerialSource:
         self._batch: list[tuple[Alert, str]] = []
         self._stamp: Stamp | None = None  # when the chunk being handled was read
         self._topics: dict[str, tuple[str, str]] = {}  # sensor → (clean sensor, topic)
+        self._key_prefix = f"port:{port.name}"
         self.runtime.sources[self.name] = "opening"
 
     # --- life cycle ----------------------------------------------------------------
@@ -254,9 +274,25 @@ class SerialSource:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         try:
-            await asyncio.Event().wait()  # the reading is done in a thread; wait to be cancelled
+            # The reading is done in a thread, watched from here: if it ends while we
+            # run, serial intake has stopped, and the daemon must stop too (and restart).
+            while True:
+                await asyncio.sleep(THREAD_CHECK_EVERY)
+                self._check_thread()
         finally:
             self._leave()  # stop reading: nothing new is taken in
+
+    def _check_thread(self) -> None:
+        if self._hub is not None:
+            alive, why = self._hub.alive(), repr(self._hub.died)
+        else:
+            alive, why = self._thread is not None and self._thread.is_alive(), "ended"
+        if alive or self._stop.is_set():
+            self.runtime.threads[self.name] = "alive"
+            return
+        self.runtime.threads[self.name] = f"dead: {why}"
+        self.runtime.sources[self.name] = "stopped (reading thread died)"
+        raise ThreadDied(f"the thread reading {self.cfg.port} has died ({why})")
 
     def close(self) -> None:
         self._leave()
@@ -363,6 +399,13 @@ class SerialSource:
         return len(data)
 
     def _run(self) -> None:  # a URL port's own thread
+        try:
+            self._run_url()
+        except BaseException as exc:
+            log.critical("%s: the reading thread died: %r", self.name, exc, exc_info=exc)
+            raise
+
+    def _run_url(self) -> None:
         while not self._stop.is_set():
             ser = self._ser
             if ser is None:
@@ -489,7 +532,10 @@ class SerialSource:
             {"serial_device": device_id, "serial_boot": boot_id, "serial_seq": frame.seq},
         )
         # Collected per read chunk: one submission, one commit, one write of all the ACKs.
-        self._batch.append((alert, f"{device_id}/{boot_id}/{frame.seq}"))
+        # The port is part of the key: two devices on two ports that share ids (a boot
+        # counter instead of a random boot id) must never have each other's alerts
+        # taken for retransmissions.
+        self._batch.append((alert, f"{self._key_prefix}/{device_id}/{boot_id}/{frame.seq}"))
 
     def _take_batch(self) -> list[tuple[Alert, str]]:
         batch, self._batch = self._batch, []
@@ -501,14 +547,21 @@ class SerialSource:
             [(a, key) for a, key in batch], lambda r: self._answer(seqs, r), linger=LINGER
         )
 
-    def _answer(self, seqs: list[int], result: list[str] | BaseException) -> None:
-        """ACK what was committed (or already stored), NAK FULL what was not; the
-        writer's thread, after the commit."""
+    def _answer(self, seqs: list[int], result: Stored | BaseException, at: int = 0) -> None:
+        """ACK what was committed (or already stored), NAK FULL what was not, NAK PARSE
+        what can never be stored; the writer's thread, after the commit. `at`: where
+        these seqs' alerts start in the submitted batch."""
         if isinstance(result, BaseException):
-            if not isinstance(result, OutboxFull):
-                log.error("could not store alerts from %s: %s", self.cfg.name, result)
+            # Not stored, for now (full disk, locked file): FULL makes the device
+            # retransmit later, which is what it needs to do.
             self.runtime.rejected["serial_full"] += len(seqs)
             self._send_all([codec.Nak(s, codec.Reason.FULL.value) for s in seqs])
+        elif result.rejected:
+            bad = {i - at for i in result.rejected if at <= i < at + len(seqs)}
+            good = [s for i, s in enumerate(seqs) if i not in bad]
+            if good:
+                self._send_bytes(codec.encode_acks(good))
+            self._send_all([codec.Nak(seqs[i], codec.Reason.PARSE.value) for i in sorted(bad)])
         else:
             self._send_bytes(codec.encode_acks(seqs))
 
@@ -583,6 +636,6 @@ def _seqs(batch: list[tuple[Alert, str]]) -> list[int]:
     return [int(a.fields["serial_seq"] or 0) for a, _ in batch]
 
 
-def _ignore(result: list[str] | BaseException) -> None:
+def _ignore(result: Stored | BaseException) -> None:
     if isinstance(result, BaseException):
         log.error("lines mode: could not store alerts (legacy devices get no NAK): %s", result)

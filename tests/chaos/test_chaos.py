@@ -148,9 +148,20 @@ def _chaos(
     producer = threading.Thread(target=produce)
     producer.start()
     injected: collections.Counter[str] = collections.Counter()
-    kinds = ["kill9", "smtp_outage", "smtp_4xx", "broker_restart", "serial_vanish", "outbox_full"]
+    kinds = [
+        "kill9",
+        "smtp_outage",
+        "smtp_4xx",
+        "broker_restart",
+        "serial_vanish",
+        "outbox_full",
+        "poison",
+        "locked_at_start",
+        "sighup",
+    ]
     if small:
-        kinds.append("disk_full")
+        kinds += ["disk_full", "full_at_start"]
+    poison_sent: dict[str, str] = {}  # payload → the subject it arrives with (repaired)
     full_seen = 0
     exits: collections.Counter[str] = collections.Counter()
     try:
@@ -185,6 +196,31 @@ def _chaos(
                 pty.unplug()
                 time.sleep(rng.uniform(0.1, 1.0))
                 dev.reattach(pty.plug())
+            elif kind == "poison":
+                # Valid JSON that is not valid Unicode: repaired (U+FFFD), stored, mailed.
+                n = len(poison_sent)
+                payload = f'{{"message": "poison {n} \\ud800"}}'
+                pub.publish("alerts/chaos/x", payload)
+                poison_sent[payload] = f"poison {n} \ufffd"
+            elif kind == "locked_at_start":
+                # Another process holds the outbox, past SQLite's busy timeout at times.
+                gw.kill9()
+                holder = sqlite3.connect(tmp_path / "state" / "outbox.db", isolation_level=None)
+                holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+                holder.execute("BEGIN EXCLUSIVE")
+                holder.execute("UPDATE meta SET value = value WHERE key = 'next_seq'")
+                gw.start()
+                time.sleep(rng.uniform(0.5, 12.0))
+                holder.execute("ROLLBACK")
+                holder.close()
+            elif kind == "full_at_start":
+                gw.kill9()
+                with ballast(tmp_path / "state"):
+                    gw.start()
+                    time.sleep(rng.uniform(0.5, 3.0))
+            elif kind == "sighup":
+                assert gw.proc is not None
+                gw.proc.send_signal(signal.SIGHUP)
             if kind != "kill9" and not gw.alive:
                 exits[kind] += 1  # the daemon died of a fault it should ride out
                 gw.start()
@@ -197,6 +233,7 @@ def _chaos(
     wait_for(lambda: pub.settled, 60, "every publish acked or failed")
     dev.wait_acked(timeout=60)
     acked = set(pub.acked) | {serial_sent[s] for s in dev.acked if s in serial_sent}
+    acked = (acked - set(poison_sent)) | {poison_sent[p] for p in poison_sent if p in acked}
     subjects_seen: set[str] = set()
 
     def all_delivered() -> bool:
@@ -233,6 +270,7 @@ def _chaos(
     for r in received:
         by_id[r.message_id].add(str(r.message["Subject"]))
     published = {text for text, _ in pub._sent} | set(serial_sent.values())
+    published |= set(poison_sent.values())
     subjects = collections.Counter(str(r.message["Subject"]) for r in received)
     return {
         "seed": seed,
@@ -247,6 +285,7 @@ def _chaos(
         "integrity": integrity,
         "outbox_full_seen": full_seen,
         "daemon_exits": dict(exits),
+        "moved_aside": [p.name for p in (tmp_path / "state").glob("*.corrupt-*")],
     }
 
 
@@ -262,6 +301,7 @@ def _run(tmp_path: Path, faults: int) -> None:
     assert result["mixed_message_ids"] == []
     assert result["integrity"] == "ok"
     assert result["daemon_exits"] == {}
+    assert result["moved_aside"] == []  # a locked or full disk is never taken for corruption
     assert sum(result["faults"].values()) == faults  # type: ignore[attr-defined]
 
 
