@@ -101,14 +101,20 @@ def cmd_send(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    text = " ".join(args.message) if args.message else sys.stdin.read()
-    if not text.strip():
+    # Bytes, not text, whatever the locale: normalize() decodes with replacement and
+    # notes `non_utf8`, so a stray byte costs a character, not the alert. Arguments
+    # that were not UTF-8 come back to their bytes the same way (surrogateescape).
+    if args.message:
+        payload = os.fsencode(" ".join(args.message))
+    else:
+        payload = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    if not payload.strip():
         print("mailgw send: empty message; give MESSAGE or pipe it on stdin", file=sys.stderr)
         return 2
     sensor = clean_sensor(args.sensor)
-    topic = args.topic or f"local/{sensor}"
+    topic = os.fsencode(args.topic).decode("utf-8", "replace") if args.topic else f"local/{sensor}"
     alert = normalize(
-        text.rstrip("\n"),
+        payload.rstrip(b"\r\n"),
         Draft(topic=topic, source="local", sensor=sensor, severity=sev),
         parse_json=False,
     )

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.parts import DaemonProcess, wait_for
+from tests.parts import DaemonProcess, stored_alerts, wait_for
 
 ROUTE = '[[route]]\nmatch = "#"\nto = ["ops@example.com"]\n'
 
@@ -126,6 +126,18 @@ def test_root_runs_outbox_commands_as_the_outbox_owner(tmp_path: Path) -> None:
 
 
 # --- flush signals the daemon and nothing else ------------------------------------------
+
+
+def run_cli_bytes(*args: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
+    """run_cli with stdin as raw bytes (run_cli's text mode cannot send b"\\xff")."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        input=input,
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def write_status(cfg: Path, pid: object, **extra: object) -> Path:
@@ -318,3 +330,54 @@ def test_status_survives_a_malformed_status_file(write_config: Callable[..., Pat
             assert report["last_error"] is None
         else:
             assert report["daemon"]["pid"] is None
+
+
+# --- mailgw send takes bytes -----------------------------------------------------------
+
+
+def test_send_stores_non_utf8_stdin_with_a_note(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = str(write_config(ROUTE))
+    r = run_cli_bytes(
+        "send",
+        "-c",
+        cfg,
+        "--sensor",
+        "probe",
+        "--severity",
+        "warning",
+        input=b"temp \xff\xfe high\n",
+    )
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    alert_id = r.stdout.decode().strip()
+    assert stored_alerts(tmp_path / "state" / "outbox.db") == [
+        ("local/probe", "temp \ufffd\ufffd high", alert_id)
+    ]
+    shown = json.loads(run_cli("queue", "show", alert_id, "-c", cfg).stdout)
+    assert shown["notes"] == ["non_utf8"] and shown["message"] == "temp \ufffd\ufffd high"
+    # A non-UTF-8 argument (a shell's $'\xff') is taken the same way.
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "send",
+            "-c",
+            cfg,
+            "--sensor",
+            "p",
+            "--severity",
+            "info",
+            "--topic",
+            os.fsdecode(b"t/\xfe"),
+            os.fsdecode(b"x\xffy"),
+        ],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert ("t/\ufffd", "x\ufffdy", r.stdout.decode().strip()) in stored_alerts(
+        tmp_path / "state" / "outbox.db"
+    )
