@@ -12,6 +12,7 @@ import contextlib
 import faulthandler
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -163,6 +164,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
+# json.dumps escapes C0 controls itself; with ensure_ascii=False (readable non-ASCII
+# text) DEL, the C1 controls (0x9b is CSI), the line separators and the bidi
+# overrides would still reach the terminal raw. Outside strings JSON has none of
+# them, so escaping them as \uXXXX keeps the output the same JSON value.
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _terminal_json(value: object) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _open_rw(cfg: Config):  # type: ignore[no-untyped-def]
     from gateway import outbox
 
@@ -191,16 +204,21 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if not rows:
                 print(f"no messages in state {', '.join(states)}")
                 return 0
+            from gateway.status import printable
+
+            # Message and last_error are a sensor's and an SMTP server's words: shown
+            # with their control characters escaped, so they cannot move the cursor,
+            # clear the screen or forge other rows.
             print(f"{'ID':36}  {'STATE':8} {'ROUTE':10} {'TRIES':>5}  {'AGE':>6}  MESSAGE")
             for r in rows:
                 age = time.time() - r["received_at"]
-                msg = r["message"].replace("\n", " ")[:40]
+                msg = printable(r["message"].replace("\n", " ")[:40])
                 print(
-                    f"{r['id']:36}  {r['state']:8} {r['route'][:10]:10} {r['attempts']:5}  "
-                    f"{int(age // 60):5}m  {msg}"
+                    f"{printable(r['id']):36}  {r['state']:8} {printable(r['route'][:10]):10} "
+                    f"{r['attempts']:5}  {int(age // 60):5}m  {msg}"
                 )
                 if r["last_error"]:
-                    print(f"{'':38}└ {r['last_error'][:70]}")
+                    print(f"{'':38}└ {printable(r['last_error'][:70])}")
             return 0
         if args.action == "show":
             found = outbox.find(conn, args.id)
@@ -209,7 +227,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return 1
             alert, deliveries = found
             print(
-                json.dumps(
+                _terminal_json(
                     {
                         "id": alert.id,
                         "topic": alert.topic,
@@ -223,9 +241,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
                         "fields": dict(alert.fields),
                         "notes": list(alert.notes),
                         "deliveries": deliveries,
-                    },
-                    indent=2,
-                    ensure_ascii=False,
+                    }
                 )
             )
             return 0

@@ -236,24 +236,27 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"priority   {prios}")
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
     if d["running"]:
-        uplink = r.get("uplink") or "unknown"
+        uplink = printable(r.get("uplink") or "unknown")
         if uplink == "down" and r.get("next_probe_at"):
             uplink += f", next probe in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
         lines.append(f"uplink     {uplink}")
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")
-        lines.append(
-            f"error      {err + ' at ' + _when(r.get('last_error_at')) if err else 'none'}"
-        )
+        err_text = f"{printable(err)} at {_when(r.get('last_error_at'))}" if err else "none"
+        lines.append(f"error      {err_text}")
         if r.get("outbox_full"):
             lines.append("FULL       the outbox is full: sources are not acknowledging")
         sources = r.get("sources") or {}
         if sources:
-            lines.append("sources    " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+            lines.append(
+                "sources    "
+                + ", ".join(f"{printable(k)} {printable(v)}" for k, v in sorted(sources.items()))
+            )
     rejected = r.get("rejected") or {}
     lines.append(
-        "rejected   " + (", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "none")
+        "rejected   "
+        + (", ".join(f"{printable(k)}: {v}" for k, v in sorted(rejected.items())) or "none")
     )
     if r.get("outbox_error"):
-        lines.append(f"outbox     {r['outbox_error']}")
+        lines.append(f"outbox     {printable(r['outbox_error'])}")
     return "\n".join(lines)
