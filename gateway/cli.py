@@ -8,9 +8,11 @@ Heavy modules are imported inside the subcommand that needs them, so that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -100,14 +102,20 @@ def cmd_send(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    text = " ".join(args.message) if args.message else sys.stdin.read()
-    if not text.strip():
+    # Bytes, not text, whatever the locale: normalize() decodes with replacement and
+    # notes `non_utf8`, so a stray byte costs a character, not the alert. Arguments
+    # that were not UTF-8 come back to their bytes the same way (surrogateescape).
+    if args.message:
+        payload = os.fsencode(" ".join(args.message))
+    else:
+        payload = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    if not payload.strip():
         print("mailgw send: empty message; give MESSAGE or pipe it on stdin", file=sys.stderr)
         return 2
     sensor = clean_sensor(args.sensor)
-    topic = args.topic or f"local/{sensor}"
+    topic = os.fsencode(args.topic).decode("utf-8", "replace") if args.topic else f"local/{sensor}"
     alert = normalize(
-        text.rstrip("\n"),
+        payload.rstrip(b"\r\n"),
         Draft(topic=topic, source="local", sensor=sensor, severity=sev),
         parse_json=False,
     )
@@ -154,6 +162,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
+
+
+# json.dumps escapes C0 controls itself; with ensure_ascii=False (readable non-ASCII
+# text) DEL, the C1 controls (0x9b is CSI), the line separators and the bidi
+# overrides would still reach the terminal raw. Outside strings JSON has none of
+# them, so escaping them as \uXXXX keeps the output the same JSON value.
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _terminal_json(value: object) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _open_rw(cfg: Config):  # type: ignore[no-untyped-def]
@@ -225,16 +245,21 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if not rows:
                 print(f"no messages in state {', '.join(states)}")
                 return 0
+            from gateway.status import printable
+
+            # Message and last_error are a sensor's and an SMTP server's words: shown
+            # with their control characters escaped, so they cannot move the cursor,
+            # clear the screen or forge other rows.
             print(f"{'ID':36}  {'STATE':8} {'ROUTE':10} {'TRIES':>5}  {'AGE':>6}  MESSAGE")
             for r in rows:
                 age = time.time() - r["received_at"]
-                msg = r["message"].replace("\n", " ")[:40]
+                msg = printable(r["message"].replace("\n", " ")[:40])
                 print(
-                    f"{r['id']:36}  {r['state']:8} {r['route'][:10]:10} {r['attempts']:5}  "
-                    f"{int(age // 60):5}m  {msg}"
+                    f"{printable(r['id']):36}  {r['state']:8} {printable(r['route'][:10]):10} "
+                    f"{r['attempts']:5}  {int(age // 60):5}m  {msg}"
                 )
                 if r["last_error"]:
-                    print(f"{'':38}└ {r['last_error'][:70]}")
+                    print(f"{'':38}└ {printable(r['last_error'][:70])}")
             return 0
         if args.action == "show":
             found = outbox.find(conn, args.id)
@@ -243,7 +268,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return 1
             alert, deliveries = found
             print(
-                json.dumps(
+                _terminal_json(
                     {
                         "id": alert.id,
                         "topic": alert.topic,
@@ -257,9 +282,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
                         "fields": dict(alert.fields),
                         "notes": list(alert.notes),
                         "deliveries": deliveries,
-                    },
-                    indent=2,
-                    ensure_ascii=False,
+                    }
                 )
             )
             return 0
@@ -283,29 +306,161 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 2
 
 
+def _is_daemon_cmdline(argv: list[str]) -> bool:
+    """`mailgw run ...`, `python [opts] /path/mailgw run ...` or `python [opts] -m gateway run`.
+
+    The console script is a Python script, so under systemd the kernel's argv is
+    `python3 /opt/mailgw/bin/mailgw run -c ...`; argparse puts `run` first after it.
+    """
+    if not argv:
+        return False
+    rest: list[str] | None = None
+    if os.path.basename(argv[0]) == "mailgw":
+        rest = argv[1:]
+    elif os.path.basename(argv[0]).startswith("python"):
+        i = 1
+        while i < len(argv):
+            arg = argv[i]
+            if arg == "-m":
+                if argv[i + 1 : i + 2] in (["gateway"], ["gateway.__main__"]):
+                    rest = argv[i + 2 :]
+                break
+            if arg in ("-X", "-W"):  # options that take a separate argument
+                i += 2
+            elif arg.startswith("-"):
+                if arg == "-c":
+                    break  # a -c program is not the daemon, whatever follows
+                i += 1
+            else:
+                if os.path.basename(arg) == "mailgw":
+                    rest = argv[i + 1 :]
+                break
+    return rest is not None and rest[:1] == ["run"]
+
+
+def _daemon_problem(cfg: Config, pid: object) -> str | None:
+    """Why `pid` is not the mailgw daemon that owns this state_dir, or None if it is.
+
+    status.json sits in a directory the service account writes, and `mailgw flush`
+    is often run as root: a pid of -1 there would signal every process on the
+    machine, a negative one a process group, 0 our own group, and any other number
+    some unrelated process. So the pid must be a plain number > 1 of a process that
+    runs as the owner of the state directory (or of the outbox) and whose command
+    line is `mailgw run`. The account can then at most make us signal a process of
+    its own, which it could do itself.
+    """
+    if type(pid) is not int or pid <= 1:
+        return f"the status file names pid {pid!r}, which is not a process id"
+    proc = Path(f"/proc/{pid}")
+    try:
+        uid = _proc_uid(proc / "status")
+        argv = [a.decode("utf-8", "replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
+    except FileNotFoundError:
+        return f"the status file names pid {pid}, which is not running"
+    except (OSError, ValueError) as exc:
+        return f"cannot inspect pid {pid}: {exc}"
+    while argv and not argv[-1]:
+        argv.pop()
+    owners = set()
+    for path in (cfg.gateway.state_dir, cfg.outbox_path):
+        with contextlib.suppress(OSError):
+            owners.add(path.stat().st_uid)
+    if not owners:
+        return f"{cfg.gateway.state_dir} does not exist, so no daemon runs on it"
+    if uid not in owners:
+        return (
+            f"pid {pid} runs as uid {uid}, not as the owner of {cfg.gateway.state_dir} "
+            f"(uid {', '.join(str(o) for o in sorted(owners))})"
+        )
+    if not _is_daemon_cmdline(argv):
+        from gateway.status import printable
+
+        shown = printable(" ".join(argv)[:200]) or "(no command line)"
+        return f"pid {pid} is not a mailgw daemon: its command line is {shown}"
+    return None
+
+
+def _proc_uid(status_file: Path) -> int:
+    """The real uid of a process, from /proc/PID/status: /proc/PID itself belongs to
+    root when the process is not dumpable, its status line never lies."""
+    for line in status_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise ValueError(f"no Uid line in {status_file}")
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for `pid`, or None where the kernel or Python has none (then kill(2))."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
+    except OSError:
+        return None
+
+
 def _signal_daemon(cfg: Config, quiet: bool = False) -> bool:
     from gateway.status import read_runtime
 
-    rt = read_runtime(_paths(cfg)[1])
+    path = _paths(cfg)[1]
+    rt = read_runtime(path)
     if rt is None:
-        if not quiet:
+        if not quiet and path.exists():
+            print(
+                f"mailgw: not signalling: {path} names no live daemon (stale or malformed), "
+                "so the daemon looks not running; start it with `systemctl start mailgw`, "
+                "or if it runs, use `systemctl kill -s USR1 mailgw`",
+                file=sys.stderr,
+            )
+        elif not quiet:
             print(
                 "mailgw: the daemon is not running (no live status in "
                 f"{cfg.gateway.runtime_dir}); start it with `systemctl start mailgw`",
                 file=sys.stderr,
             )
         return False
+    pid = rt["pid"]
+    # A pidfd pins the process we inspect: the signal cannot reach another process
+    # that took the pid over between the check and the kill.
+    problem: str | None
     try:
-        os.kill(int(rt["pid"]), signal.SIGUSR1)
-    except PermissionError:
-        if not quiet:
-            print(
-                f"mailgw: not allowed to signal pid {rt['pid']}; run as root or use "
-                "`systemctl kill -s USR1 mailgw`",
-                file=sys.stderr,
-            )
-        return False
-    return True
+        pidfd = _open_pidfd(pid)
+    except ProcessLookupError:
+        pidfd, problem = None, f"the status file names pid {pid}, which is not running"
+    else:
+        problem = _daemon_problem(cfg, pid)
+    try:
+        if problem is not None:
+            if not quiet:
+                print(
+                    f"mailgw: not signalling: {problem}. If the daemon runs under systemd, "
+                    "use `systemctl kill -s USR1 mailgw`",
+                    file=sys.stderr,
+                )
+            return False
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
+            else:
+                os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            if not quiet:
+                print(f"mailgw: the daemon (pid {pid}) has just exited", file=sys.stderr)
+            return False
+        except PermissionError:
+            if not quiet:
+                print(
+                    f"mailgw: not allowed to signal pid {pid}; run as root or use "
+                    "`systemctl kill -s USR1 mailgw`",
+                    file=sys.stderr,
+                )
+            return False
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def cmd_flush(args: argparse.Namespace) -> int:

@@ -4,6 +4,17 @@ Alert text comes from sensors and is hostile by assumption. It reaches headers
 only through `_header_text`, which folds every line break and control character
 into a space, so no payload can add a header line or a recipient (the
 recipients come from the route alone); non-ASCII is then RFC 2047-encoded.
+
+In the body, a value shown on one line (sensor, topic, event time, a field)
+passes through `_one_line`, so it cannot add lines that pose as the gateway's
+own; the message text keeps its line breaks, but `_body_lines` makes every one
+of them (CR LF, a lone CR, NEL, U+2028) a plain LF before encoding, and the
+encoder turns each LF into CR LF. So the bytes handed to SMTP have no bare CR
+or LF, and a "." line cannot end DATA early whatever the client's dot-stuffing
+(RFC 5321 §4.1.1.4, §2.3.8: the "SMTP smuggling" of 2023 relied on bare line ends).
+
+Headers we build are folded (RFC 5322 §2.2.3) before a space, so no line passes
+78 octets where a break is possible, and none passes 998 (§2.1.1).
 """
 
 from __future__ import annotations
@@ -26,6 +37,36 @@ from gateway.routing import render
 
 _FOLD = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
 MAX_SUBJECT = 200
+LINE_SHOULD = 78  # RFC 5322 §2.1.1: lines SHOULD be at most 78 octets, MUST be 998
+
+# Any line break Python or a mail reader might honour (str.splitlines' set).
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+# Controls that are not line breaks, kept out of the body; tab is text.
+_BODY_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]")
+
+
+def _picture(m: re.Match[str]) -> str:
+    """A control character as its Unicode control picture (U+2400...): visible, inert."""
+    c = ord(m.group())
+    if c < 0x20:
+        return chr(0x2400 + c)
+    if c == 0x7F:
+        return "\u2421"  # ␡
+    return "\u2424" if c in (0x85, 0x2028, 0x2029) else "\ufffd"  # ␤ for the line breaks
+
+
+_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """A value shown on one body line: every control, CR and LF included, made a
+    visible control picture, so CR LF "." CR LF "MAIL FROM:" stays one inert line."""
+    return _ONE_LINE.sub(_picture, text)
+
+
+def _body_lines(text: str) -> str:
+    """The body with every line break a plain LF and no other control but tab."""
+    return _BODY_CONTROL.sub(_picture, _LINE_BREAK.sub("\n", text))
 
 
 def _header_text(text: str, limit: int = 998) -> str:
@@ -64,57 +105,85 @@ def default_body(alert: Alert, device_id: str, now: Stamp) -> str:
     lines = [
         alert.message,
         "",
-        f"device:     {device_id}",
+        f"device:     {_one_line(device_id)}",
         f"severity:   {alert.severity}",
-        f"sensor:     {alert.sensor}",
-        f"topic:      {alert.topic}",
-        f"source:     {alert.source}",
+        f"sensor:     {_one_line(alert.sensor)}",
+        f"topic:      {_one_line(alert.topic)}",
+        f"source:     {_one_line(alert.source)}",
         f"received:   {received}",
     ]
     if alert.event_time:
-        lines.append(f"event time: {alert.event_time} (the sensor's clock)")
-    lines.append(f"alert id:   {alert.id}")
+        lines.append(f"event time: {_one_line(alert.event_time)} (the sensor's clock)")
+    lines.append(f"alert id:   {_one_line(alert.id)}")
     for key, value in sorted(alert.fields.items()):
-        lines.append(f"{key}: {value}")
+        lines.append(f"{_one_line(key)}: {_one_line(str(value))}")
     if alert.notes:
-        lines.append(f"input notes: {', '.join(alert.notes)} (the payload was sanitised)")
+        notes = ", ".join(_one_line(n) for n in alert.notes)
+        lines.append(f"input notes: {notes} (the payload was sanitised)")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
-def _encoded(text: str) -> str:
-    """An unstructured header value: as is when ASCII, else RFC 2047 encoded-words.
-
-    Base64 words of at most 45 bytes (60 encoded: a 75-character word, §2), cut at
-    character boundaries, folded onto continuation lines. email.header does the
-    same but took 5 ms for a 200-character subject (its length estimates are
-    quadratic); this is linear.
+def _encoded_words(text: str) -> list[str]:
+    """RFC 2047 encoded-words for `text`: base64 of at most 36 bytes each (48
+    encoded, a 60-character word), cut at character boundaries, so that the
+    first word fits on a line after a header name of up to 16 characters
+    ("X-Mailgw-Topic: ") within 78 octets. email.header does the same but took
+    5 ms for a 200-character subject (its length estimates are quadratic); this
+    is linear. Whitespace between encoded-words is not part of the text (§6.2).
     """
-    if text.isascii():
-        return text
     words: list[str] = []
     chunk = b""
     for ch in text:
-        raw = ch.encode("utf-8")
-        if len(chunk) + len(raw) > 45:
+        raw = ch.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+        if len(chunk) + len(raw) > 36:
             words.append(chunk.decode("utf-8"))
             chunk = b""
         chunk += raw
     if chunk:
         words.append(chunk.decode("utf-8"))
-    return "\r\n ".join(
-        f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words
-    )
+    return [f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words]
 
 
-def _address_list(addresses: tuple[str, ...]) -> str:
-    return ", ".join(_address(a) for a in addresses)
+def _address_list(addresses: tuple[str, ...]) -> list[str]:
+    """Each address with the comma that separates it from the next (§3.4)."""
+    out = [_address(a) for a in addresses]
+    return [a + "," for a in out[:-1]] + out[-1:]
 
 
 def _address(text: str) -> str:
-    name, addr = parseaddr(text)
+    # Config addresses are checked for line breaks; _header_text keeps it so here.
+    name, addr = parseaddr(_header_text(text))
     return formataddr((name, addr), charset="utf-8") if name else addr
+
+
+def _fold(name: str, words: list[str]) -> str:
+    """`Name: w1 w2 ...` with CR LF + space before a word that would take the line
+    past 78 octets (RFC 5322 §2.2.3: unfolding removes the CR LF, the space stays).
+
+    A word is never cut: a line only passes 78 when one word does (an address
+    with a long display name, a long run of ASCII without a space); the words we
+    make stay far below 998 (subject and topic are cut at 200 characters first).
+    No line is left blank (§3.2.2 forbids a folded line of only whitespace), so a
+    fold follows a non-blank word.
+    """
+    lines = [f"{name}:"]
+    for word in words:
+        line = lines[-1]
+        if len(line) + 1 + len(word) > LINE_SHOULD and line.strip() and line != f"{name}:":
+            lines.append(f" {word}")
+        else:
+            lines[-1] = f"{line} {word}"
+    return "\r\n".join(lines)
+
+
+def _unstructured(name: str, text: str) -> str:
+    """An unstructured header (Subject, X-Mailgw-Topic), folded at spaces; non-ASCII
+    text becomes RFC 2047 encoded-words (which are then the fold points)."""
+    if text.isascii():
+        return _fold(name, text.split(" "))
+    return _fold(name, _encoded_words(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +220,7 @@ def compose(
     subject = _header_text(render(route.subject, values), MAX_SUBJECT)
     mid = message_id(alert, route.name, device_id)
     extra = [
-        f"X-Mailgw-Topic: {_encoded(_header_text(alert.topic, 200))}",
+        _unstructured("X-Mailgw-Topic", _header_text(alert.topic, 200)),
         f"X-Mailgw-Severity: {alert.severity}",
         f"X-Mailgw-Alert-Id: {alert.id}",
     ]
@@ -159,7 +228,13 @@ def compose(
         extra.append(f"X-Mailgw-Repeats: {len(repeats)}")
     if alert.severity >= Severity.CRITICAL:
         extra += ["Importance: high", "X-Priority: 1"]
-    body = render(route.body, values) if route.body else default_body(alert, device_id, now)
+    if route.body:
+        # A template places values where it likes; all but the message are one-liners.
+        body = render(
+            route.body, {k: v if k == "message" else _one_line(v) for k, v in values.items()}
+        )
+    else:
+        body = default_body(alert, device_id, now)
     if repeats:
         last, _ = receipt_text(repeats[-1], now)
         body += (
@@ -181,13 +256,13 @@ def _message(
     recipients: tuple[str, ...] | None,
 ) -> Composed:
     headers = [
-        f"From: {_address(sender)}",
-        f"To: {_address_list(route.to)}",
+        _fold("From", [_address(sender)]),
+        _fold("To", _address_list(route.to)),
     ]
     if route.cc:
-        headers.append(f"Cc: {_address_list(route.cc)}")
+        headers.append(_fold("Cc", _address_list(route.cc)))
     headers += [
-        f"Subject: {_encoded(subject)}",
+        _unstructured("Subject", subject),
         f"Date: {format_datetime(datetime.fromtimestamp(now.wall, UTC))}",
         f"Message-ID: {mid}",
         "Auto-Submitted: auto-generated",
@@ -197,7 +272,9 @@ def _message(
         'Content-Type: text/plain; charset="utf-8"',
         "Content-Transfer-Encoding: quoted-printable",
     ]
-    qp = binascii.b2a_qp(body.replace("\r\n", "\n").encode("utf-8"), istext=True)
+    # b2a_qp passes a bare CR through and encodes a lone "." line as "=2E"; with
+    # every break an LF first, replacing LF by CR LF leaves none bare.
+    qp = binascii.b2a_qp(_body_lines(body).encode("utf-8", "replace"), istext=True)
     data = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + qp.replace(b"\n", b"\r\n")
     rcpts = (
         recipients
@@ -250,7 +327,10 @@ def compose_digest(
         t0, _ = receipt_text(first, now)
         t1, _ = receipt_text(last, now)
         text = _header_text(first.message, 300)
-        body.append(f"{count:>6} x  {t0} .. {t1}  [{first.severity}] {first.topic}: {text}")
+        body.append(
+            f"{count:>6} x  {t0} .. {t1}  [{first.severity}] {_one_line(first.topic)}: "
+            f"{_one_line(text)}"
+        )
     body += ["", f"alert ids: {alerts[0].id} .. {alerts[-1].id}"]
     extra = [
         f"X-Mailgw-Digest: {len(alerts)}",

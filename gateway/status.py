@@ -8,13 +8,15 @@ wear). `mailgw status` combines that file with queue counts read from the outbox
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from gateway import outbox
 
@@ -75,19 +77,72 @@ class Runtime:
         os.replace(tmp, path)
 
 
+def _is_number(v: object) -> TypeGuard[int | float]:
+    """A JSON number that means one: not a bool (an int subclass), not inf or NaN."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_runtime(path: Path) -> dict[str, Any] | None:
-    """The daemon's last status, or None if no live daemon wrote one."""
+    """The daemon's last status, or None if no live daemon wrote one.
+
+    The file lives in a directory the service account can write, so it is input,
+    not truth: whatever it holds (not JSON, not an object, a pid of "-1" or 0, keys
+    missing or of the wrong type), the result is either None or a dict whose `pid`
+    is an int > 1 of a live process, whose `started_at` is a number, and whose other
+    keys have the types `Runtime` writes (anything else becomes its empty value).
+    `mailgw flush` signals that pid only after checking that it is the daemon's.
+    """
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    if not isinstance(raw, dict):
+        return None
+    pid = raw.get("pid")
+    # bool is an int; a negative pid names a process group, 0 our own, 1 is init.
+    if type(pid) is not int or pid <= 1:
+        return None
+    started_at = raw.get("started_at")
+    if not _is_number(started_at):
+        return None  # every status the daemon writes has both: this one is not its
     try:
-        os.kill(int(data["pid"]), 0)
-    except (KeyError, ValueError, ProcessLookupError):
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
         return None
     except PermissionError:
         pass  # alive, owned by the service user
-    return data
+
+    def number(key: str) -> float | None:
+        v = raw.get(key)
+        return float(v) if _is_number(v) else None
+
+    def counts(key: str) -> dict[str, int]:
+        v = raw.get(key)
+        if not isinstance(v, dict):
+            return {}
+        return {k: n for k, n in v.items() if isinstance(k, str) and type(n) is int}
+
+    sources = raw.get("sources")
+    uplink = raw.get("uplink")
+    last_error = raw.get("last_error")
+    return {
+        "pid": pid,
+        "started_at": float(started_at),
+        "written_at": number("written_at"),
+        "rejected": counts("rejected"),
+        "sanitised": counts("sanitised"),
+        "ingested": counts("ingested"),
+        "relay_attempts": counts("relay_attempts"),
+        "last_success": number("last_success"),
+        "last_error": last_error if isinstance(last_error, str) else None,
+        "last_error_at": number("last_error_at"),
+        "uplink": uplink if isinstance(uplink, str) else "unknown",
+        "next_probe_at": number("next_probe_at"),
+        "sources": {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(sources, dict)
+        else {},
+        "outbox_full": raw.get("outbox_full") is True,
+    }
 
 
 def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -161,6 +216,24 @@ def _when(ts: float | None) -> str:
     )
 
 
+# What must not reach a terminal raw: C0 and C1 controls and DEL (a CR rewrites the
+# line, ESC and CSI (0x9b) start escape sequences that clear the screen or retitle the
+# window), the Unicode line separators, and the bidi overrides that reorder what is
+# shown. SMTP replies (last_error) and sensor text are hostile by assumption.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _SHORT_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: object) -> str:
+    """`text` for a terminal: control characters as visible escapes (\\r, \\x1b, \\u202e)."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
 def render(r: dict[str, Any]) -> str:
     d = r["daemon"]
     lines = [
@@ -177,15 +250,14 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"priority   {prios}")
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
     if d["running"]:
-        uplink = r.get("uplink") or "unknown"
+        uplink = printable(r.get("uplink") or "unknown")
         if uplink == "down" and r.get("next_probe_at"):
             uplink += f", next probe in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
         lines.append(f"uplink     {uplink}")
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")
-        lines.append(
-            f"error      {err + ' at ' + _when(r.get('last_error_at')) if err else 'none'}"
-        )
+        err_text = f"{printable(err)} at {_when(r.get('last_error_at'))}" if err else "none"
+        lines.append(f"error      {err_text}")
         if r.get("outbox_full"):
             lines.append("FULL       the outbox is full: sources are not acknowledging")
         if r.get("store_error"):
@@ -198,11 +270,15 @@ def render(r: dict[str, Any]) -> str:
             lines.append("THREADS    " + ", ".join(f"{k} {v}" for k, v in sorted(dead.items())))
         sources = r.get("sources") or {}
         if sources:
-            lines.append("sources    " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+            lines.append(
+                "sources    "
+                + ", ".join(f"{printable(k)} {printable(v)}" for k, v in sorted(sources.items()))
+            )
     rejected = r.get("rejected") or {}
     lines.append(
-        "rejected   " + (", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "none")
+        "rejected   "
+        + (", ".join(f"{printable(k)}: {v}" for k, v in sorted(rejected.items())) or "none")
     )
     if r.get("outbox_error"):
-        lines.append(f"outbox     {r['outbox_error']}")
+        lines.append(f"outbox     {printable(r['outbox_error'])}")
     return "\n".join(lines)
