@@ -125,6 +125,8 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
     sources = raw.get("sources")
     uplink = raw.get("uplink")
     last_error = raw.get("last_error")
+    store_error = raw.get("store_error")
+    threads = raw.get("threads")
     return {
         "pid": pid,
         "started_at": float(started_at),
@@ -142,6 +144,13 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         if isinstance(sources, dict)
         else {},
         "outbox_full": raw.get("outbox_full") is True,
+        "received": counts("received"),
+        "store_failures": n if type(n := raw.get("store_failures")) is int else 0,
+        "store_error": store_error if isinstance(store_error, str) else None,
+        "store_failing_since": number("store_failing_since"),
+        "threads": {k: v for k, v in threads.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(threads, dict)
+        else {},
     }
 
 
@@ -263,11 +272,14 @@ def render(r: dict[str, Any]) -> str:
         if r.get("store_error"):
             lines.append(
                 f"STORE      failing since {_when(r.get('store_failing_since'))}: "
-                f"{r['store_error']} (alerts stay unacknowledged and are retried)"
+                f"{printable(r['store_error'])} (alerts stay unacknowledged and are retried)"
             )
         dead = {k: v for k, v in (r.get("threads") or {}).items() if v != "alive"}
         if dead:
-            lines.append("THREADS    " + ", ".join(f"{k} {v}" for k, v in sorted(dead.items())))
+            lines.append(
+                "THREADS    "
+                + ", ".join(f"{printable(k)} {printable(v)}" for k, v in sorted(dead.items()))
+            )
         sources = r.get("sources") or {}
         if sources:
             lines.append(

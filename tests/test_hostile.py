@@ -488,13 +488,21 @@ def test_a_store_failing_for_long_withholds_the_watchdog(tmp_path: Path) -> None
         assert d.writer is not None
         seen.append(d.healthy())
         d.writer.failing_since = time.monotonic() - 1000  # as if locked for 1000 s
+        d.writer.last_failure = "cannot write the outbox: database is locked"
         seen.append(d.healthy())
+        # What `mailgw status` shows, through the status file as the CLI reads it.
+        time.sleep(2.5)  # housekeeping writes the file every 2 s
+        from tests.conftest import run_cli
+
+        shown.append(run_cli("status", "-c", str(cfg)).stdout)
         d.writer.failing_since = None
         os.kill(os.getpid(), signal.SIGTERM)
 
+    shown: list[str] = []
     rc, _ = run_daemon_until(cfg, inject)
     assert rc == 0 and seen[0] is None
     assert seen[1] is not None and "failed to store alerts" in seen[1]
+    assert "STORE      failing since" in shown[0] and "database is locked" in shown[0]
 
 
 def test_normalize_never_lets_a_surrogate_through() -> None:
