@@ -38,7 +38,7 @@ def read_secret(cfg: SmtpSection) -> tuple[str, str] | None:
     if not cfg.username:
         return None
     if cfg.oauth_token_file:
-        return "token", Path(cfg.oauth_token_file).read_text().strip()
+        return "token", _read(Path(cfg.oauth_token_file), str(cfg.oauth_token_file)).strip()
     if cfg.password_file:
         return "password", _nonempty(Path(cfg.password_file), str(cfg.password_file))
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -55,8 +55,22 @@ def read_secret(cfg: SmtpSection) -> tuple[str, str] | None:
     )
 
 
+def _read(path: Path, where: str) -> str:
+    """The secret file as UTF-8 text, or UplinkDown saying what to fix (never the bytes:
+    they are the secret). check-config refuses the same files when it can read them."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UplinkDown(
+            f"the secret in {where} is not UTF-8 text: save it as UTF-8, then "
+            "systemctl restart mailgw"
+        ) from None
+    except OSError as exc:
+        raise UplinkDown(f"cannot read the secret in {where}: {exc.strerror or exc}") from None
+
+
 def _nonempty(path: Path, where: str) -> str:
-    secret = path.read_text().rstrip("\r\n")
+    secret = _read(path, where).rstrip("\r\n")
     if not secret:
         raise UplinkDown(
             f"smtp.username is set but the password in {where} is empty or missing: write "

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from gateway.config import (
     parse_duration,
     parse_size,
 )
+from gateway.smtp import UplinkDown, read_secret
 from tests.conftest import run_cli
 
 MINIMAL = """
@@ -226,3 +228,225 @@ def test_route_test_explains_routing(tmp_path: Path) -> None:
 def test_default_device_id_is_hostname() -> None:
     cfg = parse("")
     assert cfg.gateway.device_id == socket.gethostname()
+
+
+# --- invariant 10: what check-config accepts, the daemon runs -----------------------
+
+SMTP_BLOCK = '[smtp]\nhost = "mx.example.com"\nfrom = "gw@example.com"\n'
+ROUTE_BLOCK = '[[route]]\nmatch = "#"\n'
+
+
+def _check_config_refuses(path: Path, key: str, line_marker: str, says: str) -> None:
+    """check-config exits 2 and names `key` on the line holding `line_marker`."""
+    lines = path.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.startswith(line_marker))
+    r = run_cli("check-config", "-c", str(path))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"{path}:{line}: {key}: " in r.stderr, r.stderr
+    assert says in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "marker", "says"),
+    [
+        # 1. addresses: non-ASCII domains are IDNA-encoded, or refused when they cannot be
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + f'to = ["ops@{"ä" * 70}.de"]\n',
+            "route[0].to",
+            "to =",
+            "cannot be encoded as an international domain name",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["jürgen@example.com"]\n',
+            "route[0].to",
+            "to =",
+            "needs SMTPUTF8",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["ops@example.com"]\ncc = ["nüll@example.com"]\n',
+            "route[0].cc",
+            "cc =",
+            "needs SMTPUTF8",
+        ),
+        (
+            '[smtp]\nhost = "mx.example.com"\nfrom = "Gateway <gw@straße.de>"\n',
+            "smtp.from",
+            "from =",
+            "write the domain in its xn-- form",
+        ),
+        # 2. helo_name: an RFC 5321 Domain or address literal
+        (
+            SMTP_BLOCK + 'helo_name = "my host"\n',
+            "smtp.helo_name",
+            "helo_name",
+            "is not a host name",
+        ),
+        (
+            SMTP_BLOCK + 'helo_name = "gw-müller"\n',
+            "smtp.helo_name",
+            "helo_name",
+            "write its IDNA form 'xn--gw-mller-",
+        ),
+        (SMTP_BLOCK + 'helo_name = "[300.1.1.1]"\n', "smtp.helo_name", "helo_name", "literal"),
+        # 4. durations and rates that divide by zero or overflow
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["a@example.com"]\nrate_limit = "1/0s"\n',
+            "route[0].rate_limit",
+            "rate_limit",
+            "a zero period would divide by zero",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["a@example.com"]\nrate_limit = "0/h"\n',
+            "route[0].rate_limit",
+            "rate_limit",
+            "mails per period",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + f'to = ["a@example.com"]\ndedupe_window = "{"9" * 400}s"\n',
+            "route[0].dedupe_window",
+            "dedupe_window",
+            "must be at most 3650d",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["a@example.com"]\ndigest_every = "0s"\n',
+            "route[0].digest_every",
+            "digest_every",
+            "must be at least 1s",
+        ),
+        ('[outbox]\ncommit_interval = "1h"\n', "outbox.commit_interval", "commit_interval", "1s"),
+        (SMTP_BLOCK + 'timeout = "30d"\n', "smtp.timeout", "timeout", "must be at most 1h"),
+        # 5. one address per entry, no controls, nothing the parser would rewrite
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["a@example.com, b@example.com"]\n',
+            "route[0].to",
+            "to =",
+            "write one address per list entry",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["ops@example.com\\u0007"]\n',
+            "route[0].to",
+            "to =",
+            "control character",
+        ),
+        (
+            SMTP_BLOCK + ROUTE_BLOCK + 'to = ["ops @example.com"]\n',
+            "route[0].to",
+            "to =",
+            "would be read as 'ops@example.com'",
+        ),
+        # 6. MQTT credentials only over TLS unless the broker is on loopback
+        (
+            '[mqtt]\nhost = "broker.example.com"\nusername = "gw"\n',
+            "mqtt.tls",
+            "[mqtt]",
+            "credentials would travel in clear",
+        ),
+        # 7. other values that would stop a source or the relay later
+        ("[mqtt]\nport = 0\n", "mqtt.port", "port", "between 1 and 65535"),
+        ("[mqtt]\ntopics = []\n", "mqtt.topics", "topics", "at least one topic filter"),
+        ('[mqtt]\ntopics = ["alerts/\\u0001"]\n', "mqtt.topics", "topics", "U+0001"),
+        ("[mqtt]\nmax_payload = 0\n", "mqtt.max_payload", "max_payload", "between 1 and"),
+        ('[mqtt]\nhost = ""\n', "mqtt.host", "host", "not a host name or IP address"),
+        (
+            '[smtp]\nhost = "mx.example.com:587"\nfrom = "gw@example.com"\n',
+            "smtp.host",
+            "host",
+            "put the port in `port`",
+        ),
+        ("[outbox]\nmax_messages = -5\n", "outbox.max_messages", "max_messages", "between"),
+        (
+            '[[serial]]\nport = "/dev/ttyS0"\nprotocol = "lines"\n'
+            'line_regex = "(?P<sensr>\\\\w+): (?P<message>.*)"\n',
+            "serial[0].line_regex",
+            "line_regex",
+            "named groups sensr that nothing reads",
+        ),
+        ('[[serial]]\nport = "/dev/ttyS0"\nname = "a/b"\n', "serial[0].name", "name", "topic"),
+        ('[[serial]]\nport = ""\n', "serial[0].port", "port", "cannot be empty"),
+    ],
+)
+def test_check_config_refuses_what_the_daemon_cannot_run(
+    write_config: Callable[..., Path], extra: str, key: str, marker: str, says: str
+) -> None:
+    path = write_config(extra)
+    _check_config_refuses(path, key, marker, says)
+
+
+def _secret(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "secret"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[smtp]\nhost = "mx.example.com"\nfrom = "gw@example.com"\nusername = "gw"\n', "smtp"),
+        ('[mqtt]\nhost = "127.0.0.1"\nusername = "gw"\n', "mqtt"),
+    ],
+)
+def test_check_config_refuses_a_password_file_that_is_not_utf8(
+    tmp_path: Path, write_config: Callable[..., Path], section: str, key: str
+) -> None:
+    pw = _secret(tmp_path, "pässwort\n".encode("latin-1"))
+    path = write_config(f'{section}password_file = "{pw}"\n')
+    _check_config_refuses(path, f"{key}.password_file", "password_file", "is not UTF-8 text")
+    r = run_cli("check-config", "-c", str(path))
+    assert "pässwort" not in r.stderr and "0xe4" not in r.stderr  # no part of the secret
+
+
+def test_check_config_refuses_an_oauth_token_file_that_is_not_utf8(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    token = _secret(tmp_path, b"\xff\xfetoken")
+    path = write_config(SMTP_BLOCK + f'username = "gw"\noauth_token_file = "{token}"\n')
+    _check_config_refuses(path, "smtp.oauth_token_file", "oauth_token_file", "is not UTF-8")
+
+
+def test_relay_reads_a_non_utf8_secret_as_a_clear_error(tmp_path: Path) -> None:
+    """The file may change after check-config: the relay says what to fix, no traceback."""
+    pw = _secret(tmp_path, b"s3cret\n")
+    cfg = parse(f'{SMTP_BLOCK}username = "gw"\npassword_file = "{pw}"\n')
+    assert cfg.smtp is not None
+    assert read_secret(cfg.smtp) == ("password", "s3cret")
+    pw.write_bytes("pässwort".encode("latin-1"))
+    with pytest.raises(UplinkDown, match="is not UTF-8 text") as info:
+        read_secret(cfg.smtp)
+    assert "pässwort" not in str(info.value)
+
+
+def test_idna_recipient_and_non_ascii_sender_name_are_relayed(tmp_path: Path) -> None:
+    """check-config accepts them, so the daemon must relay them: RCPT gets the IDNA form,
+    the headers are well-formed, the display name survives as RFC 2047."""
+    from tests.parts import DaemonProcess, SmtpServer
+
+    with SmtpServer(None, "none") as smtp:
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            f'[gateway]\ndevice_id = "gw-idna"\nstate_dir = "{tmp_path}/state"\n'
+            f'runtime_dir = "{tmp_path}/run"\n'
+            f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\ntls = "none"\n'
+            'from = "Kühlraum Süd <gw@example.com>"\ntimeout = "2s"\n'
+            '[[route]]\nname = "ops"\nmatch = "#"\nto = ["alarm@müller-kälte.de"]\n'
+            'cc = ["Jörg Bäcker <joerg@bäckerei.example>"]\n'
+        )
+        r = run_cli("check-config", "-c", str(cfg))
+        assert r.returncode == 0, r.stderr
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready()
+        sent = run_cli("send", "-c", str(cfg), "--sensor", "door", "--severity", "warning", "open")
+        assert sent.returncode == 0, sent.stderr
+        (got,) = smtp.wait_for(1, timeout=20)
+        assert gw.terminate() == 0
+    assert got.sender == "gw@example.com"
+    assert got.recipients == ["alarm@xn--mller-klte-w5a5z.de", "joerg@xn--bckerei-5wa.example"]
+    assert got.data.isascii()
+    msg = got.message
+    (to,) = msg["To"].addresses
+    assert (to.display_name, to.addr_spec) == ("", "alarm@xn--mller-klte-w5a5z.de")
+    (cc,) = msg["Cc"].addresses
+    assert (cc.display_name, cc.addr_spec) == ("Jörg Bäcker", "joerg@xn--bckerei-5wa.example")
+    (sender,) = msg["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == ("Kühlraum Süd", "gw@example.com")
+    assert not msg.defects and not any(msg[h].defects for h in ("From", "To", "Cc"))
