@@ -360,7 +360,8 @@ def exercise(cfg: Config, smtp: SmtpServer) -> None:
             assert got.recipients == list(mails[0].recipients)
             assert "x@evil.example" not in str(got.message["Bcc"] or "")
     daemon = Daemon(cfg)
-    daemon.open()  # outbox, writer, relay, the MQTT client (secret, TLS), serial sources
+    # Outbox, writer, relay, the MQTT client (secret, TLS), serial sources.
+    daemon.open(daemon._open_outbox())
     try:
         assert daemon.writer is not None and daemon.writer.alive
     finally:

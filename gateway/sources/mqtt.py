@@ -141,7 +141,18 @@ class MqttSource:
         if self.cfg.username:
             password = None
             if self.cfg.password_file:
-                password = Path(self.cfg.password_file).read_text().rstrip("\r\n")
+                try:
+                    text = Path(self.cfg.password_file).read_text(encoding="utf-8")
+                    password = text.rstrip("\r\n")
+                except (OSError, UnicodeDecodeError) as exc:
+                    # check-config read it; it changed since. The broker will refuse us
+                    # (status says so) while serial and local intake go on.
+                    log.error(
+                        "cannot read mqtt.password_file %s (%s): connecting without a "
+                        "password; fix the file (UTF-8, one line), then restart mailgw",
+                        self.cfg.password_file,
+                        type(exc).__name__,
+                    )
             client.username_pw_set(self.cfg.username, password)
         if self.cfg.tls:
             ctx = ssl.create_default_context(
