@@ -288,7 +288,12 @@ def normalize(
             notes.append("malformed_json")
         else:
             if isinstance(obj, dict):
-                values = _from_object(obj, draft, notes)
+                try:
+                    values = _from_object(obj, draft, notes)
+                except (RecursionError, ValueError, TypeError):
+                    # Nested deeper than json.dumps can go (json.loads went one level
+                    # less deep), or a value it cannot encode: keep the text as it came.
+                    notes.append("malformed_json")
             else:
                 notes.append("json_not_object")
     message, bad = valid_unicode(_CONTROL.sub("", str(values["message"])))

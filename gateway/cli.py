@@ -190,6 +190,7 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
     import sqlite3
 
     from gateway.outbox import Outbox
+    from gateway.routing import Router
     from gateway.salvage import salvage
 
     if not source or not Path(source).is_file():
@@ -206,8 +207,9 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
         allow_volatile=cfg.outbox.allow_volatile,
         recover=False,
     )
+    router = Router(cfg.routes, cfg.gateway.default_route)
     try:
-        report = salvage(Path(source), ob)
+        report = salvage(Path(source), ob, router.route)
     except sqlite3.DatabaseError as exc:
         print(f"mailgw queue salvage: {source} cannot be read at all: {exc}", file=sys.stderr)
         return 1
@@ -218,10 +220,18 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
     print(
         f"{report.requeued} alerts queued again (same ids and Message-IDs), "
         f"{report.already_queued} already in the outbox, "
-        f"{report.unreadable} deliveries whose alert could not be read"
+        f"{report.unknown_state} of them with unreadable delivery state (queued for their "
+        f"routes now; may have been sent before), "
+        f"{report.unreadable} undelivered alerts could not be read"
     )
     _signal_daemon(cfg, quiet=True)
-    return 0 if not report.unreadable else 1
+    if report.damaged:
+        print(
+            "mailgw queue salvage: the file is damaged; what could be read is queued again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

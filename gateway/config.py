@@ -757,8 +757,11 @@ def _mqtt(t: _Table) -> MqttSection:
         key_file=t.path("key_file", None, must_exist=True),
         keepalive=t.integer("keepalive", 30, lo=5, hi=3600),
         accept_retained=t.flag("accept_retained", False),
-        # MQTT's largest packet is 256 MiB (§2.2.3); 0 would reject every alert.
-        max_payload=t.size("max_payload", 64 * 1024, lo=1, hi=268_435_455),
+        # 0 would reject every alert. An alert keeps 8 KiB of message and 64 fields of
+        # 1 KiB; a payload is held several times over while it is read and parsed (paho's
+        # buffer, a copy, the text, the JSON objects), so 1 MiB keeps a message's peak
+        # within the unit's MemoryMax with room to spare.
+        max_payload=t.size("max_payload", 64 * 1024, lo=1, hi=1 << 20),
         max_inflight=t.integer("max_inflight", 500, lo=1, hi=65535),
         status_interval=t.duration("status_interval", 60.0, minimum=1),
     )

@@ -170,6 +170,8 @@ class Script:
         self.rcpt_replies: dict[str, str] = {}  # recipient → reply (every time)
         self.drop_in_data = 0  # close the connection mid-DATA this many times
         self.stall_in_data = 0.0  # seconds to sit on end of DATA (once)
+        self.data_delay = 0.0  # seconds every end of DATA takes (a slow smarthost)
+        self.drop_when: bytes | None = None  # close mid-DATA whenever the mail holds this
 
 
 class _Handler:
@@ -192,6 +194,10 @@ class _Handler:
 
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         script = self.server.script
+        if script.drop_when is not None and script.drop_when in (envelope.original_content or b""):
+            assert smtp.transport is not None
+            smtp.transport.close()  # a server that crashes on this message
+            return "421 closing"
         if script.drop_in_data > 0:
             script.drop_in_data -= 1
             assert smtp.transport is not None
@@ -200,6 +206,8 @@ class _Handler:
         if script.stall_in_data > 0:
             stall, script.stall_in_data = script.stall_in_data, 0.0
             await asyncio.sleep(stall)
+        if script.data_delay > 0:
+            await asyncio.sleep(script.data_delay)
         if script.data_replies:
             return script.data_replies.pop(0)
         raw = envelope.original_content or b""

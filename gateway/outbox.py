@@ -299,22 +299,55 @@ def alert_from_row(row: Sequence[Any]) -> Alert:
     )
 
 
-# SQLite's primary result codes that say the disk or the file is at fault, not the data
-# being written: the same write can succeed later. (sqlite3.h: PERM, BUSY, LOCKED, NOMEM,
-# READONLY, IOERR, CANTOPEN, PROTOCOL.)
-_ENVIRONMENT_CODES = frozenset({3, 5, 6, 7, 8, 10, 14, 15})
 _SQLITE_FULL = 13
 _CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
-# Errors that come from the values of one alert: storing it again cannot succeed.
-_DATA_ERRORS = (
-    UnicodeError,
-    ValueError,
-    TypeError,
-    OverflowError,
-    sqlite3.InterfaceError,
-    sqlite3.DataError,
-    sqlite3.IntegrityError,
-)
+
+
+def _text_ok(text: str | None) -> bool:
+    if text is None or text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unstorable(r: Routed) -> str | None:
+    """Why this alert's own values can never be stored, or None.
+
+    Decided from the alert alone, before any transaction: an error inside one may as
+    well come from the outbox's own state (a damaged counter, a lock), and taking such
+    an error for the alert's fault would acknowledge, and so lose, every alert.
+    normalize() already repairs what this refuses; this guards the door for any other.
+    """
+    a = r.alert
+    for name, text in (
+        ("id", a.id),
+        ("topic", a.topic),
+        ("source", a.source),
+        ("sensor", a.sensor),
+        ("message", a.message),
+        ("event_time", a.event_time),
+    ):
+        if not isinstance(text, str | None) or not _text_ok(text):
+            return f"{name} is not valid Unicode text"
+    if not isinstance(a.severity, int) or not 0 <= int(a.severity) <= MAX_PRIORITY:
+        return f"severity {a.severity!r} is not a severity"
+    for key, value in a.fields.items():
+        if not isinstance(key, str) or not _text_ok(key):
+            return "a field name is not valid Unicode text"
+        if isinstance(value, str):
+            if not _text_ok(value):
+                return f"field {key!r} is not valid Unicode text"
+        elif value is not None and not isinstance(value, bool | int | float):
+            return f"field {key!r} is not a text, number or boolean"
+    if r.seen_key is not None:
+        try:
+            split_key(r.seen_key)
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def sqlite_code(exc: BaseException) -> int | None:
@@ -330,9 +363,10 @@ def is_corruption(exc: BaseException) -> bool:
 def store_error(exc: BaseException, path: Path) -> BaseException:
     """What a failed ingest transaction means for the sources.
 
-    OutboxFull: the disk is full (wait, do not acknowledge). Unstorable: the data of an
-    alert cannot be stored (reject it: retrying forever would hold up intake). Any other
-    failure is StoreUnavailable: nothing was stored, the same batch may succeed later.
+    OutboxFull: the disk is full (wait, do not acknowledge). Any other failure inside
+    the transaction is StoreUnavailable: nothing was stored, the same batch may succeed
+    later; the sources keep their alerts unacknowledged. (What an alert's own values
+    make unstorable is found before the transaction: `unstorable`.)
     """
     if isinstance(exc, OutboxFull | StoreUnavailable | Unstorable):
         return exc
@@ -341,8 +375,6 @@ def store_error(exc: BaseException, path: Path) -> BaseException:
         isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
     ):
         return OutboxFull(f"the disk holding {path} is full: {exc}")
-    if isinstance(exc, _DATA_ERRORS) and code not in _ENVIRONMENT_CODES:
-        return Unstorable(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, Exception):
         return StoreUnavailable(f"cannot write the outbox {path}: {exc}")
     return exc  # KeyboardInterrupt, SystemExit: not ours to translate
@@ -391,6 +423,10 @@ def find_seq(conn: sqlite3.Connection, alert_id: str) -> tuple[int, str] | None:
     return None
 
 
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
@@ -399,6 +435,9 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 10000")
+    # A flipped bit in a stored text (an SD card's doing) must cost a replacement
+    # character in one mail, not a UnicodeDecodeError in every claim of the queue.
+    conn.text_factory = _decode_text
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
@@ -444,7 +483,14 @@ class Outbox:
             self.live = self._count_live()
         except sqlite3.Error as exc:
             self.conn.close()
-            raise self._unavailable(exc) from exc
+            if not is_corruption(exc):
+                raise self._unavailable(exc) from exc
+            # quick_check passed, yet reading it found corruption: the same as failing it.
+            self.conn = self._set_aside(str(exc))
+            self._migrate()
+            if recover:
+                self._recover()
+            self.live = self._count_live()
         self._recounted = time.monotonic()
 
     # --- opening ---------------------------------------------------------
@@ -476,6 +522,10 @@ class Outbox:
                     return conn
                 conn.close()
                 reason = f"quick_check says: {result}"
+        return self._set_aside(reason)
+
+    def _set_aside(self, reason: str) -> sqlite3.Connection:
+        """Move a corrupt file aside (never delete it) and start an empty outbox."""
         aside = self._move_aside()
         log.critical(
             "the outbox %s is corrupt (%s); it was moved to %s and a new, empty outbox "
@@ -588,7 +638,12 @@ class Outbox:
     # --- ingest ------------------------------------------------------------
 
     def add(
-        self, batch: Sequence[Routed], now: float | None = None, mono: float | None = None
+        self,
+        batch: Sequence[Routed],
+        now: float | None = None,
+        mono: float | None = None,
+        *,
+        checked: bool = False,
     ) -> list[str]:
         """Store alerts in one transaction; return once committed.
 
@@ -597,6 +652,9 @@ class Outbox:
         bound would be exceeded or the disk is full. `now` (wall) and `mono`
         (monotonic) are the clocks storm control runs on; tests pass their own.
         """
+        for r in () if checked else batch:  # `checked`: the writer has just done so
+            if (why := unstorable(r)) is not None:
+                raise Unstorable(f"alert {r.alert.id}: {why}")
         new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
         if (
             self.live + new_deliveries > self.max_messages
@@ -844,8 +902,24 @@ class Outbox:
             for seq, route, attempts, rcpts, kind in picked
         ]
 
-    def finish(self, outcomes: Iterable[Outcome]) -> None:
-        """Apply a batch of delivery outcomes in one transaction."""
+    def finish(self, outcomes: Iterable[Outcome], relaxed: bool = False) -> None:
+        """Apply a batch of delivery outcomes in one transaction.
+
+        `relaxed`: commit without waiting for the disk (synchronous=NORMAL): the outcome
+        survives a crash of the process but not a power cut, until the next FULL commit.
+        For outcomes that is enough: a lost `sent` means the mail goes again with its
+        Message-ID (invariant 2), never a lost alert.
+        """
+        if relaxed:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                self._finish(outcomes)
+            finally:
+                self.conn.execute("PRAGMA synchronous = FULL")
+        else:
+            self._finish(outcomes)
+
+    def _finish(self, outcomes: Iterable[Outcome]) -> None:
         now = time.time()
         done = 0
         with self.transaction() as c:

@@ -17,6 +17,7 @@ Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
@@ -34,7 +35,7 @@ from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.outbox import Claimed, Outbox, Outcome
 from gateway.routing import Router
-from gateway.smtp import CONNECTION_ERRORS, SmtpSession, UplinkDown, describe
+from gateway.smtp import CONNECTION_ERRORS, SmtpSession, UplinkDown, describe, reachable
 from gateway.status import Runtime
 from gateway.writer import Writer
 
@@ -44,6 +45,18 @@ _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
 IDLE_QUIT = 5.0  # close an idle session after this long
 FIRST_PROBE = 2.0
+# While the smarthost cannot be reached at all, a TCP connect every TCP_PROBE_EVERY
+# (jittered down by up to 10 %) notices its return: ~120 bytes a probe when packets are
+# dropped, ~100 when refused: under 50 KB an hour, and the uplink's return is seen
+# within seconds whatever the outage's length. A full session (TLS, AUTH) is opened
+# only once a probe connects, or every smtp.probe_max at the latest.
+TCP_PROBE_EVERY = 9.0
+TCP_PROBE_TIMEOUT = 3.0
+# A message during which sessions broke this often, while other messages went through
+# between those breaks, is taken for the cause (a poison message): it is charged and
+# backed off like any temporary failure. Until then a broken session is the uplink's
+# fault, and the message goes back due now, uncharged.
+POISON_BREAKS = 3
 
 
 # --- pure policy -------------------------------------------------------------------
@@ -70,6 +83,7 @@ class Verdict:
     error: str | None = None
     rcpts: tuple[str, ...] | None = None  # queued: only these are left
     reconnect: bool = False  # the session is unusable after this
+    broke: bool = False  # the session itself failed during this message
 
 
 def _code_class(code: int) -> str:
@@ -108,10 +122,13 @@ def judge_exception(exc: BaseException, recipients: tuple[str, ...]) -> Verdict:
     if isinstance(exc, CONNECTION_ERRORS):
         # The session broke during this message (dropped mid-DATA, or stalled past the
         # timeout). Whether the server kept the message is unknown: retry with the same
-        # Message-ID, so a duplicate is identifiable. It counts as an attempt, so a
-        # message that itself crashes the server cannot monopolise the relay.
+        # Message-ID, so a duplicate is identifiable. The relay decides whether the
+        # uplink or the message is to blame (Relay._broken).
         return Verdict(
-            "queued", error=f"session failed during delivery: {describe(exc)}", reconnect=True
+            "queued",
+            error=f"session failed during delivery: {describe(exc)}",
+            reconnect=True,
+            broke=True,
         )
     return Verdict("queued", error=f"unexpected error: {describe(exc)}", reconnect=True)
 
@@ -128,10 +145,6 @@ def _raise_if_cancelling() -> None:
 
 
 DISK_RETRY = 5.0
-
-
-def _disk_full(exc: sqlite3.OperationalError) -> bool:
-    return "full" in str(exc).lower()
 
 
 def _claim(limit: int, ob: Outbox) -> list[Claimed]:
@@ -167,7 +180,12 @@ class Relay:
         self.stall_limit = self.smtp.timeout * 6 + 10
         self.uplink_failures = 0
         self.down_since: float | None = None
-        self.probe_at = 0.0
+        self.probe_at = 0.0  # next full session attempt while down (monotonic)
+        self.tcp_probe_at = float("inf")  # next TCP connect probe while unreachable
+        self.tcp_probes = 0
+        # Per message: self.sent at each session that broke during it (see POISON_BREAKS).
+        self._breaks: dict[tuple[int, str], list[int]] = {}
+        self._trouble: UplinkDown | None = None  # a broken session blamed on the uplink
         self.last_used = 0.0
         self.sent = 0
         # Outcomes the outbox could not record (its disk was full): recorded first thing
@@ -191,6 +209,17 @@ class Relay:
     def flush(self) -> None:
         self.probe_at = 0.0
         self.wake()
+
+    def nudge(self) -> None:
+        """Something says the network may be back (a link or route change, the MQTT
+        broker reconnected): probe now rather than at the next scheduled probe."""
+        if self.down_since is not None:
+            self.tcp_probe_at = 0.0
+            self.wake()
+
+    def nudge_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.nudge)
 
     def reload(self, config: Config, router: Router) -> None:
         self.config = config
@@ -239,13 +268,15 @@ class Relay:
                 return
             self._unrecorded = []
         if self.probe_at > now:
-            await self._sleep(self.probe_at - now)
+            if self.tcp_probe_at <= now:
+                await self._tcp_probe()
+            else:
+                await self._sleep(min(self.probe_at, self.tcp_probe_at) - now)
             return
         try:
             batch = await self.writer.run(partial(_claim, self.smtp.batch))
-        except sqlite3.OperationalError as exc:
-            if not _disk_full(exc):
-                raise
+        except sqlite3.Error as exc:
+            # Full, locked, an I/O error: waited out, never the end of the relay.
             self._outbox_trouble(exc)
             await self._sleep(DISK_RETRY)
             return
@@ -258,7 +289,15 @@ class Relay:
         await self._deliver_batch(batch)
 
     async def _deliver_batch(self, batch: list[Claimed]) -> None:
-        outcomes: list[Outcome] = []
+        # Each outcome is handed to the writer as the server answers (it rides the next
+        # group commit), not after the batch: a crash resends the mail in flight, not
+        # the batch's mails already accepted.
+        recorded: list[tuple[list[Outcome], concurrent.futures.Future[None]]] = []
+
+        def record(outcomes: list[Outcome]) -> None:
+            if outcomes:
+                recorded.append((outcomes, self.writer.record(outcomes)))
+
         pending = list(batch)
         cancelled = False
         try:
@@ -268,13 +307,16 @@ class Relay:
                 self.heartbeat = time.monotonic()
                 expired = self._expired(item, now_stamp)
                 if expired is not None:
-                    outcomes.append(expired)
+                    record([expired])
                     pending.pop(0)
                     continue
                 if self.session is None or not self.session.usable:
                     await self._open_session()
-                outcomes.append(await self._deliver(item, now_stamp))
+                record([await self._deliver(item, now_stamp)])
                 pending.pop(0)
+                if self._trouble is not None:
+                    trouble, self._trouble = self._trouble, None
+                    raise trouble
                 _raise_if_cancelling()
         except UplinkDown as exc:
             self._uplink_down(exc, len(pending))
@@ -283,24 +325,41 @@ class Relay:
             raise
         finally:
             # Not sent yet: back to the queue, uncharged and due now.
-            outcomes += [Outcome(c.key, "queued", due=0.0, count_attempt=False) for c in pending]
+            record([Outcome(c.key, "queued", due=0.0, count_attempt=False) for c in pending])
             if cancelled:
-                # Shutting down: record what was sent before we go. If that fails, those
-                # rows are `sending` and go out again, same Message-ID, after the restart.
-                try:
-                    self.writer.call(partial(_finish, outcomes)).result(10)
-                except Exception as exc:
-                    log.error("could not record %d delivery outcomes: %s", len(outcomes), exc)
-            elif not await self._record(outcomes):
-                self._unrecorded = outcomes
+                # Shutting down: wait for what was sent to be recorded. If that fails,
+                # those rows are `sending` and go out again, same Message-ID, after the
+                # restart.
+                futures = [f for _, f in recorded]
+                concurrent.futures.wait(futures, timeout=10)
+                for outcomes, f in recorded:
+                    if not f.done() or f.exception() is not None:
+                        log.error("could not record %d delivery outcomes", len(outcomes))
+            else:
+                unrecorded = await self._settle(recorded)
+                if unrecorded:
+                    self._unrecorded = unrecorded
+
+    async def _settle(
+        self, recorded: list[tuple[list[Outcome], concurrent.futures.Future[None]]]
+    ) -> list[Outcome]:
+        """Wait for recorded outcomes; those the outbox could not write (disk full)."""
+        failed: list[Outcome] = []
+        for outcomes, fut in recorded:
+            try:
+                await asyncio.wrap_future(fut)
+            except sqlite3.Error as exc:
+                self._outbox_trouble(exc)
+                failed += outcomes
+        if not failed:
+            self._outbox_recovered()
+        return failed
 
     async def _record(self, outcomes: list[Outcome]) -> bool:
         """Write outcomes to the outbox; False (and logged) when its disk is full."""
         try:
             await self.writer.run(partial(_finish, outcomes))
-        except sqlite3.OperationalError as exc:
-            if not _disk_full(exc):
-                raise
+        except sqlite3.Error as exc:
             self._outbox_trouble(exc)
             return False
         self._outbox_recovered()
@@ -311,8 +370,9 @@ class Relay:
         if not self._disk_trouble:
             self._disk_trouble = True
             log.error(
-                "the relay cannot write to the outbox (%s): free space on the disk holding "
-                "it; retrying every %.0f s, mails already sent may be sent again",
+                "the relay cannot use the outbox (%s): a full disk, a lock held by another "
+                "process or failing storage; retrying every %.0f s, mails already sent may "
+                "be sent again (with their Message-ID)",
                 exc,
                 DISK_RETRY,
             )
@@ -352,6 +412,7 @@ class Relay:
             )
         self.down_since = None
         self.uplink_failures = 0
+        self.tcp_probe_at = float("inf")
         self.runtime.uplink = "up"
         self.runtime.next_probe_at = None
 
@@ -360,11 +421,42 @@ class Relay:
         if session is not None:
             await session.close(polite)
 
+    async def _tcp_probe(self) -> None:
+        self.tcp_probes += 1
+        self.heartbeat = time.monotonic()
+        if await reachable(self.smtp.host, self.smtp.port, TCP_PROBE_TIMEOUT):
+            log.info(
+                "the smarthost %s:%d accepts connections again; opening a session",
+                self.smtp.host,
+                self.smtp.port,
+            )
+            self.probe_at = 0.0
+            self.tcp_probe_at = float("inf")
+            return
+        self.tcp_probe_at = time.monotonic() + TCP_PROBE_EVERY * self.rng.uniform(0.9, 1.0)
+        self._show_next_probe()
+
+    def _show_next_probe(self) -> None:
+        at = min(self.probe_at, self.tcp_probe_at)
+        self.runtime.next_probe_at = time.time() + max(0.0, at - time.monotonic())
+
     def _uplink_down(self, exc: UplinkDown, waiting: int) -> None:
         self.session = None
         self.uplink_failures += 1
         delay = probe_delay(self.uplink_failures, self.smtp.probe_max, self.rng)
-        self.probe_at = time.monotonic() + delay
+        now = time.monotonic()
+        if exc.unreachable:
+            # The path is down: cheap TCP probes tell when it is back; a full session
+            # is still tried every probe_max, in case only the probe is blocked.
+            self.probe_at = now + self.smtp.probe_max
+            self.tcp_probe_at = now + (FIRST_PROBE if self.down_since is None else delay)
+            self.tcp_probe_at = min(self.tcp_probe_at, now + TCP_PROBE_EVERY)
+        else:
+            # The smarthost answered and refused (TLS, AUTH, a reply): only a session
+            # tells when that changes, so sessions back off as before.
+            self.probe_at = now + delay
+            self.tcp_probe_at = float("inf")
+        delay = min(self.probe_at, self.tcp_probe_at) - now
         self.runtime.uplink = "down"
         self.runtime.next_probe_at = time.time() + delay
         self.runtime.error(str(exc))
@@ -427,7 +519,46 @@ class Relay:
             await self._close_session(polite=False)
         return self._outcome(item, verdict)
 
+    def _broken(self, item: Claimed, v: Verdict) -> Outcome | None:
+        """A session broke during `item`: the uplink's fault (the message goes back due
+        now, uncharged; None if it is the message's). See POISON_BREAKS."""
+        if len(self._breaks) > 10_000:
+            self._breaks.clear()  # bounded: at worst a poison message is found later
+        breaks = self._breaks.setdefault(item.key, [])
+        breaks.append(self.sent)
+        others_went = breaks[-1] > breaks[0]
+        if len(breaks) >= POISON_BREAKS and others_went:
+            log.warning(
+                "alert %s: %d sessions broke while it was being sent, and other mails went "
+                "through meanwhile; it is deferred like any failing message",
+                item.alert.id,
+                len(breaks),
+            )
+            return None
+        self.runtime.attempts["session_broke"] += 1
+        self.runtime.error(f"session broke during {item.alert.id}: {v.error}")
+        if len(breaks) >= POISON_BREAKS:
+            # The same message, again and again, nothing else sent: the uplink (or the
+            # smarthost) is in trouble, not this message. Back off as a whole.
+            self._trouble = UplinkDown(
+                f"sessions keep breaking ({v.error}); {len(breaks)} times on alert "
+                f"{item.alert.id} with nothing else sent in between"
+            )
+        else:
+            log.warning(
+                "alert %s: %s; queued again at once, not charged (the uplink's fault until "
+                "shown otherwise)",
+                item.alert.id,
+                v.error,
+            )
+        # Due now, yet behind what was due before it: were it the cause, it must not
+        # stand at the head of the queue breaking session after session.
+        return Outcome(item.key, "queued", due=time.monotonic(), error=v.error, count_attempt=False)
+
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:
+        if v.broke and (uncharged := self._broken(item, v)) is not None:
+            return uncharged
+        self._breaks.pop(item.key, None)
         self.runtime.attempts[v.state if v.state != "queued" else "deferred"] += 1
         if v.state == "sent":
             self.sent += 1

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Storing has failed this long (a locked file, I/O errors; not a full outbox, which is
 # back-pressure by design): stop the watchdog pings so that systemd restarts us.
 STORE_STUCK_AFTER = 120.0
+STORE_RETRIED_WITHIN = 15.0  # sources retry every second or so while storing fails
 OPEN_RETRY_MAX = 10.0  # seconds between attempts to open an outbox that is unavailable
 THREAD_CHECK_EVERY = 1.0
 
@@ -86,7 +87,9 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 outbox = await asyncio.to_thread(self._open_outbox)
-            except (StoreUnavailable, OutboxFull) as exc:
+            except (StoreUnavailable, OutboxFull, OSError) as exc:
+                # OSError: the state directory cannot be made or a corrupt file cannot
+                # be moved aside (a read-only remount after an SD card error).
                 if str(exc) != said:
                     said = str(exc)
                     log.error(
@@ -131,18 +134,25 @@ class Daemon:
         assert self.writer is not None and self.ingest is not None
         cfg = self.config
         if cfg.smtp is not None:
+            from gateway.netwatch import NetWatch
             from gateway.relay import Relay
 
             relay = Relay(cfg, self.writer, self.router, self.runtime)
             self.relay = relay
             self.writer.on_commit = relay.wake_threadsafe
             self.components.append(relay)
+            # A link or route change may mean the uplink is back: probe at once.
+            self.components.append(NetWatch(relay.nudge))
         else:
             log.warning("no [smtp] section: alerts are stored but not relayed")
         if cfg.mqtt is not None:
             from gateway.sources.mqtt import MqttSource
 
-            self.components.append(MqttSource(cfg, self.ingest, self.runtime))
+            mqtt = MqttSource(cfg, self.ingest, self.runtime)
+            if self.relay is not None:
+                # The broker is back: so, perhaps, is the uplink (often the same link).
+                mqtt.on_connected = self.relay.nudge_threadsafe
+            self.components.append(mqtt)
         if cfg.serial:
             from gateway.sources.serial import SerialHub, SerialSource
 
@@ -342,7 +352,13 @@ class Daemon:
         if self.writer is None or not self.writer.alive or now - self.writer.heartbeat > 15:
             return "the outbox writer is stuck"
         failing = self.writer.failing_since
-        if failing is not None and now - failing > STORE_STUCK_AFTER:
+        # Failing for long, and still failing: a single failure followed by quiet (no
+        # alert retried since) says nothing about the store now.
+        if (
+            failing is not None
+            and now - failing > STORE_STUCK_AFTER
+            and now - self.writer.last_failure_at < STORE_RETRIED_WITHIN
+        ):
             return f"the outbox has failed to store alerts for {now - failing:.0f} s"
         if self.relay is not None and now - self.relay.heartbeat > self.relay.stall_limit:
             return "the relay is stuck"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -24,7 +25,17 @@ from gateway.errors import TemporaryFailure
 
 
 class UplinkDown(TemporaryFailure):
-    """The smarthost cannot be used right now: the uplink's fault, not a message's."""
+    """The smarthost cannot be used right now: the uplink's fault, not a message's.
+
+    `unreachable`: no connection could be made at all (refused, timed out, no route, no
+    DNS): the network path is at fault, so a cheap TCP connect tells when it is back.
+    Otherwise the smarthost answered and refused us (TLS, AUTH, a reply), which only a
+    whole session can tell has changed.
+    """
+
+    def __init__(self, text: str, unreachable: bool = False) -> None:
+        super().__init__(text)
+        self.unreachable = unreachable
 
 
 def tls_context(cfg: SmtpSection) -> ssl.SSLContext:
@@ -140,8 +151,10 @@ class SmtpSession:
             start_tls=False,
             tls_context=ctx,
         )
+        connected = False
         try:
             await client.connect()
+            connected = True
             await client.ehlo()
             if cfg.tls == "starttls":
                 if not client.supports_extension("starttls"):
@@ -178,10 +191,20 @@ class SmtpSession:
             await _abort(client)
             if isinstance(exc, UplinkDown):
                 raise
-            raise UplinkDown(f"{self.where}: {describe(exc)}") from exc
+            # SMTPConnectError and its timeouts: no connection at all.
+            unreachable = not connected and isinstance(
+                exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError
+            )
+            if unreachable and isinstance(exc.__cause__, ssl.SSLError):
+                unreachable = False
+            raise UplinkDown(f"{self.where}: {describe(exc)}", unreachable=unreachable) from exc
         except CONNECTION_ERRORS as exc:
             await _abort(client)
-            raise UplinkDown(f"cannot reach {self.where}: {describe(exc)}") from exc
+            tls = isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
+            raise UplinkDown(
+                f"cannot reach {self.where}: {describe(exc)}",
+                unreachable=not connected and not tls,
+            ) from exc
         except BaseException:
             await _abort(client)
             raise
@@ -244,3 +267,26 @@ def _dn(rdns: object) -> str:
             for key, value in rdn:
                 parts.append(f"{key}={value}")
     return ", ".join(parts)
+
+
+async def reachable(host: str, port: int, timeout: float) -> bool:
+    """Can a TCP connection to host:port be made now? The cheapest probe of a path: one
+    SYN (retransmitted once at most), its answer and a FIN; nothing is said to the server.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, type_, proto, _, addr = infos[0]
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                if hasattr(socket, "TCP_SYNCNT"):
+                    # One retransmitted SYN, not six: a blackholed path costs ~120 bytes.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+                await loop.sock_connect(sock, addr)
+            finally:
+                sock.close()
+    except (OSError, TimeoutError, IndexError):
+        return False
+    return True

@@ -11,12 +11,12 @@ commit returns, and only then do sources acknowledge (invariant 1).
 Relay-side work (claim, finish, prune) goes through the same thread as calls,
 so there is exactly one writer connection in the daemon.
 
-One alert can never take others down: a group whose commit fails for a reason that is
-not the disk's (Unstorable) is split, each submission stored alone, and within a
-failing submission each alert alone. What still fails alone is reported back as
+One alert can never take others down: before a group is stored, each alert whose own
+values can never be stored (outbox.unstorable) is taken out and reported back as
 rejected (the source acknowledges and counts it: retrying would fail forever); the
-rest is stored. A failure of the disk (locked, I/O error, full) fails the group: nothing
-is stored, nothing acknowledged, and the sources retry.
+rest is stored. Any failure of the transaction itself (locked, I/O error, full) fails
+the group: nothing is stored, nothing acknowledged, and the sources retry. It is never
+blamed on an alert, since it may as well come from the outbox's own state.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.errors import OutboxFull, Unstorable
-from gateway.outbox import Outbox, Routed
+from gateway.errors import OutboxFull
+from gateway.outbox import Outbox, Outcome, Routed, unstorable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class _Add:
 
 
 @dataclass(slots=True)
+class _Record:
+    outcomes: Sequence[Outcome]
+    future: concurrent.futures.Future[None]
+
+
+@dataclass(slots=True)
 class _Call:
     fn: Callable[[Outbox], Any]
     future: concurrent.futures.Future[Any]
@@ -79,7 +85,7 @@ class Writer:
         self.max_group = max_group
         self.commit_interval = commit_interval
         self._last_commit = 0.0
-        self._q: queue.SimpleQueue[_Add | _Call | object] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[_Add | _Record | _Call | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self.heartbeat = time.monotonic()
         self.commits = 0
@@ -90,6 +96,7 @@ class Writer:
         # health check turns a long failure into a restart.
         self.failing_since: float | None = None
         self.last_failure: str | None = None
+        self.last_failure_at = 0.0
         self.rejected = 0
         self.died: BaseException | None = None  # what ended the thread, if not stop()
         self.on_commit: Callable[[], None] | None = None
@@ -124,6 +131,21 @@ class Writer:
         Anything submitted without linger ends the wait.
         """
         self._q.put(_Add(batch, done, linger))
+
+    def record(self, outcomes: Sequence[Outcome]) -> concurrent.futures.Future[None]:
+        """Record delivery outcomes with the next group (any thread); settled once done.
+
+        The relay records each mail's outcome as the server answers, so a crash resends
+        at most the mail in flight and what the last few milliseconds accepted. The
+        outcomes of a group share one transaction, committed without an fsync of its own
+        (synchronous=NORMAL, WAL): it survives a crash of the process, and the next
+        alert's commit makes it durable on the disk. A power cut can lose the last few,
+        which are then sent again with their Message-ID: a recognisable duplicate,
+        never a loss.
+        """
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._q.put(_Record(outcomes, fut))
+        return fut
 
     def call(self, fn: Callable[[Outbox], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -181,15 +203,23 @@ class Writer:
                     break
                 size += 1
             pending: list[_Add] = []
+            records: list[_Record] = []
             for item in items:
                 if item is _STOP:
                     stopping = True
                 elif isinstance(item, _Add):
                     pending.append(item)
+                elif isinstance(item, _Record):
+                    records.append(item)
                 elif isinstance(item, _Call):
+                    # What was submitted before a call is in the outbox when it runs
+                    # (a claim must see the outcomes recorded before it).
+                    self._record(records)
+                    records = []
                     self._commit(pending)
                     pending = []
                     self._call(item)
+            self._record(records)
             self._commit(pending)
             for hook in self.after_group:
                 try:
@@ -199,7 +229,7 @@ class Writer:
             self.heartbeat = time.monotonic()
         log.debug("outbox writer stopped")
 
-    def _linger(self, items: list[_Add | _Call | object], deadline: float) -> None:
+    def _linger(self, items: list[_Add | _Record | _Call | object], deadline: float) -> None:
         # Eight UARTs each sending a frame every 7 ms otherwise cost a commit (an fsync
         # and ~300 µs of CPU) for nearly every frame.
         while len(items) < self.max_group and (left := deadline - time.monotonic()) > 0:
@@ -210,6 +240,19 @@ class Writer:
             items.append(item)
             if not (isinstance(item, _Add) and item.linger > 0):
                 return  # someone waits on this one: commit now
+
+    def _record(self, records: list[_Record]) -> None:
+        live = [r for r in records if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            self.outbox.finish([o for r in live for o in r.outcomes], relaxed=True)
+        except BaseException as exc:
+            for r in live:
+                r.future.set_exception(exc)
+            return
+        for r in live:
+            r.future.set_result(None)
 
     def _call(self, item: _Call) -> None:
         if not item.future.set_running_or_notify_cancel():
@@ -222,21 +265,33 @@ class Writer:
     def _commit(self, pending: list[_Add]) -> None:
         if not pending:
             return
-        combined = [r for p in pending for r in p.batch]
+        rejected: dict[int, dict[int, str]] = {}
+        combined: list[Routed] = []
+        for p_i, p in enumerate(pending):
+            for i, r in enumerate(p.batch):
+                why = unstorable(r)
+                if why is None:
+                    combined.append(r)
+                    continue
+                rejected.setdefault(p_i, {})[i] = why
+                self.rejected += 1
+                log.error(
+                    "alert %s on %s can never be stored (%s); it is rejected and "
+                    "acknowledged so that it does not hold up other alerts",
+                    r.alert.id,
+                    ascii(r.alert.topic),
+                    why,
+                )
         try:
-            duplicates = self.outbox.add(combined)
-        except (OutboxFull, Unstorable) as exc:
+            duplicates = self.outbox.add(combined, checked=True) if combined else []
+        except OutboxFull as exc:
             if len(pending) > 1:
-                # Full: some submissions may still fit on their own. Unstorable: find
-                # the one that holds the bad alert; the others must not wait for it.
+                # Some submissions may still fit on their own; try each.
                 for p in pending:
                     self._commit([p])
                 return
-            if isinstance(exc, OutboxFull):
-                self._set_full(True, str(exc))
-                _notify(pending[0], exc)
-            else:
-                self._isolate(pending[0])
+            self._set_full(True, str(exc))
+            _notify(pending[0], exc)
             return
         except Exception as exc:
             self._failed(exc, len(combined))
@@ -244,43 +299,8 @@ class Writer:
                 _notify(p, exc)
             return
         self._committed(len(combined))
-        for p in pending:
-            _notify(p, Stored(duplicates, {}))
-
-    def _isolate(self, add: _Add) -> None:
-        """Store a submission's alerts one by one; report those that can never be stored."""
-        duplicates: list[str] = []
-        rejected: dict[int, str] = {}
-        stored = 0
-        for i, r in enumerate(add.batch):
-            try:
-                duplicates += self.outbox.add([r])
-            except Unstorable as exc:
-                rejected[i] = str(exc)
-                self.rejected += 1
-                log.error(
-                    "alert %s on %s can never be stored (%s); it is rejected and "
-                    "acknowledged so that it does not hold up other alerts",
-                    r.alert.id,
-                    ascii(r.alert.topic),
-                    exc,
-                )
-                continue
-            except Exception as exc:  # the disk now: nothing more is stored, all retry
-                if isinstance(exc, OutboxFull):
-                    self._set_full(True, str(exc))
-                else:
-                    self._failed(exc, len(add.batch))
-                if stored:
-                    # Some went in: those are durable, yet this submission cannot say so
-                    # for part of it. Retrying is safe (their seen keys, if any, dedupe);
-                    # at worst an MQTT message is stored twice, never lost.
-                    log.warning("a split submission failed half-way: %s", exc)
-                _notify(add, exc)
-                return
-            stored += 1
-        self._committed(stored)
-        _notify(add, Stored(duplicates, rejected))
+        for p_i, p in enumerate(pending):
+            _notify(p, Stored(duplicates, rejected.get(p_i, {})))
 
     def _committed(self, n: int) -> None:
         self._set_full(False)
@@ -298,6 +318,7 @@ class Writer:
 
     def _failed(self, exc: BaseException, n: int) -> None:
         self.last_failure = str(exc)
+        self.last_failure_at = time.monotonic()
         if self.failing_since is None:
             self.failing_since = time.monotonic()
             log.error(

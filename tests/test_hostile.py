@@ -26,7 +26,7 @@ from firmware_bridge.device import Device
 from gateway import config as config_mod
 from gateway.alert import Alert, Draft, normalize
 from gateway.clock import Stamp
-from gateway.errors import OutboxFull, Unstorable
+from gateway.errors import OutboxFull, StoreUnavailable, Unstorable
 from gateway.outbox import SHARD_ROWS, Outbox, Routed, counts
 from gateway.service import Daemon
 from gateway.writer import Stored, Writer
@@ -65,7 +65,13 @@ def messages(db: Path) -> list[str]:
 
 # --- poison input -----------------------------------------------------------------------
 
+
+def deep(depth: int) -> bytes:
+    return b'{"foo":' + b"[" * depth + b"]" * depth + b"}"
+
+
 POISON = [
+    *[deep(d) for d in range(972, 996, 2)],  # json.loads goes one level deeper than dumps
     b'{"message":"evil \\ud800"}',
     b'{"message":"ok","sensor":"s\\ud800"}',
     b'{"message":"ok","severity":"\\ud800"}',
@@ -136,21 +142,45 @@ def test_an_unstorable_alert_is_rejected_alone_and_the_group_is_stored(tmp_path:
     assert results["a"] == Stored([], {}) and results["c"] == Stored([], {})
     b = results["b"]
     assert isinstance(b, Stored) and list(b.rejected) == [1]
-    assert "UnicodeEncodeError" in b.rejected[1]
+    assert "not valid Unicode" in b.rejected[1]
     assert sorted(messages(tmp_path / "outbox.db")) == [f"good {i}" for i in (1, 2, 3, 4, 5)]
     assert writer.rejected == 1 and writer.failing_since is None
 
 
 def test_a_rolled_back_shard_is_not_remembered(tmp_path: Path) -> None:
-    """The poison alert was the first of a new shard: the next alerts must still store."""
+    """A failed batch was the first of a new shard: the next alerts must still store."""
     ob = Outbox(tmp_path / "outbox.db")
     ob.conn.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(SHARD_ROWS),)
     )
     with pytest.raises(Unstorable):
-        ob.add([poison()])
+        ob.add([poison()])  # refused before any transaction
+    twice = good(0)
+    with pytest.raises(StoreUnavailable):
+        ob.add([twice, twice])  # the same id twice: the transaction fails after CREATE
     ob.add([good(1)])  # used to fail: "no such table: alert_1"
     assert messages(tmp_path / "outbox.db") == ["good 1"]
+
+
+def test_a_damaged_outbox_state_is_never_blamed_on_the_alerts(tmp_path: Path) -> None:
+    """A fault of the outbox's own state must not make every alert a rejection (acked and
+    lost): it fails the commit, and the sources keep their alerts."""
+    ob = Outbox(tmp_path / "outbox.db")
+    ob.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', '1q2')")
+    writer = Writer(ob)
+    got: list[Stored | BaseException] = []
+    done = threading.Event()
+    writer.submit([good(1), good(2)], lambda r: (got.append(r), done.set()))
+    writer.start()
+    assert done.wait(10)
+    assert isinstance(got[0], StoreUnavailable)
+    assert writer.rejected == 0 and writer.failing_since is not None
+    ob.conn.execute("UPDATE meta SET value = '7' WHERE key = 'next_seq'")  # repaired
+    done.clear()
+    writer.submit([good(3)], lambda r: (got.append(r), done.set()))
+    assert done.wait(10)
+    writer.stop()
+    assert got[1] == Stored([], {}) and writer.failing_since is None
 
 
 @pytest.fixture
@@ -488,6 +518,7 @@ def test_a_store_failing_for_long_withholds_the_watchdog(tmp_path: Path) -> None
         assert d.writer is not None
         seen.append(d.healthy())
         d.writer.failing_since = time.monotonic() - 1000  # as if locked for 1000 s
+        d.writer.last_failure_at = time.monotonic()  # and still failing
         d.writer.last_failure = "cannot write the outbox: database is locked"
         seen.append(d.healthy())
         # What `mailgw status` shows, through the status file as the CLI reads it.
@@ -505,9 +536,92 @@ def test_a_store_failing_for_long_withholds_the_watchdog(tmp_path: Path) -> None
     assert "STORE      failing since" in shown[0] and "database is locked" in shown[0]
 
 
+def test_normalize_never_raises_on_deep_nesting() -> None:
+    for depth in range(900, 1100):
+        normalize(deep(depth), Draft("alerts/x", "mqtt"))
+
+
 def test_normalize_never_lets_a_surrogate_through() -> None:
     for payload in POISON:
         a = normalize(payload, Draft("alerts/x", "mqtt"), Stamp.now())
         for text in (a.message, a.sensor, a.event_time or "", *map(str, a.fields.values())):
             text.encode("utf-8")  # raises on a lone surrogate
         assert "\n" not in (a.event_time or "") and "\r" not in (a.event_time or "")
+
+
+def damaged_outbox(tmp_path: Path, n: int = 3000) -> Path:
+    path = tmp_path / "old.db"
+    ob = Outbox(path)
+    for i in range(0, n, 500):
+        ob.add([good(j) for j in range(i, min(n, i + 500))])
+    ob.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ob.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["one page", "ten pages", "truncated"])
+def test_salvage_reads_around_damage(tmp_path: Path, damage: str) -> None:
+    import random
+
+    from tests.conftest import run_cli, toml_config
+
+    path = damaged_outbox(tmp_path)
+    size = path.stat().st_size
+    page = 4096
+    rng = random.Random(damage)
+    with path.open("r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 2)
+        else:
+            for _ in range(1 if damage == "one page" else 10):
+                f.seek(page * rng.randrange(3, size // page))
+                f.write(rng.randbytes(page))
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        toml_config(tmp_path / "state", '[[route]]\nname = "ops"\nmatch = "#"\nto = ["o@x.org"]\n')
+    )
+    r = run_cli("queue", "salvage", str(path), "-c", str(cfg))
+    live = tmp_path / "state" / "outbox.db"
+    got = len(stored_alerts(live)) if live.exists() else 0
+    # Damage is reported (exit 1) and what could be read is queued again: most of it.
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "damaged" in r.stderr
+    floor = 1000 if damage == "truncated" else 2000
+    assert got >= floor, f"only {got} of 3000 salvaged ({damage}): {r.stdout}"
+
+
+def test_a_flipped_byte_in_a_stored_alert_costs_one_character_not_the_queue(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = write_config(tmp_path, pki, smtp.port)
+        db = tmp_path / "state" / "outbox.db"
+        queue_alerts(db, 20)
+        raw = db.read_bytes()
+        at = raw.index(b"good 7")
+        db.write_bytes(raw[:at] + b"\xff\xfe" + raw[at + 2 :])  # "go" → invalid UTF-8
+        gw = DaemonProcess(cfg, tmp_path / "d.log").start()
+        wait_for(lambda: len(smtp.received) == 20, timeout=30, what="all 20, the damaged too")
+        assert any("\ufffd\ufffdod 7" in r.message.get_content() for r in smtp.received)
+        assert gw.terminate() == 0
+
+
+def test_a_lock_held_while_running_is_waited_out(tmp_path: Path, pki: Pki) -> None:
+    from tests.conftest import run_cli
+
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = write_config(tmp_path, pki, smtp.port)
+        gw = DaemonProcess(cfg, tmp_path / "d.log").start()
+        gw.wait_ready()
+        db = tmp_path / "state" / "outbox.db"
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # longer than SQLite's 10 s busy timeout
+        time.sleep(12)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert gw.alive, gw.log_text()[-2000:]
+        r = run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "warning", "after")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(smtp.received) == 1, timeout=30, what="the alert after the lock")
+        assert "cannot use the outbox" in gw.log_text()
+        assert gw.terminate() == 0

@@ -490,3 +490,59 @@ def test_smtp_test_command(pki: Pki, tmp_path: Path, password_file: Path) -> Non
         assert r.returncode == 1 and "does not offer STARTTLS" in r.stdout
     r = run_cli("smtp-test", "-c", str(cfg))  # the server is gone now
     assert r.returncode == 1 and "[FAIL] connect" in r.stdout
+
+
+def test_a_stalled_session_does_not_penalise_the_alert_in_flight(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    """The session stalls on the first alert: it goes out with the rest, not minutes later."""
+    with SmtpServer(pki, "starttls") as server:
+        server.script.stall_in_data = 5.0  # longer than smtp.timeout = 3s
+        conf = smtp_conf(server, pki).replace('min_backoff = "1s"', 'min_backoff = "10m"')
+        gw = make_gateway(conf.replace('max_backoff = "2s"', 'max_backoff = "1h"'))
+        gw.add(*[alert(f"a{i}") for i in range(10)])
+        t0 = time.monotonic()
+        wait_for(lambda: gw.counts()["sent"] == 10, timeout=30, what="all 10 sent")
+        assert time.monotonic() - t0 < 15  # the stalled one was not deferred for 10 min
+        assert gw.runtime.attempts["session_broke"] == 1
+        assert gw.runtime.attempts["deferred"] == 0
+
+
+def test_a_message_that_breaks_sessions_while_others_go_is_deferred(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    """A poison message: after POISON_BREAKS broken sessions with others sent between."""
+    from gateway import relay as relay_mod
+
+    with SmtpServer(pki, "starttls") as server:
+        gw = make_gateway(smtp_conf(server, pki, extra="batch = 1\n"))
+        poison = alert("poison")
+        server.script.drop_when = b"poison"
+        gw.add(poison, *[alert(f"ok{i}") for i in range(6)])
+        wait_for(lambda: len(server.received) == 6, timeout=40, what="the others sent")
+        wait_for(lambda: gw.runtime.attempts["deferred"] >= 1, timeout=30, what="poison deferred")
+        assert gw.runtime.attempts["session_broke"] == relay_mod.POISON_BREAKS - 1
+
+
+def test_the_uplinks_return_is_noticed_by_tcp_probes(
+    pki: Pki, make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """probe_max 60 s: after an outage, sessions would wait up to a minute; a cheap TCP
+    probe (every second here, TCP_PROBE_EVERY in production) notices the return."""
+    from gateway import relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "TCP_PROBE_EVERY", 1.0)
+    server = SmtpServer(pki, "starttls")  # down at first: connections refused
+    gw = make_gateway(smtp_conf(server, pki).replace('probe_max = "2s"', 'probe_max = "60s"'))
+    gw.add(*[alert(f"a{i}") for i in range(5)])
+    wait_for(lambda: gw.runtime.uplink == "down", what="uplink down")
+    time.sleep(8)  # exponential session probes would be at 2, 6, 14 s
+    server.start()
+    try:
+        t0 = time.monotonic()
+        server.wait_for(5, timeout=30)
+        assert time.monotonic() - t0 < 3.5
+        assert gw.relay.tcp_probes >= 5
+        assert gw.runtime.attempts["uplink_down"] == 1  # one full session attempt only
+    finally:
+        server.stop()

@@ -26,6 +26,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ class MqttSource:
         self.client.max_packet = self.cfg.max_payload + OVERSIZE_SLACK
         self.client.on_oversize = self._on_oversize
         self.runtime.sources[self.name] = "connecting"
+        self.on_connected: Callable[[], None] | None = None  # paho's thread, each CONNACK
 
     # --- paho setup -------------------------------------------------------------
 
@@ -207,6 +209,8 @@ class MqttSource:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.runtime.sources[self.name] = "connected"
         self._connected.set()
+        if self.on_connected is not None:
+            self.on_connected()
         log.info(
             "connected to the MQTT broker %s:%d as %s (session %s); subscribed to %s",
             self.cfg.host,
@@ -284,16 +288,25 @@ class MqttSource:
                 self.probes_back += 1
             client.ack(msg.mid, msg.qos)
             return
-        alert = normalize(
-            bytes(msg.payload),
-            Draft(
-                topic=topic,
-                source="mqtt",
-                sensor=topic.rsplit("/", 1)[-1] or "unknown",
-                severity=Severity.WARNING,
-            ),
-        )
-        routed = self.ingest.prepare(alert)
+        try:
+            alert = normalize(
+                bytes(msg.payload),
+                Draft(
+                    topic=topic,
+                    source="mqtt",
+                    sensor=topic.rsplit("/", 1)[-1] or "unknown",
+                    severity=Severity.WARNING,
+                ),
+            )
+            routed = self.ingest.prepare(alert)
+        except Exception:
+            # normalize() should never raise; if it does, this message is a counted
+            # rejection, acknowledged: unacknowledged, it would hold a slot of the
+            # broker's window for ever and come back at every reconnect.
+            self.runtime.reject("mqtt_unreadable")
+            log.exception("rejected a message on %s that could not be read", ascii(topic))
+            client.ack(msg.mid, msg.qos)
+            return
         with self._lock:
             old = self._held.get(msg.mid)
             if old is not None:  # a redelivery of a message we still hold
