@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from gateway.alert import Alert
 from gateway.errors import OutboxFull
-from gateway.outbox import Routed
+from gateway.outbox import MqttKey, Routed
 from gateway.routing import Router
 from gateway.status import Runtime
 from gateway.writer import Done, Stored, Writer
@@ -22,11 +22,13 @@ class Ingest:
         self.router = router  # replaced whole on reload: read it once per alert
         self.runtime = runtime
 
-    def prepare(self, alert: Alert, seen_key: str | None = None) -> Routed:
+    def prepare(
+        self, alert: Alert, seen_key: str | None = None, mqtt: MqttKey | None = None
+    ) -> Routed:
         for note in alert.notes:
             self.runtime.sanitised[note] += 1
         self.runtime.received[alert.source] += 1
-        return Routed(alert, self.router.route(alert), seen_key)
+        return Routed(alert, self.router.route(alert), seen_key, mqtt)
 
     def submit(
         self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0
@@ -53,6 +55,8 @@ class Ingest:
             for i, r in enumerate(batch):
                 if i in result.rejected:
                     rt.reject(f"{r.alert.source}_unstorable")
+                elif r.mqtt is not None and r.mqtt.name in dupes:
+                    rt.mqtt_redelivery_recognised += 1
                 elif not dupes or r.seen_key not in dupes:
                     rt.ingested[r.alert.source] += 1
         elif not isinstance(result, OutboxFull):

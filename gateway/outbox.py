@@ -62,7 +62,7 @@ from gateway.storm import Bucket, Lead, Policy, decide
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATES = ("queued", "sending", "sent", "dead", "unrouted", "suppressed")
 MAX_PRIORITY = 9
 LIVE_STATES = ("queued", "sending", "dead", "unrouted", "suppressed")
@@ -158,8 +158,38 @@ MIGRATIONS: tuple[str, ...] = (
         ) GROUP BY boot, island;
     DROP TABLE seen;
     """,
+    # 5 → 6: MQTT messages committed whose PUBACK the broker is not known to have had,
+    # so that their redelivery is recognised (Outbox.add, gateway/sources/mqtt.py).
+    """
+    CREATE TABLE mqtt_pending (
+        mid      INTEGER PRIMARY KEY,
+        digest   BLOB    NOT NULL,
+        alert_id TEXT    NOT NULL,
+        conn     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class MqttKey:
+    """What names an MQTT QoS 1 delivery to the gateway, for recognising its redelivery.
+
+    mid: the broker's packet id. digest: blake2b of (client id, QoS, topic, payload).
+    dup: the PUBLISH had its DUP flag (the broker sends it again). conn: a random token
+    of the connection it came on (a new one per CONNACK).
+    """
+
+    mid: int
+    digest: bytes
+    dup: bool
+    conn: int
+
+    @property
+    def name(self) -> str:
+        """Its entry in Outbox.add's duplicates when recognised as a redelivery."""
+        return f"mqtt:{self.mid}:{self.digest.hex()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +199,7 @@ class Routed:
     alert: Alert
     deliveries: tuple[tuple[str, int], ...]
     seen_key: str | None = None
+    mqtt: MqttKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +258,11 @@ ROWS_PER_INSERT = 64
 
 
 def _insert_rows(
-    c: sqlite3.Connection, into: str, width: int, rows: Sequence[tuple[Any, ...]]
+    c: sqlite3.Connection,
+    into: str,
+    width: int,
+    rows: Sequence[tuple[Any, ...]],
+    verb: str = "INSERT",
 ) -> None:
     """Insert rows up to ROWS_PER_INSERT to a statement rather than one a statement.
 
@@ -239,7 +274,7 @@ def _insert_rows(
     i = 0
     while i < len(rows):
         n = min(ROWS_PER_INSERT, 1 << ((len(rows) - i).bit_length() - 1))
-        sql = f"INSERT INTO {into} VALUES {', '.join([one] * n)}"
+        sql = f"{verb} INTO {into} VALUES {', '.join([one] * n)}"
         c.execute(sql, [v for row in rows[i : i + n] for v in row])
         i += n
 
@@ -647,8 +682,9 @@ class Outbox:
     ) -> list[str]:
         """Store alerts in one transaction; return once committed.
 
-        Returns the seen keys of alerts skipped as already stored (a retransmission
-        recognised by `seen_key`). Raises OutboxFull, storing nothing, when the
+        Returns the keys of alerts skipped as already stored: the `seen_key` of a serial
+        retransmission, the `MqttKey.name` of an MQTT redelivery (see _mqtt_redelivered).
+        Raises OutboxFull, storing nothing, when the
         bound would be exceeded or the disk is full. `now` (wall) and `mono`
         (monotonic) are the clocks storm control runs on; tests pass their own.
         """
@@ -683,12 +719,18 @@ class Outbox:
                 stormed = 0
                 keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
                 fresh = self._record_keys(c, keys, now)
+                pending: dict[int, tuple[Any, ...]] = {}  # mid → its mqtt_pending row
                 for r, key in zip(batch, keys, strict=True):
                     if r.seen_key is not None:
                         if key not in fresh:
                             duplicates.append(r.seen_key)
                             continue
                         fresh.remove(key)  # twice in one batch: store it once
+                    if (mk := r.mqtt) is not None:
+                        if mk.dup and self._mqtt_redelivered(c, mk, pending):
+                            duplicates.append(mk.name)
+                            continue
+                        pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
                     rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
                     for rt, p in r.deliveries:
                         policy = policies.get(rt)
@@ -708,6 +750,7 @@ class Outbox:
                 _insert_rows(
                     c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
                 )
+                _insert_rows(c, "mqtt_pending", 4, list(pending.values()), "INSERT OR REPLACE")
                 added = len(deliveries) + stormed
                 c.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
@@ -723,6 +766,52 @@ class Outbox:
         self._shards |= created
         self.live += added
         return duplicates
+
+    @staticmethod
+    def _mqtt_redelivered(
+        c: sqlite3.Connection, mk: MqttKey, pending: dict[int, tuple[Any, ...]]
+    ) -> bool:
+        """Is this DUP delivery the broker's redelivery of a message committed already?
+
+        Yes if its packet id has a row with the same digest: the broker cannot hold two
+        messages under one packet id, and reuses an id only once it has our PUBACK, after
+        which the MQTT source deletes the row as soon as it learns so (a confirmation
+        round trip, mqtt.py). The row now belongs to this connection: it is acknowledged
+        again here, and only this connection's confirmation may retire it.
+        """
+        if mk.mid in pending:  # the original is in this very transaction
+            if pending[mk.mid][1] != mk.digest:
+                return False
+            pending[mk.mid] = (*pending[mk.mid][:3], mk.conn)
+            return True
+        row = c.execute("SELECT digest FROM mqtt_pending WHERE mid = ?", (mk.mid,)).fetchone()
+        if row is None or bytes(row[0]) != mk.digest:
+            return False
+        c.execute("UPDATE mqtt_pending SET conn = ? WHERE mid = ?", (mk.conn, mk.mid))
+        return True
+
+    def mqtt_settled(
+        self, keys: Iterable[tuple[int, bytes, int]] = (), keep_conn: int | None = None
+    ) -> int:
+        """Forget MQTT deliveries the broker no longer holds for us; how many rows went.
+
+        `keys`: (packet id, digest, connection) of messages whose PUBACK the broker has
+        had on that connection. With
+        `keep_conn`, also every row that did not come (or come again) on that connection:
+        on a new session the broker holds nothing for us; on a resumed one, what it was
+        going to redeliver has arrived by then. Forgetting too much costs at most a
+        duplicate; remembering too long could take a new message for a copy.
+        """
+        keys = list(keys)
+        n = 0
+        with self.transaction() as c:
+            if keys:
+                n += c.executemany(
+                    "DELETE FROM mqtt_pending WHERE mid = ? AND digest = ? AND conn = ?", keys
+                ).rowcount
+            if keep_conn is not None:
+                n += c.execute("DELETE FROM mqtt_pending WHERE conn != ?", (keep_conn,)).rowcount
+        return n
 
     def _record_keys(
         self, c: sqlite3.Connection, keys: Sequence[tuple[str, int] | None], now: float

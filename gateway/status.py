@@ -37,6 +37,8 @@ class Runtime:
     sources: dict[str, str] = field(default_factory=dict)
     outbox_full: bool = False
     store_failures: int = 0  # alerts whose commit failed (locked, I/O error); retried
+    # MQTT redeliveries of messages already stored, acknowledged without storing them again
+    mqtt_redelivery_recognised: int = 0
     store_error: str | None = None  # why storing fails now; None while it works
     store_failing_since: float | None = None  # wall time
     threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
@@ -66,6 +68,7 @@ class Runtime:
             "sources": dict(self.sources),
             "outbox_full": self.outbox_full,
             "store_failures": self.store_failures,
+            "mqtt_redelivery_recognised": self.mqtt_redelivery_recognised,
             "store_error": self.store_error,
             "store_failing_since": self.store_failing_since,
             "threads": dict(self.threads),
@@ -146,6 +149,9 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         "outbox_full": raw.get("outbox_full") is True,
         "received": counts("received"),
         "store_failures": n if type(n := raw.get("store_failures")) is int else 0,
+        "mqtt_redelivery_recognised": r
+        if type(r := raw.get("mqtt_redelivery_recognised")) is int
+        else 0,
         "store_error": store_error if isinstance(store_error, str) else None,
         "store_failing_since": number("store_failing_since"),
         "threads": {k: v for k, v in threads.items() if isinstance(k, str) and isinstance(v, str)}
@@ -195,6 +201,7 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "sanitised",
         "outbox_full",
         "store_failures",
+        "mqtt_redelivery_recognised",
         "store_error",
         "store_failing_since",
         "threads",

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gateway import outbox as ob_mod
 from gateway.alert import Draft, Severity, normalize
 from gateway.errors import OutboxCorrupt, OutboxFull, Unstorable
-from gateway.outbox import MIGRATIONS, Outbox, Outcome, Routed
+from gateway.outbox import MIGRATIONS, MqttKey, Outbox, Outcome, Routed
 
 
 def alert(msg: str = "m", sev: Severity = Severity.WARNING, topic: str = "alerts/x") -> Routed:
@@ -329,7 +329,66 @@ def test_migration_5_turns_seen_keys_into_runs(tmp_path: Path) -> None:
 def test_fresh_file_goes_through_every_migration(tmp_path: Path) -> None:
     ob = open_ob(tmp_path)
     tables = {r[0] for r in ob.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"alert_kept", "delivery", "meta", "seen_run"} <= tables
+    assert {"alert_kept", "delivery", "meta", "seen_run", "mqtt_pending"} <= tables
+
+
+def test_migration_6_adds_mqtt_pending_and_keeps_data(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    ob = Outbox(db)
+    ob.add([alert("before the upgrade")])
+    ob.conn.executescript("DROP TABLE mqtt_pending; PRAGMA user_version = 5;")
+    ob.close()
+    ob = Outbox(db)
+    assert ob.conn.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert ob.conn.execute("SELECT count(*) FROM mqtt_pending").fetchone()[0] == 0
+    assert ob.live == 1
+
+
+def _mqtt(msg: str, mid: int, dup: bool, conn: int = 1) -> Routed:
+    r = alert(msg)
+    digest = msg.encode().ljust(16, b"_")[:16]
+    return Routed(r.alert, r.deliveries, mqtt=MqttKey(mid, digest, dup, conn))
+
+
+def _messages(ob: Outbox) -> list[str]:
+    return sorted(r[0] for r in ob.conn.execute("SELECT message FROM alert_0"))
+
+
+def test_an_mqtt_redelivery_is_recognised_by_packet_id_and_digest(tmp_path: Path) -> None:
+    ob = open_ob(tmp_path)
+    first = _mqtt("door open", 7, dup=False)
+    assert ob.add([first]) == []
+    # The same packet id and content, DUP: the broker sending it again. Acknowledged as
+    # a copy, and the row now belongs to the connection it came again on.
+    again = _mqtt("door open", 7, dup=True, conn=2)
+    assert ob.add([again]) == [again.mqtt.name]  # type: ignore[union-attr]
+    assert ob.conn.execute("SELECT conn FROM mqtt_pending WHERE mid = 7").fetchone() == (2,)
+    # Not a copy: another packet id, other content under that id, or no DUP flag.
+    assert ob.add([_mqtt("door open", 8, dup=True)]) == []
+    assert ob.add([_mqtt("door shut", 7, dup=True)]) == []  # now the row of 7 is this one
+    assert ob.add([_mqtt("door shut", 7, dup=False)]) == []
+    assert _messages(ob) == ["door open", "door open", "door shut", "door shut"]
+    # The original and its redelivery in one transaction: stored once.
+    pair = [_mqtt("window", 9, dup=False), _mqtt("window", 9, dup=True)]
+    assert ob.add(pair) == [pair[1].mqtt.name]  # type: ignore[union-attr]
+    assert _messages(ob).count("window") == 1
+
+
+def test_confirmed_rows_are_forgotten_and_a_sweep_keeps_one_connection(tmp_path: Path) -> None:
+    ob = open_ob(tmp_path)
+    ob.add([_mqtt("a", 1, False, conn=1), _mqtt("b", 2, False, conn=1)])
+    ob.add([_mqtt("c", 3, False, conn=2)])
+    a, c = _mqtt("a", 1, False).mqtt, _mqtt("c", 3, False).mqtt
+    assert a is not None and c is not None
+    # A key of another connection, or with another digest, is not this row.
+    assert ob.mqtt_settled([(1, a.digest, 2), (1, c.digest, 1)]) == 0
+    assert ob.mqtt_settled([(1, a.digest, 1)]) == 1
+    # The sweep: every row that did not come (again) on connection 2.
+    assert ob.mqtt_settled([], keep_conn=2) == 1
+    assert ob.conn.execute("SELECT mid FROM mqtt_pending").fetchall() == [(3,)]
+    # Forgotten, a redelivery is stored again: a copy, never a loss.
+    assert ob.add([_mqtt("a", 1, dup=True)]) == []
+    assert _messages(ob).count("a") == 2
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -14,19 +14,47 @@ but Debian 12's Mosquitto 2.0.11 sends a resumed session's whole backlog at once
 While the outbox is full the messages we hold are retried every second and stay
 unacknowledged, so ingestion pauses by itself. The throughput side (read-ahead,
 acks in bursts after each group commit) is in mqtt_client.py.
+
+A PUBACK can be lost after the commit: the process dies before writing it, or it dies in
+a socket buffer (kill -9 with unread input resets the connection; a power cut). The
+broker then sends the message again with the same packet id and the DUP flag, and it
+would be stored, and mailed, twice under two Message-IDs. So the commit also records
+(packet id, digest of the content) in `mqtt_pending`, and a DUP message matching its
+row is acknowledged without being stored again (Outbox.add). The row must go as soon as
+the broker has the PUBACK: from then on the broker may reuse the packet id, possibly
+for a message with the same content (sensors repeat themselves), and a crash before
+that one's commit would bring it back with DUP, matching the row: a loss. MQTT gives
+no receipt for a PUBACK, but the broker handles a connection's packets in order: once
+it answers a QoS 1 publish of ours sent after some PUBACKs, it has processed them. So
+about once a second, while acks are unconfirmed, we publish an empty message to
+`mailgw/<device_id>/confirm`; its PUBACK, on the same connection, deletes their rows.
+A lost connection drops the pending confirmation. The next connection's first
+confirmation also deletes every row that did not come again on it: by then the broker
+has redelivered what it held (it does so right after CONNACK, before reading on), so
+those rows name PUBACKs it had. A new session (the broker holds nothing) clears them.
+
+What remains, and cannot be closed with QoS 1: the broker could reuse a packet id in
+the second or so before the confirmation returns, for an identical message, and the
+gateway die before committing that one. Mosquitto numbers its packets to a client in
+sequence (an id comes back after 65,535 others), far beyond what arrives in a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
+import secrets
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +67,7 @@ from gateway.alert import Draft, Severity, normalize
 from gateway.config import Config
 from gateway.errors import OutboxFull, ThreadDied
 from gateway.ingest import Ingest
+from gateway.outbox import MqttKey, Outbox
 from gateway.sources.mqtt_client import Client
 from gateway.sources.mqtt_cut import Cut
 from gateway.status import Runtime
@@ -63,6 +92,19 @@ OVERSIZE_SLACK = 128 * 1024
 PROBE_EVERY = 30.0
 STALL_AFTER = 90.0
 
+PendingKey = tuple[int, bytes, int]  # a row of mqtt_pending: packet id, digest, connection
+
+
+@dataclass(frozen=True, slots=True)
+class _Confirm:
+    """A confirmation publish in flight: its PUBACK proves the broker has the PUBACKs
+    of `keys`, and (`sweep`) that it has redelivered what it held at connect."""
+
+    mid: int
+    conn: int
+    keys: list[PendingKey]
+    sweep: bool
+
 
 def _not_paho_noise(record: logging.LogRecord) -> bool:
     # paho logs this at ERROR on every reconnect attempt while the broker is away; the
@@ -85,6 +127,7 @@ class MqttSource:
         self.runtime = runtime
         self.status_topic = f"mailgw/{self.device_id}/status"
         self.probe_topic = f"mailgw/{self.device_id}/probe"
+        self.confirm_topic = f"mailgw/{self.device_id}/confirm"
         self.own_prefix = f"mailgw/{self.device_id}/"
         self.probe_every = PROBE_EVERY
         self.stall_after = STALL_AFTER
@@ -100,7 +143,16 @@ class MqttSource:
         # Held messages the outbox refused (full, disk full): stored again every second
         # until they fit. Each holds one of the broker's in-flight slots meanwhile.
         self._waiting: set[int] = set()
-        self._acks: list[tuple[int, int]] = []  # (mid, qos) committed, not yet acked
+        # (mid, qos, its mqtt_pending row or None) committed, not yet acked
+        self._acks: list[tuple[int, int, PendingKey | None]] = []
+        # The connection's token (rows of mqtt_pending name it), the rows of messages
+        # acked on it and not yet confirmed, the confirmation in flight, and whether this
+        # connection's first confirmation (which clears older connections' rows) is due.
+        self._conn = 0
+        self._unconfirmed: list[PendingKey] = []
+        self._confirm: _Confirm | None = None
+        self._sweep_due = False
+        self._puback_seen: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
         ingest.after_commit(self._flush_acks)
         self._store_error_logged = False
         self._stopping = False
@@ -170,6 +222,7 @@ class MqttSource:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -197,11 +250,24 @@ class MqttSource:
             self.runtime.sources[self.name] = f"refused ({reason})"
             return
         self._unreachable_logged = False
+        resumed = bool(getattr(flags, "session_present", False))
         with self._lock:
             # What we held from the last connection will be redelivered by the broker.
             self._held.clear()
             self._held_bytes = 0
             self._waiting.clear()
+            # PUBACKs written on the last connection are unconfirmed for good; their rows
+            # stay until this connection's first confirmation (or until they come again).
+            self._conn = secrets.randbits(62)
+            self._unconfirmed.clear()
+            self._confirm = None
+            self._sweep_due = resumed
+            conn = self._conn
+        if not resumed:
+            # A new session (first start, expired, another client id): the broker holds
+            # nothing in flight for us, so no row can match a redelivery. Queued to the
+            # writer ahead of anything this connection delivers.
+            self._settle([], keep_conn=conn)
         self.client.room.set()
         self._probe_sent = None
         self._last_rx = time.monotonic()
@@ -298,7 +364,12 @@ class MqttSource:
                     severity=Severity.WARNING,
                 ),
             )
-            routed = self.ingest.prepare(alert)
+            key = None
+            if msg.qos == 1:
+                key = MqttKey(
+                    msg.mid, self._digest(msg.qos, topic, msg.payload), bool(msg.dup), self._conn
+                )
+            routed = self.ingest.prepare(alert, mqtt=key)
         except Exception:
             # normalize() should never raise; if it does, this message is a counted
             # rejection, acknowledged: unacknowledged, it would hold a slot of the
@@ -315,6 +386,20 @@ class MqttSource:
             self._held_bytes += len(msg.payload)
         self._store(msg.mid)
 
+    def _digest(self, qos: int, topic: str, payload: bytes | bytearray) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.client_id.encode(), bytes([qos]), topic.encode(), payload):
+            h.update(len(part).to_bytes(4, "big"))  # lengths first: no two splits collide
+            h.update(part)
+        return h.digest()
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason: Any, properties: Any
+    ) -> None:  # paho's thread, for every publish of ours the broker acknowledged
+        with self._lock:
+            self._puback_seen.append((mid, self._conn))
+        self._settle_confirm()
+
     # --- storing and acknowledging ----------------------------------------------------
 
     def _store(self, mid: int) -> None:
@@ -323,6 +408,9 @@ class MqttSource:
         if held is None:
             return
         qos, routed, size = held
+        key: PendingKey | None = None
+        if routed.mqtt is not None:
+            key = (mid, routed.mqtt.digest, routed.mqtt.conn)
 
         # The broker redelivers what we held with the same packet ids after a reconnect,
         # so a mid alone does not name a message: only this very entry may be acked or
@@ -353,7 +441,7 @@ class MqttSource:
                 if self._held.get(mid) is held:
                     del self._held[mid]
                     self._held_bytes -= size
-                    self._acks.append((mid, qos))  # sent once the group's callbacks ran
+                    self._acks.append((mid, qos, key))  # sent once the group's callbacks ran
             self.client.room.set()
 
         self.ingest.submit_routed([routed], done)
@@ -363,10 +451,17 @@ class MqttSource:
             if not self._acks:
                 return
             acks, self._acks = self._acks, []
+            conn = self._conn
         if self._connected.is_set():
             # Disconnected, the broker redelivers these anyway; PUBACKs queued now
             # could reach the next connection ahead of its CONNECT.
-            self.client.ack_many(acks)
+            self.client.ack_many([(mid, qos) for mid, qos, _ in acks])
+            # Queued now on paho's one ordered packet queue: a confirmation published
+            # from here on goes out behind them. If a reconnect came in between they may
+            # never have been written: then they are not ours to confirm.
+            with self._lock:
+                if self._conn == conn:
+                    self._unconfirmed.extend(k for _, _, k in acks if k is not None)
 
     def _retry_held(self) -> None:
         with self._lock:
@@ -396,6 +491,7 @@ class MqttSource:
                 now = time.monotonic()
                 if self._connected.is_set():
                     self._check_delivery(now)
+                    self._send_confirm()
                 if self._connected.is_set() and now - last_status >= self.cfg.status_interval:
                     last_status = now
                     self.client.publish(
@@ -419,6 +515,51 @@ class MqttSource:
         self.runtime.threads[self.name] = "dead"
         self.runtime.sources[self.name] = "stopped (network thread died)"
         raise ThreadDied("the MQTT network thread has ended: MQTT alerts are no longer taken")
+
+    # --- confirming acks (see the module's docstring) ---------------------------------
+
+    def _send_confirm(self) -> None:  # the event loop, about once a second
+        with self._lock:
+            if self._confirm is not None or not (self._unconfirmed or self._sweep_due):
+                return
+            keys, self._unconfirmed = self._unconfirmed, []
+            conn, sweep = self._conn, self._sweep_due
+        # Not under self._lock: paho calls on_publish holding its own lock, which
+        # publish() takes too.
+        info = self.client.publish(self.confirm_topic, b"", qos=1)
+        with self._lock:
+            if info.rc != mqtt.MQTT_ERR_SUCCESS or conn != self._conn:
+                # Not sent on that connection: a reconnect dropped these keys (their rows
+                # are cleared by the next sweep); otherwise try again next time.
+                if conn == self._conn:
+                    self._unconfirmed[:0] = keys
+                return
+            self._confirm = _Confirm(info.mid, conn, keys, sweep)
+        self._settle_confirm()  # its PUBACK may have come before we noted it
+
+    def _settle_confirm(self) -> None:
+        with self._lock:
+            c = self._confirm
+            if c is None or c.conn != self._conn or (c.mid, c.conn) not in self._puback_seen:
+                return
+            self._confirm = None
+            if c.sweep:
+                self._sweep_due = False
+        self._settle(c.keys, keep_conn=c.conn if c.sweep else None)
+
+    def _settle(self, keys: list[PendingKey], keep_conn: int | None) -> None:
+        """Delete mqtt_pending rows through the writer; nobody waits for it."""
+
+        def settle(outbox: Outbox) -> int:
+            return outbox.mqtt_settled(keys, keep_conn)
+
+        def logged(fut: concurrent.futures.Future[int]) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                # The rows stay: a later sweep removes them.
+                log.warning("could not forget acknowledged MQTT messages: %s", exc)
+
+        self.ingest.writer.call(settle).add_done_callback(logged)
 
     def _check_delivery(self, now: float) -> None:
         if self._probe_sent is None:
