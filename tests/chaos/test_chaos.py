@@ -267,8 +267,10 @@ def _chaos(
     conn.close()
 
     by_id: dict[str, set[str]] = collections.defaultdict(set)
+    by_subject: dict[str, set[str]] = collections.defaultdict(set)
     for r in received:
         by_id[r.message_id].add(str(r.message["Subject"]))
+        by_subject[str(r.message["Subject"])].add(r.message_id)
     published = {text for text, _ in pub._sent} | set(serial_sent.values())
     published |= set(poison_sent.values())
     subjects = collections.Counter(str(r.message["Subject"]) for r in received)
@@ -282,6 +284,12 @@ def _chaos(
         "lost": len(acked - set(subjects)),
         "invented": sorted(set(subjects) - published)[:5],
         "mixed_message_ids": [m for m, s in by_id.items() if len(s) > 1][:5],
+        # Copies by content: every alert text is unique, so a text mailed under two
+        # Message-IDs was stored twice (an MQTT redelivery taken for a new alert).
+        "copies_new_id": [t for t, ids in by_subject.items() if len(ids) > 1][:5],
+        "duplicates_per_kill9": round(
+            sum(n - 1 for n in subjects.values() if n > 1) / max(1, injected["kill9"]), 1
+        ),
         "integrity": integrity,
         "outbox_full_seen": full_seen,
         "daemon_exits": dict(exits),
@@ -299,6 +307,7 @@ def _run(tmp_path: Path, faults: int) -> None:
     assert result["lost"] == 0
     assert result["invented"] == []
     assert result["mixed_message_ids"] == []
+    assert result["copies_new_id"] == []
     assert result["integrity"] == "ok"
     assert result["daemon_exits"] == {}
     assert result["moved_aside"] == []  # a locked or full disk is never taken for corruption
