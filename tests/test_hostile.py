@@ -615,8 +615,10 @@ def test_a_lock_held_while_running_is_waited_out(tmp_path: Path, pki: Pki) -> No
         gw.wait_ready()
         db = tmp_path / "state" / "outbox.db"
         holder = sqlite3.connect(db, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # longer than SQLite's 10 s busy timeout
-        time.sleep(12)
+        # Longer than SQLite's 10 s busy timeout plus the relay's 2 s idle poll: at least
+        # one claim of the relay's runs into it.
+        holder.execute("BEGIN IMMEDIATE")
+        time.sleep(14)
         holder.execute("ROLLBACK")
         holder.close()
         assert gw.alive, gw.log_text()[-2000:]
