@@ -171,7 +171,7 @@ def eight_uarts(tmp: Path, seconds: float = 10.0, commit_interval: float = 0.005
     writer.start()
     runtime = Runtime()
     ingest = Ingest(writer, Router(cfg.routes), runtime)
-    hub = SerialHub()  # as the daemon does: one thread reads all eight
+    hub = SerialHub(ingest)  # as the daemon does: one thread reads all eight
     sources = [SerialSource(cfg, s, ingest, runtime, hub=hub) for s in cfg.serial]
     # The eight devices run in another process, so that only the gateway's CPU is counted.
     device_code = (

@@ -156,7 +156,7 @@ class Daemon:
         if cfg.serial:
             from gateway.sources.serial import SerialHub, SerialSource
 
-            hub = SerialHub()  # one thread reads every device-path port
+            hub = SerialHub(self.ingest)  # one thread reads every device-path port
             for port in cfg.serial:
                 self.components.append(SerialSource(cfg, port, self.ingest, self.runtime, hub=hub))
 

@@ -19,7 +19,7 @@ from firmware_bridge import codec
 from firmware_bridge.device import Device
 from gateway.alert import Draft, clean_sensor, normalize, parse_severity
 from gateway.clock import Stamp
-from gateway.sources.serial import from_frame
+from gateway.sources.serial_session import from_frame
 from tests.parts import DaemonProcess, stored_alerts, wait_for
 
 
