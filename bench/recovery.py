@@ -7,8 +7,8 @@ loopback, as a cellular link that stops passing traffic does). Reported: seconds
 the path's return to the first and the last delivery. Goal: median <= 5 s, max <= 10 s
 for every row (Postfix's defaults: 300-600 s; nullmailer: 60 s).
 
-`probe traffic`: bytes on the wire to and from the smarthost's port during the
-outages, per hour (iptables counters; goal <= 50 KB/h).
+`probe traffic`: bytes on the wire to and from the smarthost's port during the longest
+outage of each kind, per hour (iptables counters, IP headers included; goal <= 50 KB/h).
 
 `crash`: 400 alerts queued, a slow smarthost (20 ms per mail), the daemon killed with
 -9 four times during the drain: duplicate mails per kill (goal <= 1; Postfix 0).
@@ -37,6 +37,7 @@ from tests.parts import DaemonProcess, SmtpServer, make_pki, wait_for
 
 
 def config(tmp: Path, pki: Any, port: int) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     pw = tmp / "pw"
     pw.write_text("s3cret\n")
     pw.chmod(0o600)
@@ -156,7 +157,7 @@ def run() -> list[dict[str, Any]]:
         dup, kills = crash(tmp / "crash", pki)
         rows.append(row("crash: duplicate mails per kill -9", dup / kills, "mails", goal="<= 1"))
         have_iptables = shutil.which("iptables") is not None and os.geteuid() == 0
-        bytes_total, seconds_total = 0, 0.0
+        longest = max(lengths)
         times: list[float] = []
         for kind in ("refused", "blackholed"):
             if kind == "blackholed" and not have_iptables:
@@ -165,8 +166,16 @@ def run() -> list[dict[str, Any]]:
             for seconds in lengths:
                 first, last, traffic = outage(tmp / f"{kind}{seconds}", pki, kind, seconds)
                 times += [first, last]
-                bytes_total += traffic
-                seconds_total += seconds
+                if seconds == longest and have_iptables:
+                    # A long outage: what probing costs once the first attempts are over.
+                    rows.append(
+                        row(
+                            f"probe traffic, {kind} {seconds:.0f} s outage",
+                            traffic * 3600 / seconds / 1000,
+                            "KB/h",
+                            goal="<= 50 KB/h",
+                        )
+                    )
                 print(f"  recovery: {kind} {seconds:.0f} s: first {first:.1f} s, last {last:.1f} s")
                 rows.append(
                     row(f"recovery, {kind} {seconds:.0f} s: first", first, "s", goal="<= 5 s")
@@ -175,14 +184,8 @@ def run() -> list[dict[str, Any]]:
                     row(f"recovery, {kind} {seconds:.0f} s: last", last, "s", goal="<= 10 s")
                 )
         if times:
-            rows.append(row("recovery: median of all rows", statistics.median(times), "s"))
-        if have_iptables and seconds_total:
             rows.append(
-                row(
-                    "probe traffic during outages",
-                    bytes_total * 3600 / seconds_total / 1000,
-                    "KB/h",
-                    goal="<= 50 KB/h",
-                )
+                row("recovery: median of all rows", statistics.median(times), "s", goal="<= 5 s")
             )
+            rows.append(row("recovery: max of all rows", max(times), "s", goal="<= 10 s"))
     return rows
