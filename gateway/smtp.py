@@ -6,6 +6,9 @@
   downgrades a session to read the password.
 - tls = "none": loopback only, never with AUTH (the config refuses both).
 Certificates are verified (system store or `smtp.ca_file`), TLS ≥ 1.2, SNI on.
+
+`SmtpSession.deliver` gives back what the server answered as data (`gateway.replies`),
+so what a reply means is decided there, without aiosmtplib's exception types.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ import aiosmtplib
 
 from gateway.config import SmtpSection
 from gateway.errors import TemporaryFailure
+from gateway.replies import (
+    Accepted,
+    Broken,
+    Failed,
+    NoRecipients,
+    Refused,
+    Reply,
+    Result,
+    Unexpected,
+)
 
 
 class UplinkDown(TemporaryFailure):
@@ -124,6 +137,8 @@ CONNECTION_ERRORS = (
     TimeoutError,
     ssl.SSLError,
 )
+# What opening a session can fail with, besides our own UplinkDown.
+OPEN_ERRORS = (aiosmtplib.SMTPException, *CONNECTION_ERRORS)
 
 
 class SmtpSession:
@@ -140,6 +155,8 @@ class SmtpSession:
         return f"{self.cfg.host}:{self.cfg.port}"
 
     async def open(self) -> None:
+        """Connect, greet, secure and log in. Raises UplinkDown saying what failed; no
+        credential is sent unless the connection is TLS with a verified certificate."""
         cfg = self.cfg
         ctx = tls_context(cfg) if cfg.tls != "none" else None
         client = aiosmtplib.SMTP(
@@ -155,60 +172,68 @@ class SmtpSession:
         try:
             await client.connect()
             connected = True
-            await client.ehlo()
-            if cfg.tls == "starttls":
-                if not client.supports_extension("starttls"):
-                    raise UplinkDown(
-                        f'{self.where} does not offer STARTTLS, which smtp.tls = "starttls" '
-                        "requires; refusing to send in clear (a stripped STARTTLS is a typical "
-                        "downgrade attack, or the port is wrong: 587 is usual)"
-                    )
-                await client.starttls(tls_context=ctx)
-            self._read_tls(client)
-            self.extensions = dict(client.esmtp_extensions)
-            secret = read_secret(cfg)
-            if secret is not None:
-                if client.get_transport_info("sslcontext") is None:
-                    # Defence in depth: config already forbids AUTH with tls = "none".
-                    raise UplinkDown("refusing to send credentials over a connection without TLS")
-                kind, value = secret
-                assert cfg.username is not None
-                if kind == "token":
-                    self.auth_mechanism = "XOAUTH2"
-                    await client.auth_xoauth2(cfg.username, value)
-                else:
-                    offered = client.supported_auth_methods
-                    self.auth_mechanism = offered[0].upper() if offered else None
-                    await client.login(cfg.username, value)
-        except aiosmtplib.SMTPAuthenticationError as exc:
+            await self._secure(client, ctx)
+            await self._login(client)
+        except OPEN_ERRORS as exc:
             await _abort(client)
-            raise UplinkDown(
-                f"{self.where} refused the login for {cfg.username}: {describe(exc)}; check "
-                "smtp.username and the password (Gmail and Microsoft 365 need an app password "
-                "or XOAUTH2)"
-            ) from exc
-        except aiosmtplib.SMTPException as exc:
+            raise self._down(exc, connected) from exc
+        except BaseException:
             await _abort(client)
-            if isinstance(exc, UplinkDown):
-                raise
+            raise
+        self.client = client
+
+    async def _secure(self, client: aiosmtplib.SMTP, ctx: ssl.SSLContext | None) -> None:
+        await client.ehlo()
+        if self.cfg.tls == "starttls":
+            if not client.supports_extension("starttls"):
+                raise UplinkDown(
+                    f'{self.where} does not offer STARTTLS, which smtp.tls = "starttls" '
+                    "requires; refusing to send in clear (a stripped STARTTLS is a typical "
+                    "downgrade attack, or the port is wrong: 587 is usual)"
+                )
+            await client.starttls(tls_context=ctx)
+        self._read_tls(client)
+        self.extensions = dict(client.esmtp_extensions)
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        cfg = self.cfg
+        secret = read_secret(cfg)
+        if secret is None:
+            return
+        if client.get_transport_info("sslcontext") is None:
+            # Defence in depth: config already forbids AUTH with tls = "none".
+            raise UplinkDown("refusing to send credentials over a connection without TLS")
+        kind, value = secret
+        assert cfg.username is not None
+        if kind == "token":
+            self.auth_mechanism = "XOAUTH2"
+            await client.auth_xoauth2(cfg.username, value)
+        else:
+            offered = client.supported_auth_methods
+            self.auth_mechanism = offered[0].upper() if offered else None
+            await client.login(cfg.username, value)
+
+    def _down(self, exc: Exception, connected: bool) -> UplinkDown:
+        """Why a session could not be opened. `unreachable` only when no connection was
+        made at all and TLS played no part: then a TCP connect tells when it is back."""
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            return UplinkDown(
+                f"{self.where} refused the login for {self.cfg.username}: {describe(exc)}; "
+                "check smtp.username and the password (Gmail and Microsoft 365 need an app "
+                "password or XOAUTH2)"
+            )
+        if isinstance(exc, aiosmtplib.SMTPException):
             # SMTPConnectError and its timeouts: no connection at all.
             unreachable = not connected and isinstance(
                 exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError
             )
             if unreachable and isinstance(exc.__cause__, ssl.SSLError):
                 unreachable = False
-            raise UplinkDown(f"{self.where}: {describe(exc)}", unreachable=unreachable) from exc
-        except CONNECTION_ERRORS as exc:
-            await _abort(client)
-            tls = isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
-            raise UplinkDown(
-                f"cannot reach {self.where}: {describe(exc)}",
-                unreachable=not connected and not tls,
-            ) from exc
-        except BaseException:
-            await _abort(client)
-            raise
-        self.client = client
+            return UplinkDown(f"{self.where}: {describe(exc)}", unreachable=unreachable)
+        tls = isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
+        return UplinkDown(
+            f"cannot reach {self.where}: {describe(exc)}", unreachable=not connected and not tls
+        )
 
     def _read_tls(self, client: aiosmtplib.SMTP) -> None:
         obj = client.get_transport_info("ssl_object")
@@ -223,9 +248,26 @@ class SmtpSession:
             expires = cert.get("notAfter")
             self.tls.peer_expires = str(expires) if expires else None
 
+    async def deliver(
+        self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
+    ) -> Result:
+        """Send one message: the server's answer, or how the session failed, as data.
+        Raises nothing but a cancellation."""
+        try:
+            refused, reply = await self.send(message, sender, recipients)
+        except Exception as exc:
+            return failure(exc)
+        # aiosmtplib returns only when the end of DATA got 250; it keeps just the text.
+        return Accepted(
+            Reply(aiosmtplib.SMTPStatus.completed, reply),
+            tuple((rcpt, Reply(r.code, r.message)) for rcpt, r in refused.items()),
+        )
+
     async def send(
         self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        """aiosmtplib's own sendmail: refused recipients and the final reply's text, or
+        its exceptions. For measuring the library itself; the relay uses `deliver`."""
         assert self.client is not None
         if isinstance(message, bytes):
             return await self.client.sendmail(sender, list(recipients), message)
@@ -255,6 +297,21 @@ class SmtpSession:
             raise asyncio.CancelledError
 
 
+def failure(exc: Exception) -> Failed:
+    """A failed transaction as data. The order matters: SMTPServerDisconnected is a reply
+    exception to aiosmtplib, but a dropped session to us; a reply that arrived as a
+    connect error (SMTPConnectResponseError) is still a reply."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return NoRecipients(tuple((e.recipient, Reply(e.code, e.message)) for e in exc.recipients))
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(
+        exc, aiosmtplib.SMTPServerDisconnected
+    ):
+        return Refused(Reply(exc.code, exc.message))
+    if isinstance(exc, CONNECTION_ERRORS):
+        return Broken(describe(exc), timed_out=isinstance(exc, TimeoutError))
+    return Unexpected(describe(exc))
+
+
 async def _abort(client: aiosmtplib.SMTP) -> None:
     if client.is_connected:
         client.close()
@@ -282,7 +339,7 @@ async def reachable(host: str, port: int, timeout: float) -> bool:
             try:
                 sock.setblocking(False)
                 if hasattr(socket, "TCP_SYNCNT"):
-                    # One retransmitted SYN, not six: a blackholed path costs ~120 bytes.
+                    # One retransmitted SYN, not Linux's six: a blackholed path costs two SYNs.
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
                 await loop.sock_connect(sock, addr)
             finally:

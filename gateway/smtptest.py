@@ -13,7 +13,8 @@ import time
 
 from gateway.compose import test_message
 from gateway.config import Config
-from gateway.smtp import SmtpSession, UplinkDown, describe
+from gateway.replies import Accepted, explain
+from gateway.smtp import SmtpSession, UplinkDown
 
 
 def _step(ok: bool, name: str, detail: str) -> bool:
@@ -68,15 +69,14 @@ async def _run(cfg: Config, send_to: str | None) -> int:
             _step(True, "auth", "not configured (no smtp.username)")
         if send_to:
             msg = test_message(smtp.sender, send_to, cfg.gateway.device_id)
-            try:
-                refused, reply = await session.send(msg, session_sender(smtp.sender), (send_to,))
-            except Exception as exc:
-                _step(False, "send", f"to {send_to}: {describe(exc)}")
+            result = await session.deliver(msg, session_sender(smtp.sender), (send_to,))
+            if not isinstance(result, Accepted):
+                _step(False, "send", f"to {send_to}: {explain(result)}")
                 return 1
-            if refused:
-                _step(False, "send", f"refused: {refused}")
+            if result.refused:
+                _step(False, "send", f"refused: {explain(result)}")
                 return 1
-            _step(True, "send", f"to {send_to}: {reply}")
+            _step(True, "send", f"to {send_to}: {result.reply.text}")
     finally:
         await session.close()
     print("all checks passed")

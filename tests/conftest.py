@@ -7,8 +7,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.parts import Gateway, Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,3 +63,45 @@ def run_cli(
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+# --- the relay in-process against a real smarthost (tests/parts.py) ------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost."""
+    from tests.parts import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    p = tmp_path / "pw"
+    p.write_text("s3cret\n")
+    p.chmod(0o600)
+    return p
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, password_file: Path) -> Iterator[Callable[..., Gateway]]:
+    """make_gateway(smtp_toml, routes=..., extra=...) → a started Gateway, stopped after."""
+    from tests.parts import Gateway
+
+    made: list[Gateway] = []
+
+    def make(smtp_toml: str, **kw: str) -> Gateway:
+        if (
+            "username" in smtp_toml
+            and "password_file" not in smtp_toml
+            and "token" not in smtp_toml
+        ):
+            smtp_toml += f'password_file = "{password_file}"\n'
+        gw = Gateway(tmp_path, smtp_toml, **kw).start()
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.stop()

@@ -1,16 +1,23 @@
-"""Real parts for the tests: the daemon as a process, plus gateway.lab's CA, smarthost
-and broker (shared with `mailgw demo`)."""
+"""Real parts for the tests: the daemon as a process, the relay in-process (`Gateway`),
+plus gateway.lab's CA, smarthost and broker (shared with `mailgw demo`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gateway import outbox as ob_mod
+from gateway.alert import Alert, Draft, Severity, normalize
+from gateway.config import Config, parse
 from gateway.lab import (  # noqa: F401  (re-exported for the tests)
     Mosquitto,
     Pki,
@@ -20,6 +27,11 @@ from gateway.lab import (  # noqa: F401  (re-exported for the tests)
     make_pki,
     mosquitto_binary,
 )
+from gateway.outbox import Outbox, Routed
+from gateway.relay import Relay
+from gateway.routing import Router
+from gateway.status import Runtime
+from gateway.writer import Writer
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -30,6 +42,91 @@ def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condi
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- the relay in-process, against a real smarthost --------------------------------------
+
+
+class Gateway:
+    """Outbox + writer + relay, the relay in its own thread's event loop."""
+
+    def __init__(
+        self, tmp: Path, smtp_toml: str, routes: str | None = None, extra: str = ""
+    ) -> None:
+        routes = routes or '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        text = (
+            f'[gateway]\ndevice_id = "gw-1"\nstate_dir = "{tmp}/state"\n'
+            f'runtime_dir = "{tmp}/run"\n{extra}\n[smtp]\n{smtp_toml}\n{routes}'
+        )
+        self.config: Config = parse(text)
+        self.outbox = Outbox(self.config.outbox_path, max_messages=10**6)
+        self.writer = Writer(self.outbox)
+        self.writer.start()
+        self.runtime = Runtime()
+        self.router = Router(self.config.routes)
+        self.relay = Relay(
+            self.config, self.writer, self.router, self.runtime, rng=random.Random(7)
+        )
+        self.writer.on_commit = self.relay.wake_threadsafe
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._task = self._loop.create_task(self.relay.run())
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+
+    def start(self) -> Gateway:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(15)
+        self.writer.stop()
+
+    def add(self, *alerts: Alert) -> None:
+        self.writer.call(
+            lambda ob: ob.add([Routed(a, self.router.route(a)) for a in alerts])
+        ).result(10)
+        self.relay.wake_threadsafe()
+
+    def counts(self) -> dict[str, object]:
+        return self.writer.call(lambda ob: ob_mod.counts(ob.conn)).result(10)
+
+    def flush(self) -> None:
+        self._loop.call_soon_threadsafe(self.relay.flush)
+
+
+def alert(
+    msg: str = "cold room above 8 C",
+    sev: Severity = Severity.WARNING,
+    topic: str = "alerts/cold/temp",
+) -> Alert:
+    return normalize(msg.encode(), Draft(topic, "mqtt", "temp", sev))
+
+
+def smtp_conf(
+    server: SmtpServer, pki: Pki, tls: str = "starttls", auth: bool = True, extra: str = ""
+) -> str:
+    """The [smtp] section for `server`: short timeouts and backoffs, so tests run fast."""
+    lines = [
+        'host = "127.0.0.1"',
+        f"port = {server.port}",
+        f'tls = "{tls}"',
+        'from = "Gateway <gw@example.com>"',
+        f'ca_file = "{pki.ca_file}"',
+        'timeout = "3s"',
+        'min_backoff = "1s"',
+        'max_backoff = "2s"',
+        'probe_max = "2s"',
+    ]
+    if auth:
+        lines += ['username = "gw@example.com"']
+    return "\n".join(lines) + "\n" + extra
 
 
 # --- the daemon as a real process ----------------------------------------------------

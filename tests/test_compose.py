@@ -1,8 +1,11 @@
-"""Composition against hostile alerts: the bytes handed to SMTP, parsed back."""
+"""Composition against hostile alerts: the bytes handed to SMTP, parsed back; and, at the
+end, what a real smarthost receives from the relay."""
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -11,10 +14,11 @@ from email.utils import getaddresses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.alert import Alert, Severity
+from gateway.alert import Alert, Draft, Severity, normalize
 from gateway.clock import Stamp
 from gateway.compose import Composed, compose, compose_digest
 from gateway.config import RouteSection
+from tests.parts import Gateway, Pki, SmtpServer, alert, smtp_conf
 
 SMUGGLE = "\r\n.\r\nMAIL FROM:<x>\r\n"
 HOSTILE = [SMUGGLE, "a\rb", "nul\x00here", "ls\u2028here", "esc\x1b[2Jhere", "nel\x85x"]
@@ -245,3 +249,51 @@ def test_property_headers_are_ours_and_values_stay_one_line(
         *sorted(fields),
     ]
     assert lines[-tail + 2].startswith("sensor:     ")
+
+
+# --- as a smarthost receives it from the relay ------------------------------------------
+
+
+def test_header_injection_cannot_add_headers_or_recipients(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    evil = [
+        "alarm\r\nBcc: thief@evil.example",
+        "alarm\nTo: thief@evil.example\n\nbody",
+        '{"message": "x\\r\\nCc: thief@evil.example", "sensor": "s\\r\\nBcc: a@b.c"}',
+        "alarm\u2028Bcc: thief@evil.example",
+    ]
+    with SmtpServer(pki, "starttls") as server:
+        gw = make_gateway(smtp_conf(server, pki))
+        gw.add(*[alert(m) for m in evil])
+        got = server.wait_for(len(evil))
+        for r in got:
+            assert r.recipients == ["ops@example.com"]
+            assert r.message["Bcc"] is None and r.message["Cc"] is None
+            assert r.message["To"] == "ops@example.com"
+            assert "thief" not in "".join(f"{k}{v}" for k, v in r.message.items() if k != "Subject")
+            assert "\n" not in str(r.message["Subject"])
+
+
+def test_utf8_subject_is_encoded(pki: Pki, make_gateway: Callable[..., Gateway]) -> None:
+    with SmtpServer(pki, "starttls") as server:
+        gw = make_gateway(smtp_conf(server, pki))
+        gw.add(alert("Kühlraum über 8 °C ❄"))
+        (got,) = server.wait_for(1)
+        assert b"=?utf-8?" in got.data.split(b"\r\n\r\n")[0]
+        assert got.message["Subject"] == "[warning] gw-1/temp: Kühlraum über 8 °C ❄"
+
+
+def test_clock_note_when_receipt_time_is_uncertain(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    with SmtpServer(pki, "starttls") as server:
+        gw = make_gateway(smtp_conf(server, pki))
+        unsynced = normalize(
+            b"no rtc",
+            Draft("alerts/x", "mqtt", "s"),
+            Stamp(wall=time.time(), boottime=1.0, boot_id="another-boot", synced=False),
+        )
+        gw.add(unsynced)
+        (got,) = server.wait_for(1)
+        assert "could not be corrected" in got.message.get_body().get_content()

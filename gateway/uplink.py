@@ -1,0 +1,161 @@
+"""When to try the smarthost, and whom to blame when it fails (invariants 3, 4 and 12).
+
+Pure: every method takes the monotonic time `now` as a value and draws jitter from an
+injected `random.Random`, so schedules are tested without sockets or sleeps, and a
+wall-clock jump at NTP sync changes nothing.
+
+- A message that fails temporarily backs off on its own (`retry_delay`), as Postfix's
+  qmgr does between minimal_backoff_time and maximal_backoff_time.
+- A failure to reach or use the smarthost at all is the uplink's fault, not the
+  messages': the relay backs off *as a whole* (`Uplink`), and no message is charged.
+- A session that breaks during a message is the uplink's fault too, until that message
+  has broken sessions while others went through between the breaks (`Breaks`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+from enum import Enum
+
+FIRST_PROBE = 2.0
+# While the smarthost cannot be reached at all, a TCP connect every TCP_PROBE_EVERY
+# (jittered down by up to 10 %) notices its return within seconds whatever the outage's
+# length, for about a hundred bytes a probe. A full session (TLS, AUTH) is opened only
+# once a probe connects, or every smtp.probe_max at the latest.
+TCP_PROBE_EVERY = 9.0
+# A message during which sessions broke this often, while other messages went through
+# between those breaks, is taken for the cause (a poison message): it is charged and
+# backed off like any temporary failure. Until then a broken session is the uplink's
+# fault, and the message goes back due now, uncharged.
+POISON_BREAKS = 3
+# Bounds the memory of breaks: at worst a poison message is recognised later.
+MAX_REMEMBERED = 10_000
+
+
+def retry_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Delay before attempt `attempts + 1`: lo·2^(attempts-1), capped at hi, minus ≤20% jitter.
+
+    Jitter spreads retries of messages that failed together (a 4xx burst) so they
+    do not come back as one burst.
+    """
+    base = min(hi, lo * 2.0 ** max(0, attempts - 1))
+    return base * rng.uniform(0.8, 1.0)
+
+
+def probe_delay(failures: int, cap: float, rng: random.Random) -> float:
+    """Delay before the next session attempt after `failures` in a row: doubling from
+    FIRST_PROBE, capped at `cap`, minus ≤10% jitter (a fleet that lost the same uplink
+    does not come back in step)."""
+    base = min(cap, FIRST_PROBE * 2.0 ** max(0, failures - 1))
+    return base * rng.uniform(0.9, 1.0)
+
+
+class Uplink:
+    """Whether the smarthost is usable, and when to try it next.
+
+    `probe_at`: no session is opened before it (0: now). `tcp_probe_at`: the next TCP
+    connect probe while the path is down (inf: none). Times are monotonic.
+    """
+
+    def __init__(self, probe_max: float, rng: random.Random) -> None:
+        self.probe_max = probe_max
+        self.rng = rng
+        self.failures = 0  # session attempts failed in a row
+        self.down_since: float | None = None
+        self.probe_at = 0.0
+        self.tcp_probe_at = float("inf")
+        self.tcp_probes = 0
+
+    @property
+    def next_probe(self) -> float:
+        return min(self.probe_at, self.tcp_probe_at)
+
+    def holding(self, now: float) -> bool:
+        """No session may be tried yet: wait, or TCP-probe when `tcp_probe_due`."""
+        return self.probe_at > now
+
+    def tcp_probe_due(self, now: float) -> bool:
+        return self.tcp_probe_at <= now
+
+    def flush(self) -> None:
+        """An operator asked for a retry now (`mailgw flush`)."""
+        self.probe_at = 0.0
+
+    def nudge(self) -> bool:
+        """The network may be back (a link or route change, the broker reconnected):
+        probe now rather than when scheduled. False when the uplink is not down."""
+        if self.down_since is None:
+            return False
+        self.tcp_probe_at = 0.0
+        return True
+
+    def up(self, now: float) -> float | None:
+        """A session opened. How long the uplink was down, or None if it was not."""
+        outage = None if self.down_since is None else now - self.down_since
+        self.down_since = None
+        self.failures = 0
+        self.tcp_probe_at = float("inf")
+        return outage
+
+    def down(self, unreachable: bool, now: float) -> float:
+        """A session could not be opened (or was given up); seconds to the next probe."""
+        self.failures += 1
+        delay = probe_delay(self.failures, self.probe_max, self.rng)
+        if unreachable:
+            # The path is down: cheap TCP probes tell when it is back; a full session
+            # is still tried every probe_max, in case only the probe is blocked.
+            self.probe_at = now + self.probe_max
+            self.tcp_probe_at = now + (FIRST_PROBE if self.down_since is None else delay)
+            self.tcp_probe_at = min(self.tcp_probe_at, now + TCP_PROBE_EVERY)
+        else:
+            # The smarthost answered and refused (TLS, AUTH, a reply): only a session
+            # tells when that changes, so sessions back off.
+            self.probe_at = now + delay
+            self.tcp_probe_at = float("inf")
+        if self.down_since is None:
+            self.down_since = now
+        return self.next_probe - now
+
+    def tcp_probed(self, connected: bool, now: float) -> None:
+        """A TCP probe connected (open a session now) or did not (probe again later)."""
+        self.tcp_probes += 1
+        if connected:
+            self.probe_at = 0.0
+            self.tcp_probe_at = float("inf")
+        else:
+            self.tcp_probe_at = now + TCP_PROBE_EVERY * self.rng.uniform(0.9, 1.0)
+
+
+class Blame(Enum):
+    UPLINK = "uplink"  # queue it again, due now and uncharged; carry on
+    UPLINK_DOWN = "uplink down"  # the same, and back off as a whole
+    MESSAGE = "message"  # a poison message: charge it and back it off
+
+
+class Breaks:
+    """Per message, the relay's count of sent mails at each session that broke during it."""
+
+    def __init__(self) -> None:
+        self._at: dict[Hashable, list[int]] = {}
+
+    def broke(self, key: Hashable, sent: int) -> tuple[Blame, int]:
+        """A session broke during message `key` after `sent` mails in all: whose fault,
+        and how many breaks that message has seen."""
+        if len(self._at) > MAX_REMEMBERED:
+            self._at.clear()
+        breaks = self._at.setdefault(key, [])
+        breaks.append(sent)
+        count = len(breaks)
+        if count < POISON_BREAKS:
+            return Blame.UPLINK, count
+        if breaks[-1] > breaks[0]:  # others went through between its breaks
+            del self._at[key]
+            return Blame.MESSAGE, count
+        # The same message, again and again, nothing else sent: the uplink (or the
+        # smarthost) is in trouble, not this message.
+        return Blame.UPLINK_DOWN, count
+
+    def settled(self, key: Hashable) -> None:
+        """The message got an answer (or was charged): forget its breaks."""
+        self._at.pop(key, None)

@@ -1,0 +1,194 @@
+"""Reply classification (gateway/replies.py) as data: a table of cases, then properties
+over arbitrary reply data. No server: what the session gives back is tested in
+test_smtp.py."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.replies import (
+    Accepted,
+    Broken,
+    NoRecipients,
+    Refused,
+    Reply,
+    Result,
+    Unexpected,
+    Verdict,
+    explain,
+    judge,
+)
+
+R = ("a@x", "b@x")
+OK = Reply(250, "2.0.0 queued as 1234")
+
+
+def rc(code: int, text: str = "text") -> Reply:
+    return Reply(code, text)
+
+
+CASES: list[tuple[str, Result, Verdict]] = [
+    ("2xx to end of DATA", Accepted(OK), Verdict("sent")),
+    (
+        "5xx for one recipient, the other accepted",
+        Accepted(OK, (("b@x", rc(550, "no")),)),
+        Verdict("sent", error="rejected recipients: b@x: 550 no"),
+    ),
+    (
+        "4xx for one recipient: only it stays queued",
+        Accepted(OK, (("b@x", rc(452, "full")),)),
+        Verdict("queued", error="b@x: 452 full", rcpts=("b@x",)),
+    ),
+    (
+        "4xx and 5xx recipients: the 4xx one queued, the 5xx one noted",
+        Accepted(OK, (("b@x", rc(550, "gone")), ("a@x", rc(451, "later")))),
+        Verdict("queued", error="a@x: 451 later; b@x: 550 gone", rcpts=("a@x",)),
+    ),
+    (
+        "every recipient refused with 5xx",
+        NoRecipients((("a@x", rc(550, "no")), ("b@x", rc(550, "no")))),
+        Verdict("dead", error="a@x: 550 no; b@x: 550 no"),
+    ),
+    (
+        "every recipient refused, one with 4xx",
+        NoRecipients((("a@x", rc(450, "busy")), ("b@x", rc(553, "bad")))),
+        Verdict("queued", error="a@x: 450 busy; b@x: 553 bad", rcpts=("a@x",)),
+    ),
+    ("4xx to end of DATA", Refused(rc(451, "4.3.0 later")), Verdict("queued", "451 4.3.0 later")),
+    (
+        "421: the server closes the session",
+        Refused(rc(421, "4.3.2 bye")),
+        Verdict("queued", "421 4.3.2 bye", reconnect=True),
+    ),
+    ("5xx to MAIL FROM", Refused(rc(553, "bad sender")), Verdict("dead", "553 bad sender")),
+    ("5xx to end of DATA", Refused(rc(554, "5.7.1 no")), Verdict("dead", "554 5.7.1 no")),
+    ("a code above 5xx", Refused(rc(600, "what")), Verdict("dead", "600 what")),
+    (
+        "a 250 where 354 was due: not an acceptance",
+        Refused(rc(250, "ok")),
+        Verdict("queued", "unexpected reply 250 ok", reconnect=True),
+    ),
+    (
+        "3xx ending the transaction",
+        Refused(rc(354, "go on")),
+        Verdict("queued", "unexpected reply 354 go on", reconnect=True),
+    ),
+    (
+        "a session dropped mid-DATA",
+        Broken("Connection lost"),
+        Verdict(
+            "queued",
+            "session failed during delivery: Connection lost",
+            reconnect=True,
+            broke=True,
+        ),
+    ),
+    (
+        "a session stalled past smtp.timeout",
+        Broken("Timed out waiting for server response", timed_out=True),
+        Verdict(
+            "queued",
+            "session failed during delivery: Timed out waiting for server response",
+            reconnect=True,
+            broke=True,
+        ),
+    ),
+    (
+        "anything else",
+        Unexpected("address has a line break"),
+        Verdict("queued", "unexpected error: address has a line break", reconnect=True),
+    ),
+    (
+        "an Accepted without a 2xx is judged by its reply",
+        Accepted(rc(554, "no"), ()),
+        Verdict("dead", "554 no"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "result", "verdict"), CASES, ids=[c[0] for c in CASES])
+def test_classification(case: str, result: Result, verdict: Verdict) -> None:
+    assert judge(result, R) == verdict
+
+
+def test_explain_reads_as_a_sentence() -> None:
+    assert explain(Refused(rc(451, "4.3.0 later"))) == "451 4.3.0 later"
+    assert explain(Accepted(OK, (("b@x", rc(550, "no")),))) == (
+        "250 2.0.0 queued as 1234; refused: b@x: 550 no"
+    )
+    assert explain(NoRecipients((("a@x", rc(550, "no")),))) == (
+        "every recipient refused: a@x: 550 no"
+    )
+    assert explain(Broken("Connection lost")) == "Connection lost"
+
+
+# --- properties over any reply data ----------------------------------------------------
+
+ADDRESSES = ["a@x", "b@x", "c@x", "d@x"]
+texts = st.text(max_size=40)
+recipients = st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=4, unique=True).map(tuple)
+
+
+def replies(codes: st.SearchStrategy[int]) -> st.SearchStrategy[Reply]:
+    return st.builds(Reply, codes, texts)
+
+
+def rcpt_replies(codes: st.SearchStrategy[int]) -> st.SearchStrategy[tuple[tuple[str, Reply], ...]]:
+    return st.dictionaries(st.sampled_from(ADDRESSES), replies(codes), max_size=4).map(
+        lambda d: tuple(d.items())
+    )
+
+
+def results(codes: st.SearchStrategy[int]) -> st.SearchStrategy[Result]:
+    return st.one_of(
+        st.builds(Accepted, replies(codes), rcpt_replies(codes)),
+        st.builds(Refused, replies(codes)),
+        st.builds(NoRecipients, rcpt_replies(codes)),
+        st.builds(Broken, texts, st.booleans()),
+        st.builds(Unexpected, texts),
+    )
+
+
+any_code = st.integers(min_value=-1, max_value=1000)
+positive = st.integers(min_value=200, max_value=299)
+permanent = st.integers(min_value=500, max_value=599)
+
+
+@given(results(any_code), recipients)
+def test_any_reply_data_classifies(result: Result, rcpts: tuple[str, ...]) -> None:
+    v = judge(result, rcpts)
+    assert v.state in {"sent", "queued", "dead"}
+    assert v.broke == isinstance(result, Broken)
+    if v.rcpts is not None:
+        assert v.state == "queued" and v.rcpts and set(v.rcpts) <= set(rcpts)
+    if v.state == "sent":  # only ever from a 2xx to the end of DATA (invariant 2)
+        assert isinstance(result, Accepted) and 200 <= result.reply.code < 300
+    explain(result)
+
+
+@given(st.builds(Accepted, replies(positive), rcpt_replies(positive)), recipients)
+def test_2xx_only_is_sent(result: Accepted, rcpts: tuple[str, ...]) -> None:
+    """The server accepted the message and said nothing but 2xx: never queued nor dead."""
+    assert judge(result, rcpts).state == "sent"
+
+
+@given(
+    st.one_of(
+        st.builds(Accepted, replies(permanent), rcpt_replies(permanent)),
+        st.builds(Refused, replies(permanent)),
+        st.builds(NoRecipients, rcpt_replies(permanent)),
+    ),
+    recipients,
+)
+def test_5xx_only_is_never_sent(result: Result, rcpts: tuple[str, ...]) -> None:
+    assert judge(result, rcpts).state != "sent"
+
+
+@given(st.one_of(st.builds(Broken, texts, st.booleans()), st.builds(Unexpected, texts)), recipients)
+def test_a_failed_session_never_condemns_the_message(
+    result: Result, rcpts: tuple[str, ...]
+) -> None:
+    v = judge(result, rcpts)
+    assert v.state == "queued" and v.reconnect and v.rcpts is None
