@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
 IDLE_QUIT = 5.0  # close an idle session after this long
-# A TCP probe's connect is given this long: a SYN and one retransmission (smtp.reachable).
-TCP_PROBE_TIMEOUT = 3.0
 
 
 def _raise_if_cancelling() -> None:
@@ -253,7 +251,8 @@ class Relay:
 
     async def _tcp_probe(self) -> None:
         self.heartbeat = time.monotonic()
-        connected = await reachable(self.smtp.host, self.smtp.port, TCP_PROBE_TIMEOUT)
+        timeout = self.uplink.tcp_probe_timeout()
+        connected = await reachable(self.smtp.host, self.smtp.port, timeout)
         self.uplink.tcp_probed(connected, time.monotonic())
         if connected:
             log.info(

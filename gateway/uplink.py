@@ -21,9 +21,15 @@ from enum import Enum
 FIRST_PROBE = 2.0
 # While the smarthost cannot be reached at all, a TCP connect every TCP_PROBE_EVERY
 # (jittered down by up to 10 %) notices its return within seconds whatever the outage's
-# length, for about a hundred bytes a probe. A full session (TLS, AUTH) is opened only
-# once a probe connects, or every smtp.probe_max at the latest.
+# length. A full session (TLS, AUTH) is opened only once a probe connects. A probe waits
+# TCP_PROBE_TIMEOUT, less than the kernel's first SYN retransmission (1 s): one SYN,
+# 60 bytes, where packets are dropped; a SYN and a RST, 100 bytes, where refused: under
+# 50 KB an hour either way. Every TCP_PROBE_SLOW_EVERY-th probe waits longer (a SYN and
+# one retransmission) so that a link whose round trip is over a second still gets in.
 TCP_PROBE_EVERY = 9.0
+TCP_PROBE_TIMEOUT = 0.9
+TCP_PROBE_SLOW_TIMEOUT = 3.0
+TCP_PROBE_SLOW_EVERY = 6
 # A message during which sessions broke this often, while other messages went through
 # between those breaks, is taken for the cause (a poison message): it is charged and
 # backed off like any temporary failure. Until then a broken session is the uplink's
@@ -103,9 +109,9 @@ class Uplink:
         self.failures += 1
         delay = probe_delay(self.failures, self.probe_max, self.rng)
         if unreachable:
-            # The path is down: cheap TCP probes tell when it is back; a full session
-            # is still tried every probe_max, in case only the probe is blocked.
-            self.probe_at = now + self.probe_max
+            # The path is down: cheap TCP probes tell when it is back (a session's first
+            # step is the same connect, so a session could tell no more).
+            self.probe_at = float("inf")
             self.tcp_probe_at = now + (FIRST_PROBE if self.down_since is None else delay)
             self.tcp_probe_at = min(self.tcp_probe_at, now + TCP_PROBE_EVERY)
         else:
@@ -116,6 +122,12 @@ class Uplink:
         if self.down_since is None:
             self.down_since = now
         return self.next_probe - now
+
+    def tcp_probe_timeout(self) -> float:
+        """How long the next TCP probe may take to connect."""
+        if (self.tcp_probes + 1) % TCP_PROBE_SLOW_EVERY == 0:
+            return TCP_PROBE_SLOW_TIMEOUT
+        return TCP_PROBE_TIMEOUT
 
     def tcp_probed(self, connected: bool, now: float) -> None:
         """A TCP probe connected (open a session now) or did not (probe again later)."""

@@ -14,6 +14,8 @@ from gateway.uplink import (
     FIRST_PROBE,
     POISON_BREAKS,
     TCP_PROBE_EVERY,
+    TCP_PROBE_SLOW_TIMEOUT,
+    TCP_PROBE_TIMEOUT,
     Blame,
     Breaks,
     Uplink,
@@ -46,12 +48,13 @@ def test_an_up_uplink_holds_nothing() -> None:
     assert up.up(5.0) is None
 
 
-def test_unreachable_probes_by_tcp_and_tries_a_session_every_probe_max() -> None:
+def test_unreachable_probes_by_tcp_only() -> None:
     up = Uplink(60.0, random.Random(1))
     delay = up.down(unreachable=True, now=100.0)
     assert delay == FIRST_PROBE and up.down_since == 100.0
     assert up.holding(101.0) and not up.tcp_probe_due(101.0)
-    assert up.tcp_probe_due(100.0 + FIRST_PROBE) and up.probe_at == 160.0
+    # No session until a probe connects: its first step is the same connect.
+    assert up.tcp_probe_due(100.0 + FIRST_PROBE) and up.probe_at == math.inf
     up.tcp_probed(False, now=102.0)
     assert 102.0 + 0.9 * TCP_PROBE_EVERY <= up.tcp_probe_at <= 102.0 + TCP_PROBE_EVERY
     assert up.holding(110.0)
@@ -102,7 +105,7 @@ def test_down_never_schedules_past_probe_max_nor_in_the_past(
     for unreachable, gap in failures:
         now += gap
         delay = up.down(unreachable, now)
-        assert up.next_probe > now and up.next_probe <= now + 120.0
+        assert up.next_probe > now and up.next_probe <= now + max(120.0, TCP_PROBE_EVERY)
         assert math.isclose(up.next_probe, now + delay)
 
 
@@ -121,3 +124,14 @@ def test_the_same_message_breaking_with_nothing_sent_is_the_uplink_down() -> Non
     assert b.broke("m", sent=7) == (Blame.UPLINK_DOWN, POISON_BREAKS)
     b.settled("m")  # it went through at last
     assert b.broke("m", sent=9) == (Blame.UPLINK, 1)
+
+
+def test_every_sixth_tcp_probe_waits_for_a_slow_link() -> None:
+    up = Uplink(60.0, random.Random(1))
+    up.down(unreachable=True, now=0.0)
+    timeouts = []
+    for i in range(12):
+        timeouts.append(up.tcp_probe_timeout())
+        up.tcp_probed(False, now=float(i))
+    assert timeouts.count(TCP_PROBE_SLOW_TIMEOUT) == 2
+    assert timeouts.count(TCP_PROBE_TIMEOUT) == 10 and TCP_PROBE_TIMEOUT < 1.0
