@@ -14,7 +14,9 @@ from typing import Any
 
 from bench.common import best_rate, row, write_bytes
 from gateway.alert import Draft, normalize
-from gateway.outbox import _ALERT_TABLE, MIGRATIONS, Outbox, Outcome, Routed, _alert_row
+from gateway.outbox import MIGRATIONS, Outbox, Outcome, Routed
+from gateway.outbox.rows import _alert_row
+from gateway.outbox.schema import _ALERT_TABLE
 from gateway.writer import Writer
 
 N = 20_000

@@ -90,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from gateway.alert import Draft, clean_sensor, normalize, parse_severity
-    from gateway.outbox import Outbox, Routed
+    from gateway.ingest import routed
+    from gateway.outbox import Outbox
     from gateway.routing import Router
 
     cfg = _config(args)
@@ -129,7 +130,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         policies=cfg.storm_policies,
     )
     try:
-        ob.add([Routed(alert, router.route(alert))])
+        ob.add([routed(alert, router, cfg.storm_policies)])
     except OutboxFull as exc:
         print(f"mailgw send: not stored: {exc}", file=sys.stderr)
         return 1

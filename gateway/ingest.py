@@ -6,20 +6,57 @@ that fails shows as a failure in status, not as alerts taken in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 
 from gateway.alert import Alert
 from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Routed
-from gateway.routing import Router
+from gateway.routing import Router, render
 from gateway.status import Runtime
+from gateway.storm import Policy
 from gateway.writer import Done, Stored, Writer
 
 
+def storm_keys(
+    alert: Alert, deliveries: Sequence[tuple[str, int]], policies: Mapping[str, Policy]
+) -> tuple[tuple[str, str], ...]:
+    """The alert's dedupe key on each of its routes that dedupes: the route's key
+    template filled with the alert (routing.render: names only), hashed to a fixed size."""
+    keys = []
+    for route, _ in deliveries:
+        policy = policies.get(route)
+        if policy is not None and policy.active and policy.dedupe_window:
+            text = render(policy.key, alert.template_values())
+            keys.append((route, hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()))
+    return tuple(keys)
+
+
+def routed(
+    alert: Alert,
+    router: Router,
+    policies: Mapping[str, Policy],
+    seen_key: str | None = None,
+    mqtt: MqttKey | None = None,
+) -> Routed:
+    """An alert with its deliveries and dedupe keys: what the outbox stores."""
+    deliveries = router.route(alert)
+    keys = storm_keys(alert, deliveries, policies) if policies else ()
+    return Routed(alert, deliveries, seen_key, storm_keys=keys, mqtt=mqtt)
+
+
 class Ingest:
-    def __init__(self, writer: Writer, router: Router, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        router: Router,
+        runtime: Runtime,
+        policies: Mapping[str, Policy] | None = None,
+    ) -> None:
         self.writer = writer
-        self.router = router  # replaced whole on reload: read it once per alert
+        # Each replaced whole on reload (reference swaps): read once per alert.
+        self.router = router
+        self.policies: Mapping[str, Policy] = policies or {}
         self.runtime = runtime
 
     def prepare(
@@ -28,7 +65,7 @@ class Ingest:
         for note in alert.notes:
             self.runtime.sanitised[note] += 1
         self.runtime.received[alert.source] += 1
-        return Routed(alert, self.router.route(alert), seen_key, mqtt)
+        return routed(alert, self.router, self.policies, seen_key, mqtt)
 
     def submit(
         self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0

@@ -35,7 +35,7 @@ from gateway.clock import Stamp
 from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.ledger import DISK_RETRY, Ledger
-from gateway.outbox import Claimed, Outcome
+from gateway.outbox import Claimed, Outcome, State
 from gateway.replies import Verdict, judge
 from gateway.routing import Router
 from gateway.smtp import SmtpSession, UplinkDown, reachable
@@ -205,7 +205,7 @@ class Relay:
         finally:
             # Not sent yet: back to the queue, uncharged and due now.
             self.ledger.record(
-                [Outcome(c.key, "queued", due=0.0, count_attempt=False) for c in pending]
+                [Outcome(c.key, State.QUEUED, due=0.0, count_attempt=False) for c in pending]
             )
             if cancelled:
                 self.ledger.settle_at_shutdown()
@@ -225,7 +225,7 @@ class Relay:
         )
         return Outcome(
             item.key,
-            "dead",
+            State.DEAD,
             error=f"expired: undelivered after {age / 86400:.1f} days (outbox.max_age)",
             count_attempt=False,
         )
@@ -290,7 +290,7 @@ class Relay:
         if route is None:
             return Outcome(
                 item.key,
-                "dead",
+                State.DEAD,
                 count_attempt=False,
                 error=(
                     f"route {item.route!r} is no longer in the configuration; restore it and run "
@@ -351,7 +351,9 @@ class Relay:
             )
         # Due now, yet behind what was due before it: were it the cause, it must not
         # stand at the head of the queue breaking session after session.
-        return Outcome(item.key, "queued", due=time.monotonic(), error=v.error, count_attempt=False)
+        return Outcome(
+            item.key, State.QUEUED, due=time.monotonic(), error=v.error, count_attempt=False
+        )
 
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:
         if v.broke and (uncharged := self._broken(item, v)) is not None:
@@ -363,7 +365,7 @@ class Relay:
             self.runtime.last_success = time.time()
             if v.error:
                 log.warning("alert %s delivered, but %s", item.alert.id, v.error)
-            return Outcome(item.key, "sent", error=v.error)
+            return Outcome(item.key, State.SENT, error=v.error)
         if v.state == "dead":
             self.runtime.error(f"dead-lettered {item.alert.id}: {v.error}")
             log.error(
@@ -371,12 +373,12 @@ class Relay:
                 item.alert.id,
                 v.error,
             )
-            return Outcome(item.key, "dead", error=v.error)
+            return Outcome(item.key, State.DEAD, error=v.error)
         delay = retry_delay(
             item.attempts + 1, self.smtp.min_backoff, self.smtp.max_backoff, self.rng
         )
         self.runtime.error(f"deferred {item.alert.id}: {v.error}")
         log.warning("alert %s deferred for %.0f s: %s", item.alert.id, delay, v.error)
         return Outcome(
-            item.key, "queued", due=time.monotonic() + delay, error=v.error, rcpts=v.rcpts
+            item.key, State.QUEUED, due=time.monotonic() + delay, error=v.error, rcpts=v.rcpts
         )

@@ -127,7 +127,7 @@ class Daemon:
             commit_interval=cfg.outbox.commit_interval,
         )
         self.writer.start()
-        self.ingest = Ingest(self.writer, self.router, self.runtime)
+        self.ingest = Ingest(self.writer, self.router, self.runtime, cfg.storm_policies)
         self._build_components()
 
     def _build_components(self) -> None:
@@ -263,6 +263,7 @@ class Daemon:
         self.router = router
         if self.ingest is not None:
             self.ingest.router = router
+            self.ingest.policies = new.storm_policies
         if self.outbox is not None:
             self.outbox.policies = new.storm_policies  # one reference swap: the writer reads it
         self.config = new

@@ -19,6 +19,7 @@ from gateway import outbox as ob_mod
 from gateway.alert import Draft, Severity, normalize
 from gateway.errors import OutboxCorrupt, OutboxFull, Unstorable
 from gateway.outbox import MIGRATIONS, MqttKey, Outbox, Outcome, Routed
+from gateway.outbox.schema import _ALERT_TABLE
 
 
 def alert(msg: str = "m", sev: Severity = Severity.WARNING, topic: str = "alerts/x") -> Routed:
@@ -277,7 +278,7 @@ def test_migrates_from_version_0_and_keeps_data(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     conn = sqlite3.connect(db)
     conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-    conn.executescript(ob_mod._ALERT_TABLE.format(name="alert_0"))
+    conn.executescript(_ALERT_TABLE.format(name="alert_0"))
     conn.execute(
         "INSERT INTO alert_0 (seq, id, topic, source, sensor, severity, message, received_at,"
         " boottime, boot_id, clock_synced) VALUES (1, 'id-1', 't', 'mqtt', 's', 2, 'old', 1.0,"

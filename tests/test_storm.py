@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from gateway.alert import Draft, Severity, normalize
 from gateway.compose import compose, compose_digest, digest_lines
 from gateway.config import RouteSection
+from gateway.ingest import storm_keys
 from gateway.outbox import Outbox, Outcome, Routed
 from gateway.storm import Bucket, Lead, Policy, decide, parse_rate, refill
 from tests.conftest import run_cli
@@ -93,7 +94,10 @@ def test_critical_bypasses_rate_and_digest_unless_told_not_to() -> None:
 
 def alert(msg: str, sev: Severity = W, sensor: str = "door") -> Routed:
     a = normalize(msg, Draft("alerts/site/" + sensor, "mqtt", sensor, sev), parse_json=False)
-    return Routed(a, (("ops", int(sev)),))
+    deliveries = (("ops", int(sev)),)
+    # The dedupe key as Ingest computes it, with the default key template.
+    keys = storm_keys(a, deliveries, {"ops": Policy(dedupe_window=1.0)})
+    return Routed(a, deliveries, storm_keys=keys)
 
 
 def states(ob: Outbox) -> dict[str, int]:

@@ -1,0 +1,106 @@
+"""The outbox's schema: the first version's tables, then forward migrations.
+
+Each entry of MIGRATIONS upgrades the schema from version i to i+1, keyed by
+`PRAGMA user_version`. Never edit a released step: devices in the field sit at every
+version and upgrade in order.
+"""
+
+from __future__ import annotations
+
+_ALERT_TABLE = """
+    CREATE TABLE IF NOT EXISTS {name} (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL UNIQUE,
+        topic        TEXT    NOT NULL,
+        source       TEXT    NOT NULL,
+        sensor       TEXT    NOT NULL,
+        severity     INTEGER NOT NULL,
+        message      TEXT    NOT NULL,
+        event_time   TEXT,
+        received_at  REAL    NOT NULL,
+        boottime     REAL    NOT NULL,
+        boot_id      TEXT    NOT NULL,
+        clock_synced INTEGER NOT NULL,
+        fields       TEXT    NOT NULL DEFAULT '{{}}',
+        notes        TEXT    NOT NULL DEFAULT ''
+    )"""
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 → 1: deliveries, metadata, and the table for alerts outliving their shard.
+    f"""
+    {_ALERT_TABLE.format(name="alert_kept")};
+    CREATE TABLE delivery (
+        alert_seq  INTEGER NOT NULL,
+        route      TEXT    NOT NULL,
+        state      TEXT    NOT NULL,
+        priority   INTEGER NOT NULL,
+        due        REAL    NOT NULL DEFAULT 0,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        updated_at REAL    NOT NULL,
+        PRIMARY KEY (alert_seq, route)
+    ) WITHOUT ROWID;
+    CREATE INDEX delivery_due ON delivery (priority, due, alert_seq) WHERE state = 'queued';
+    CREATE INDEX delivery_sent ON delivery (updated_at) WHERE state = 'sent';
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+    # 1 → 2: retransmission memory for the serial protocol (device, boot, seq).
+    """
+    CREATE TABLE seen (
+        key      TEXT PRIMARY KEY,
+        alert_id TEXT NOT NULL,
+        at       REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # 2 → 3: recipients still to do after a partial delivery (some got it, some 4xx).
+    """
+    ALTER TABLE delivery ADD COLUMN rcpts TEXT;
+    """,
+    # 3 → 4: storm control: digests, repeats folded into another mail, policy state.
+    """
+    ALTER TABLE delivery ADD COLUMN kind TEXT NOT NULL DEFAULT 'mail';
+    ALTER TABLE delivery ADD COLUMN owner INTEGER;
+    CREATE INDEX delivery_owner ON delivery (owner, route) WHERE owner IS NOT NULL;
+    CREATE TABLE storm_lead (
+        route TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL, until REAL NOT NULL,
+        PRIMARY KEY (route, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE storm_bucket (
+        route TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE storm_digest (route TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    """,
+    # 4 → 5: retransmission memory as runs of seqs per boot, not a row per alert
+    # (gateway/seen.py). Each boot's keys become its runs: gaps and islands.
+    """
+    CREATE TABLE seen_run (
+        boot TEXT    NOT NULL,
+        lo   INTEGER NOT NULL,
+        hi   INTEGER NOT NULL,
+        at   REAL    NOT NULL,
+        PRIMARY KEY (boot, lo)
+    ) WITHOUT ROWID;
+    INSERT INTO seen_run (boot, lo, hi, at)
+        SELECT boot, min(n), max(n), max(at) FROM (
+            SELECT boot, n, at, n - row_number() OVER (PARTITION BY boot ORDER BY n) AS island
+            FROM (
+                SELECT substr(key, 1, length(rtrim(key, '0123456789')) - 1) AS boot,
+                       CAST(substr(key, length(rtrim(key, '0123456789')) + 1) AS INTEGER) AS n,
+                       at
+                FROM seen WHERE key GLOB '*/[0-9]*' AND rtrim(key, '0123456789') GLOB '*/'
+            )
+        ) GROUP BY boot, island;
+    DROP TABLE seen;
+    """,
+    # 5 → 6: MQTT messages committed whose PUBACK the broker is not known to have had,
+    # so that their redelivery is recognised (Outbox.add, gateway/sources/mqtt.py).
+    """
+    CREATE TABLE mqtt_pending (
+        mid      INTEGER PRIMARY KEY,
+        digest   BLOB    NOT NULL,
+        alert_id TEXT    NOT NULL,
+        conn     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,405 @@
+"""The Outbox: opened by its one writer, it stores alerts and moves their deliveries.
+
+Durability: WAL mode with synchronous=FULL, so a transaction that has returned
+survives power loss. Sources acknowledge only after `add()` returns (invariant 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import boot_id
+from gateway.errors import GatewayError, OutboxCorrupt, OutboxFull, StoreUnavailable, Unstorable
+from gateway.outbox import mqtt_pending, queue
+from gateway.outbox.faults import is_corruption, sqlite_code, store_error, unstorable
+from gateway.outbox.model import LIVE_STATES, Claimed, Outcome, Routed
+from gateway.outbox.rows import (
+    _ALERT_COLS,
+    _alert_row,
+    _insert_rows,
+    connect,
+    shard_table,
+    volatile_reason,
+)
+from gateway.outbox.schema import _ALERT_TABLE, MIGRATIONS, SCHEMA_VERSION
+from gateway.outbox.seen import split_key
+from gateway.outbox.seen_runs import SeenRuns
+from gateway.outbox.storm_state import store_storm
+from gateway.storm import Policy
+
+log = logging.getLogger(__name__)
+
+RECOUNT_EVERY = 1.0  # seconds between recounts of live rows while at the bound
+
+
+class Outbox:
+    """The outbox, opened by its one writer. Not thread-safe: one thread uses it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_messages: int = 100_000,
+        allow_volatile: bool = False,
+        boot: str | None = None,
+        recover: bool = True,
+        policies: Mapping[str, Policy] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_messages = max_messages
+        # Storm control by route name; replaced whole on reload (the writer reads it).
+        self.policies: Mapping[str, Policy] = policies or {}
+        self.boot = boot or boot_id()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not allow_volatile and (why := volatile_reason(self.path.parent)):
+            raise OutboxCorrupt(
+                f"refusing to keep the outbox where a power cut erases it: {why}. Mount "
+                "persistent storage at the state directory, or set outbox.allow_volatile = true "
+                "if losing queued alerts on power loss is acceptable"
+            )
+        self._shards: set[str] = set()
+        # The newest run of each boot, as committed (gateway/seen.py): new seqs nearly
+        # always extend it, so most batches need no query. Only this object writes runs.
+        self._runs = SeenRuns()
+        self.conn = self._open_checked()
+        try:
+            self._migrate()
+            if recover:  # only the daemon may: another process's `sending` rows are live
+                self._recover()
+            self.live = self._count_live()
+        except sqlite3.Error as exc:
+            self.conn.close()
+            if not is_corruption(exc):
+                raise self._unavailable(exc) from exc
+            # quick_check passed, yet reading it found corruption: the same as failing it.
+            self.conn = self._set_aside(str(exc))
+            self._migrate()
+            if recover:
+                self._recover()
+            self.live = self._count_live()
+        self._recounted = time.monotonic()
+
+    # --- opening ---------------------------------------------------------
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """Open and check the file; move it aside only if it is really corrupt.
+
+        A file that is locked by another process, on a full disk or behind an I/O error
+        is healthy as far as we know: raise StoreUnavailable or OutboxFull (the daemon
+        waits and tries again). Taking it for corruption would start an empty outbox and
+        strand every alert queued in it.
+        """
+        try:
+            conn = connect(self.path)
+        except sqlite3.Error as exc:
+            if not is_corruption(exc):
+                raise self._unavailable(exc) from exc
+            reason = str(exc)
+        else:
+            try:
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            except sqlite3.Error as exc:
+                conn.close()
+                if not is_corruption(exc):
+                    raise self._unavailable(exc) from exc
+                reason = str(exc)
+            else:
+                if result == "ok":
+                    return conn
+                conn.close()
+                reason = f"quick_check says: {result}"
+        return self._set_aside(reason)
+
+    def _set_aside(self, reason: str) -> sqlite3.Connection:
+        """Move a corrupt file aside (never delete it) and start an empty outbox."""
+        aside = self._move_aside()
+        log.critical(
+            "the outbox %s is corrupt (%s); it was moved to %s and a new, empty outbox "
+            "started. Alerts in the old file are NOT lost: inspect or salvage it with "
+            "`mailgw queue salvage %s`",
+            self.path,
+            reason,
+            aside,
+            aside,
+        )
+        return connect(self.path)
+
+    def _unavailable(self, exc: BaseException) -> GatewayError:
+        """An error that leaves the file as it is, said for the operator."""
+        err = store_error(exc, self.path)
+        if isinstance(err, OutboxFull):
+            return OutboxFull(
+                f"the disk holding {self.path} is full ({exc}); free some space "
+                "(df -h, journalctl --vacuum-size=...); the outbox is kept as it is"
+            )
+        code = sqlite_code(exc)
+        if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+            return StoreUnavailable(
+                f"the outbox {self.path} is locked by another process ({exc}); is another "
+                f"mailgw or an sqlite3 shell holding it? (fuser -v {self.path})"
+            )
+        if isinstance(err, GatewayError):
+            return StoreUnavailable(f"cannot open the outbox {self.path}: {exc}")
+        return StoreUnavailable(f"cannot open the outbox {self.path}: {exc!r}")
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(f"{aside}{suffix}")
+        return aside
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise OutboxCorrupt(
+                f"{self.path} has schema version {version}, newer than this mailgw "
+                f"understands ({SCHEMA_VERSION}); upgrade mailgw or restore a backup"
+            )
+        if version == 0:
+            log.info("creating a new outbox at %s", self.path)
+        for step in range(version, SCHEMA_VERSION):
+            # executescript() commits first; wrap each step so it lands whole or not at all.
+            self.conn.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;"
+            )
+            if version > 0:
+                log.info("outbox schema migrated from version %d to %d", step, step + 1)
+
+    def _recover(self) -> None:
+        with self.transaction() as c:
+            n = c.execute("UPDATE delivery SET state = 'queued' WHERE state = 'sending'").rowcount
+            row = c.execute("SELECT value FROM meta WHERE key = 'due_boot'").fetchone()
+            if row is None or row[0] != self.boot:
+                c.execute("UPDATE delivery SET due = 0 WHERE state = 'queued' AND due != 0")
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('due_boot', ?)", (self.boot,)
+                )
+        if n:
+            log.warning(
+                "%d deliveries were in flight when the gateway stopped; they are queued "
+                "again and will be sent with their original Message-ID",
+                n,
+            )
+
+    def _count_live(self) -> int:
+        marks = ",".join("?" * len(LIVE_STATES))
+        return int(
+            self.conn.execute(
+                f"SELECT count(*) FROM delivery WHERE state IN ({marks})", LIVE_STATES
+            ).fetchone()[0]
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- transactions ----------------------------------------------------
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error:
+                    # A COMMIT that fails (disk full, I/O error) may leave the transaction
+                    # open; every later BEGIN would then fail too.
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            elif self.conn.in_transaction:  # SQLite may have rolled back already (FULL)
+                self.conn.execute("ROLLBACK")
+
+    def transaction(self) -> Outbox._Tx:
+        return Outbox._Tx(self.conn)
+
+    # --- ingest ------------------------------------------------------------
+
+    def add(
+        self,
+        batch: Sequence[Routed],
+        now: float | None = None,
+        mono: float | None = None,
+        *,
+        checked: bool = False,
+    ) -> list[str]:
+        """Store alerts in one transaction; return once committed.
+
+        Returns the keys of alerts skipped as already stored: the `seen_key` of a serial
+        retransmission, the `MqttKey.name` of an MQTT redelivery (see _mqtt_redelivered).
+        Raises OutboxFull, storing nothing, when the
+        bound would be exceeded or the disk is full. `now` (wall) and `mono`
+        (monotonic) are the clocks storm control runs on; tests pass their own.
+        """
+        for r in () if checked else batch:  # `checked`: the writer has just done so
+            if (why := unstorable(r)) is not None:
+                raise Unstorable(f"alert {r.alert.id}: {why}")
+        new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
+        if (
+            self.live + new_deliveries > self.max_messages
+            and time.monotonic() - self._recounted > RECOUNT_EVERY
+        ):
+            # Another process (`mailgw queue delete`, `send`) may have changed the count.
+            # At most once a second: the count scans the table, and while the outbox is
+            # full every source retries (chaos found the writer starving the relay).
+            self.live = self._count_live()
+            self._recounted = time.monotonic()
+        if self.live + new_deliveries > self.max_messages:
+            raise OutboxFull(
+                f"outbox holds {self.live} undelivered messages, bound is "
+                f"outbox.max_messages = {self.max_messages}"
+            )
+        now = time.time() if now is None else now
+        mono = time.monotonic() if mono is None else mono
+        duplicates: list[str] = []
+        policies = self.policies
+        try:
+            with self.transaction() as c:
+                row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+                seq = int(row[0]) if row else 1
+                rows: dict[str, list[tuple[Any, ...]]] = {}
+                deliveries: list[tuple[Any, ...]] = []
+                stormed = 0
+                keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
+                fresh = self._runs.record(c, keys, now)
+                pending: dict[int, tuple[Any, ...]] = {}  # mid → its mqtt_pending row
+                for r, key in zip(batch, keys, strict=True):
+                    if r.seen_key is not None:
+                        if key not in fresh:
+                            duplicates.append(r.seen_key)
+                            continue
+                        fresh.remove(key)  # twice in one batch: store it once
+                    if (mk := r.mqtt) is not None:
+                        if mk.dup and mqtt_pending.redelivered(c, mk, pending):
+                            duplicates.append(mk.name)
+                            continue
+                        pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
+                    rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
+                    for rt, p in r.deliveries:
+                        policy = policies.get(rt)
+                        if policy is None or not policy.active:
+                            deliveries.append((seq, rt, "queued", p, now))
+                        else:
+                            stormed += store_storm(
+                                c,
+                                policy,
+                                r.alert,
+                                seq,
+                                rt,
+                                p,
+                                now,
+                                mono,
+                                dict(r.storm_keys).get(rt),
+                            )
+                    if not r.deliveries:
+                        deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
+                    seq += 1
+                created: set[str] = set()
+                for table, chunk in rows.items():
+                    if table not in self._shards:
+                        c.execute(_ALERT_TABLE.format(name=table))
+                        created.add(table)
+                    _insert_rows(c, f"{table} ({_ALERT_COLS})", 14, chunk)
+                _insert_rows(
+                    c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
+                )
+                _insert_rows(c, "mqtt_pending", 4, list(pending.values()), "INSERT OR REPLACE")
+                added = len(deliveries) + stormed
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
+                )
+        except BaseException as exc:
+            self._runs.forget()  # rolled back: what it learnt of runs was not committed
+            err = store_error(exc, self.path)
+            if err is exc:
+                raise
+            raise err from exc
+        # Only now: a rolled-back CREATE TABLE must not be remembered as existing, or
+        # every later batch would insert into a table that is not there.
+        self._shards |= created
+        self.live += added
+        return duplicates
+
+    def mqtt_settled(
+        self, keys: Iterable[tuple[int, bytes, int]] = (), keep_conn: int | None = None
+    ) -> int:
+        """Forget MQTT deliveries the broker no longer holds for us; how many rows went.
+
+        `keys`: (packet id, digest, connection) of messages whose PUBACK the broker has
+        had on that connection. With
+        `keep_conn`, also every row that did not come (or come again) on that connection:
+        on a new session the broker holds nothing for us; on a resumed one, what it was
+        going to redeliver has arrived by then. Forgetting too much costs at most a
+        duplicate; remembering too long could take a new message for a copy.
+        """
+        keys = list(keys)
+        n = 0
+        with self.transaction() as c:
+            if keys:
+                n += c.executemany(
+                    "DELETE FROM mqtt_pending WHERE mid = ? AND digest = ? AND conn = ?", keys
+                ).rowcount
+            if keep_conn is not None:
+                n += c.execute("DELETE FROM mqtt_pending WHERE conn != ?", (keep_conn,)).rowcount
+        return n
+
+    # --- relay side: the queue (gateway/outbox/queue.py) ------------------------
+
+    def claim(self, limit: int, now: float | None = None) -> list[Claimed]:
+        """Take up to `limit` due deliveries, highest priority first, oldest first."""
+        with self.transaction() as c:
+            return queue.claim(c, limit, time.monotonic() if now is None else now)
+
+    def finish(self, outcomes: Iterable[Outcome], relaxed: bool = False) -> None:
+        """Apply a batch of delivery outcomes in one transaction.
+
+        `relaxed`: commit without waiting for the disk (synchronous=NORMAL): the outcome
+        survives a crash of the process but not a power cut, until the next FULL commit.
+        For outcomes that is enough: a lost `sent` means the mail goes again with its
+        Message-ID (invariant 2), never a lost alert.
+        """
+        if relaxed:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self.transaction() as c:
+                done = queue.finish(c, outcomes, time.time())
+        finally:
+            if relaxed:
+                self.conn.execute("PRAGMA synchronous = FULL")
+        self.live -= done
+
+    def release_all(self) -> int:
+        """Put every `sending` delivery back (orderly shutdown mid-batch)."""
+        with self.transaction() as c:
+            return queue.release_all(c)
+
+    def prune(self, older_than: float, limit: int = 500) -> int:
+        """Delete up to `limit` sent deliveries finished before `older_than` (wall time)."""
+        with self.transaction() as c:
+            n = queue.prune(c, older_than, limit)
+        self._runs.forget()  # seen runs older than that went too
+        return n
+
+    def drop_free_shards(self) -> int:
+        """Drop every full shard no delivery needs; rescue the few rows that pin one."""
+        with self.transaction() as c:
+            dropped = queue.drop_free_shards(c)
+        self._shards.difference_update(dropped)
+        return len(dropped)
+
+    def refresh_live(self) -> None:
+        """Recount (another process, such as `mailgw send`, may have added rows)."""
+        self.live = self._count_live()
