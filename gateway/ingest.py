@@ -14,7 +14,7 @@ from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Routed
 from gateway.routing import Router, render
 from gateway.status import Runtime
-from gateway.storm import Policy
+from gateway.config import Policy
 from gateway.writer import Done, Stored, Writer
 
 

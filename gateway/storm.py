@@ -19,60 +19,13 @@ refill), a jump forward only ends windows early: more mail, never less.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from gateway.alert import Severity
 
-DEFAULT_KEY = "{topic}|{sensor}|{severity}|{message}"
-
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
-_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-MAX_RATE_COUNT = 1_000_000
-MAX_RATE_PERIOD = 365 * 86400.0
-
-
-def parse_rate(text: str) -> tuple[int, float]:
-    """ "20/h" → (20, 3600.0); "5/10m" → (5, 600.0). Raises ValueError with the fix.
-
-    The bucket refills at count/period per second (`refill`) and starts full at `count`
-    tokens: a zero period would divide by zero on every store on the route, and numbers
-    past these bounds would overflow a float.
-    """
-    m = _RATE.match(text)
-    if not m:
-        raise ValueError(
-            f'{text!r} is not a rate: write mails per period, like "20/h", "5/10m" or "1/s"'
-        )
-    digits, period_digits, unit = m.groups()
-    # Compared as text lengths and integers first: int() refuses very long digit strings,
-    # and float() of a long one is inf.
-    count = int(digits) if len(digits) <= 9 else MAX_RATE_COUNT + 1
-    seconds = int(period_digits or 1) * _UNIT[unit] if len(period_digits) <= 9 else -1
-    if not 1 <= count <= MAX_RATE_COUNT:
-        raise ValueError(
-            f'{text!r}: write 1 to {MAX_RATE_COUNT} mails per period, like "20/h" or "5/10m"'
-        )
-    if not 1 <= seconds <= MAX_RATE_PERIOD:
-        raise ValueError(
-            f'{text!r}: write mails per period of 1 s to 365 d, like "20/h" or "100/d" '
-            "(a zero period would divide by zero)"
-        )
-    return count, float(seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    dedupe_window: float = 0.0  # seconds; 0 = off
-    rate: tuple[int, float] | None = None  # (mails, per seconds)
-    digest_every: float = 3600.0
-    critical_bypass: bool = True
-    key: str = DEFAULT_KEY
-
-    @property
-    def active(self) -> bool:
-        return bool(self.dedupe_window or self.rate)
+# Policy is a config value (gateway.config builds it from a route's keys).
+from gateway.config import Policy
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from gateway.config import (
     load,
     parse,
     parse_duration,
+    parse_rate,
     parse_size,
 )
 from gateway.smtp import UplinkDown, read_secret
@@ -182,12 +185,37 @@ def test_sizes() -> None:
         parse_size("lots")
 
 
+def test_rates() -> None:
+    assert parse_rate("20/h") == (20, 3600.0)
+    assert parse_rate("5/10m") == (5, 600.0)
+    assert parse_rate(" 1 / s ") == (1, 1.0)
+    for bad in ("20", "0/h", "x/h", "20/y", "-1/s", "20/h/2"):
+        with pytest.raises(ValueError, match="mails per period"):
+            parse_rate(bad)
+
+
 def test_topic_filters() -> None:
     assert check_topic_filter("a/+/c/#") is None
     assert check_topic_filter("#") is None
     assert check_topic_filter("a/#/c")
     assert check_topic_filter("a+/b")
     assert check_topic_filter("")
+
+
+def test_config_is_a_leaf() -> None:
+    """Every part may import config; config imports no part but the error classes."""
+    probe = (
+        "import sys, gateway.config\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith('gateway.')))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root
+    ).stdout.split()
+    assert "gateway.config" in out
+    inside = ("gateway.errors", "gateway.config")
+    outside = [m for m in out if m not in inside and not m.startswith("gateway.config.")]
+    assert outside == []
 
 
 def test_load_missing_file_says_what_to_do(tmp_path: Path) -> None:

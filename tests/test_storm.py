@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from gateway.alert import Draft, Severity, normalize
 from gateway.compose import compose, compose_digest, digest_lines
-from gateway.config import RouteSection
+from gateway.config import Policy, RouteSection
 from gateway.ingest import storm_keys
 from gateway.outbox import Outbox, Outcome, Routed
-from gateway.storm import Bucket, Lead, Policy, decide, parse_rate, refill
+from gateway.storm import Bucket, Lead, decide, refill
 from tests.conftest import run_cli
 from tests.parts import DaemonProcess, Mosquitto, Received, SmtpServer, make_pki, wait_for
 from tests.test_mqtt import Publisher
@@ -27,15 +27,6 @@ from tests.test_mqtt import Publisher
 W, C, INFO = Severity.WARNING, Severity.CRITICAL, Severity.INFO
 
 # --- the rules ---------------------------------------------------------------------------
-
-
-def test_parse_rate() -> None:
-    assert parse_rate("20/h") == (20, 3600.0)
-    assert parse_rate("5/10m") == (5, 600.0)
-    assert parse_rate(" 1 / s ") == (1, 1.0)
-    for bad in ("20", "0/h", "x/h", "20/y", "-1/s", "20/h/2"):
-        with pytest.raises(ValueError, match="mails per period"):
-            parse_rate(bad)
 
 
 def test_no_policy_mails_everything() -> None:

@@ -30,7 +30,7 @@ from gateway.outbox.schema import _ALERT_TABLE, MIGRATIONS, SCHEMA_VERSION
 from gateway.outbox.seen import split_key
 from gateway.outbox.seen_runs import SeenRuns
 from gateway.outbox.storm_state import store_storm
-from gateway.storm import Policy
+from gateway.config import Policy
 
 log = logging.getLogger(__name__)
 

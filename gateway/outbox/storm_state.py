@@ -9,7 +9,8 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.alert import Alert
-from gateway.storm import Bucket, Lead, Policy, decide
+from gateway.config import Policy
+from gateway.storm import Bucket, Lead, decide
 
 _INSERT = (
     "INSERT INTO delivery (alert_seq, route, state, priority, due, updated_at, kind, owner)"

@@ -1,0 +1,172 @@
+"""Builders of the sections that reach another machine: [smtp] and [mqtt].
+
+Both carry credentials, so both keep invariant 7: nothing but loopback may see a
+message or a credential in clear. The secret files and TLS files are checked as the
+daemon will read them (checks.py), so a bad one stops check-config, not the daemon.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.config.addresses import check_helo_name, normalize_address
+from gateway.config.checks import (
+    check_host,
+    check_topic_filter,
+    is_loopback_host,
+    mqtt_string_problem,
+    secret_file_problem,
+    tls_files_problems,
+)
+from gateway.config.loader import Table
+from gateway.config.values import MqttSection, SmtpSection
+
+
+def smtp_section(t: Table) -> SmtpSection:
+    tls = t.text("tls", "starttls", choices=("starttls", "implicit", "none")) or "starttls"
+    default_port = {"starttls": 587, "implicit": 465, "none": 25}[tls]
+    host = t.text("host")
+    sender = t.text("from")
+    username = t.text("username", None)
+    password_file = t.path("password_file", None)
+    oauth_token_file = t.path("oauth_token_file", None)
+    helo_name = t.text("helo_name", None)
+    if isinstance(helo_name, str) and (why := check_helo_name(helo_name)):
+        t.loader.problem(t.name, "helo_name", why)
+    if isinstance(sender, str):
+        try:
+            # Downstream code (envelope, From header) gets the IDNA form.
+            sender = normalize_address(sender)
+        except ValueError as exc:
+            t.loader.problem(t.name, "from", str(exc))
+    section = SmtpSection(
+        host=host or "",
+        port=t.integer("port", default_port, lo=1, hi=65535),
+        tls=tls,
+        sender=sender or "",
+        username=username,
+        password_file=password_file,
+        oauth_token_file=oauth_token_file,
+        ca_file=t.path("ca_file", None, must_exist=True),
+        # aiosmtplib waits this long for each reply; the relay counts as stuck after
+        # six of them, and RFC 5321 §4.5.3.2 asks for at most minutes.
+        timeout=t.duration("timeout", 30.0, minimum=1, maximum=3600),
+        helo_name=helo_name,
+        min_backoff=t.duration("min_backoff", 300.0, minimum=1),
+        max_backoff=t.duration("max_backoff", 3600.0, minimum=1),
+        probe_max=t.duration("probe_max", 60.0, minimum=1),
+        batch=t.integer("batch", 100, lo=1, hi=10_000),
+    )
+    t.done()
+    _check_smtp(t, section, host)
+    return section
+
+
+def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:
+    """The checks that span keys; `host` as written (None when missing or not a string)."""
+    tls = section.tls
+    username = section.username
+    password_file = section.password_file
+    oauth_token_file = section.oauth_token_file
+    if isinstance(host, str) and (why := check_host(host)):
+        t.loader.problem(t.name, "host", why)
+    if tls == "none":
+        # Invariant 7: nothing but loopback may see a message or a credential in clear.
+        if isinstance(host, str) and host and not is_loopback_host(host):
+            t.loader.problem(
+                t.name,
+                "tls",
+                f'"none" is only allowed for a loopback host, not '
+                f'{host!r}; use "starttls" (port 587) or "implicit" (port 465)',
+            )
+        if username or password_file or oauth_token_file:
+            t.loader.problem(
+                t.name,
+                "tls",
+                '"none" cannot be combined with AUTH (username, '
+                "password_file): credentials would travel in clear",
+            )
+    for key, p in (("password_file", password_file), ("oauth_token_file", oauth_token_file)):
+        if isinstance(p, Path) and (why := secret_file_problem(p)):
+            t.loader.problem(t.name, key, why)
+    for key, why in tls_files_problems(section.ca_file):
+        t.loader.problem(t.name, key, why)
+    if (password_file or oauth_token_file) and not username:
+        t.loader.problem(t.name, "username", "is required when a password or token is configured")
+    if section.min_backoff > section.max_backoff:
+        t.loader.problem(t.name, "min_backoff", "must not exceed max_backoff")
+
+
+def mqtt_section(t: Table) -> MqttSection:
+    topics = t.strings("topics", ("alerts/#",)) or ()
+    if "topics" in t.data and isinstance(t.data["topics"], list) and not topics:
+        t.loader.problem(t.name, "topics", 'needs at least one topic filter, e.g. ["alerts/#"]')
+    for topic in topics:
+        if why := check_topic_filter(topic):
+            t.loader.problem(t.name, "topics", why)
+    tls = t.flag("tls", False)
+    section = MqttSection(
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 8883 if tls else 1883, lo=1, hi=65535),
+        topics=topics,
+        protocol=t.text("protocol", "3.1.1", choices=("3.1.1", "5")) or "3.1.1",
+        client_id=t.text("client_id", None),
+        username=t.text("username", None),
+        password_file=t.path("password_file", None),
+        tls=tls,
+        ca_file=t.path("ca_file", None, must_exist=True),
+        cert_file=t.path("cert_file", None, must_exist=True),
+        key_file=t.path("key_file", None, must_exist=True),
+        keepalive=t.integer("keepalive", 30, lo=5, hi=3600),
+        accept_retained=t.flag("accept_retained", False),
+        # 0 would reject every alert. An alert keeps 8 KiB of message and 64 fields of
+        # 1 KiB; a payload is held several times over while it is read and parsed (paho's
+        # buffer, a copy, the text, the JSON objects), so 1 MiB keeps a message's peak
+        # within the unit's MemoryMax with room to spare.
+        max_payload=t.size("max_payload", 64 * 1024, lo=1, hi=1 << 20),
+        max_inflight=t.integer("max_inflight", 500, lo=1, hi=65535),
+        status_interval=t.duration("status_interval", 60.0, minimum=1),
+    )
+    t.done()
+    _check_mqtt(t, section)
+    return section
+
+
+def _check_mqtt(t: Table, section: MqttSection) -> None:
+    """The checks that span keys: names, credentials, TLS files."""
+    tls = section.tls
+    host = section.host
+    if isinstance(host, str) and (why := check_host(host)):
+        t.loader.problem(t.name, "host", why)
+    for key in ("client_id", "username"):
+        value = getattr(section, key)
+        if isinstance(value, str) and (why := mqtt_string_problem(value)):
+            t.loader.problem(t.name, key, why)
+    if section.password_file and (why := secret_file_problem(section.password_file)):
+        t.loader.problem(t.name, "password_file", why)
+    if section.password_file and not section.username:
+        t.loader.problem(t.name, "username", "is required when password_file is set")
+    if (
+        (section.username or section.password_file)
+        and not tls
+        and isinstance(host, str)
+        and not is_loopback_host(host)
+    ):
+        # Invariant 7, as for SMTP: MQTT's CONNECT carries the password as it is.
+        t.loader.problem(
+            t.name,
+            "tls",
+            f"must be true when username or password_file is set for a broker that is not "
+            f"on loopback ({host!r}): credentials would travel in clear; set tls = true "
+            "(port 8883)",
+        )
+    if not tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(section, key):
+                t.loader.problem(t.name, key, "has no effect without tls = true; set tls = true")
+    elif section.key_file and not section.cert_file:
+        t.loader.problem(t.name, "key_file", "needs cert_file (the client certificate)")
+    else:
+        for key, why in tls_files_problems(section.ca_file, section.cert_file, section.key_file):
+            t.loader.problem(t.name, key, why)

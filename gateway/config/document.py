@@ -1,0 +1,107 @@
+"""The whole configuration file: read it, build every section, check across sections.
+
+`parse` reports every problem at once (ConfigError lists them), each with its key and
+line, so an operator fixes a config in one round rather than one error per restart.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from gateway.config.connections import mqtt_section, smtp_section
+from gateway.config.loader import Loader
+from gateway.config.sections import (
+    gateway_section,
+    metrics_section,
+    outbox_section,
+    route_section,
+    serial_section,
+)
+from gateway.config.values import Config, GatewaySection, RouteSection, SerialSection
+from gateway.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/mailgw/gateway.toml")
+
+_SECTIONS = {"gateway", "outbox", "smtp", "mqtt", "serial", "route", "metrics"}
+
+
+def parse(text: str, source: str = "<config>", path: Path | None = None) -> Config:
+    """Parse and validate config text; raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    loader = Loader(text, source)
+    for key in data:
+        if key not in _SECTIONS:
+            loader.problem("", key, f"unknown section; known: {', '.join(sorted(_SECTIONS))}")
+    gateway = gateway_section(loader.table("gateway", data.get("gateway", {})))
+    outbox = outbox_section(loader.table("outbox", data.get("outbox", {})))
+    smtp = smtp_section(loader.table("smtp", data["smtp"])) if "smtp" in data else None
+    mqtt = mqtt_section(loader.table("mqtt", data["mqtt"])) if "mqtt" in data else None
+    serial = tuple(serial_section(t) for t in loader.tables("serial", data.get("serial")))
+    routes = tuple(
+        route_section(t, i) for i, t in enumerate(loader.tables("route", data.get("route")))
+    )
+    metrics = metrics_section(loader.table("metrics", data.get("metrics", {})))
+    _check_names(loader, gateway, serial, routes)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return Config(
+        gateway=gateway,
+        outbox=outbox,
+        smtp=smtp,
+        mqtt=mqtt,
+        serial=serial,
+        routes=routes,
+        metrics=metrics,
+        path=path,
+    )
+
+
+def _check_names(
+    loader: Loader,
+    gateway: GatewaySection,
+    serial: tuple[SerialSection, ...],
+    routes: tuple[RouteSection, ...],
+) -> None:
+    """Names that other sections, topics and Message-IDs refer to must be unique and exist."""
+    names = [s.name for s in serial]
+    for dup in {n for n in names if names.count(n) > 1}:
+        loader.problem("serial", "name", f"two ports are named {dup!r}; give each a unique name")
+    route_names = [r.name for r in routes]
+    for dup in {n for n in route_names if route_names.count(n) > 1}:
+        loader.problem("route", "name", f"two routes are named {dup!r}; give each a unique name")
+    if gateway.default_route and gateway.default_route not in route_names:
+        loader.problem(
+            "gateway",
+            "default_route",
+            f"names no route; known routes: {', '.join(route_names) or 'none'}",
+        )
+
+
+def known_keys() -> dict[str, set[str]]:
+    """Every key each section accepts, read off the loader itself (for the docs test)."""
+    loader = Loader("", "<schema>")
+    gateway_section(loader.table("gateway", {}))
+    outbox_section(loader.table("outbox", {}))
+    smtp_section(loader.table("smtp", {}))
+    mqtt_section(loader.table("mqtt", {}))
+    serial_section(loader.table("serial", {}))
+    route_section(loader.table("route", {}), 0)
+    metrics_section(loader.table("metrics", {}))
+    return {t.name: set(t.seen) for t in loader.opened}
+
+
+def load(path: Path | str | None = None) -> Config:
+    p = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{p}: no such file; pass -c PATH or create it (an example is in the README)"]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from None
+    return parse(text, source=str(p), path=p)

@@ -1,0 +1,149 @@
+"""The configuration as values: frozen dataclasses, one per section.
+
+Each holds what the builders have already checked (addresses in their ASCII form,
+durations in seconds), so the parts built from a Config need not validate again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEVERITIES = ("debug", "info", "warning", "critical")
+DEFAULT_SUBJECT = "[{severity}] {device_id}/{sensor}: {message}"
+# What makes two alerts "the same" for dedupe unless a route says otherwise.
+DEFAULT_KEY = "{topic}|{sensor}|{severity}|{message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A route's storm control (gateway/storm.py applies it)."""
+
+    dedupe_window: float = 0.0  # seconds; 0 = off
+    rate: tuple[int, float] | None = None  # (mails, per seconds)
+    digest_every: float = 3600.0
+    critical_bypass: bool = True
+    key: str = DEFAULT_KEY
+
+    @property
+    def active(self) -> bool:
+        return bool(self.dedupe_window or self.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    device_id: str
+    state_dir: Path
+    runtime_dir: Path
+    default_route: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSection:
+    max_messages: int = 100_000
+    max_age: float = 5 * 86400
+    sent_retention: float = 7 * 86400
+    allow_volatile: bool = False
+    commit_batch: int = 1000
+    commit_interval: float = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSection:
+    host: str
+    port: int
+    tls: str  # starttls | implicit | none
+    sender: str  # the `from` key
+    username: str | None = None
+    password_file: Path | None = None
+    oauth_token_file: Path | None = None
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    helo_name: str | None = None
+    min_backoff: float = 300.0
+    max_backoff: float = 3600.0
+    probe_max: float = 60.0
+    batch: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topics: tuple[str, ...] = ("alerts/#",)
+    protocol: str = "3.1.1"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 30
+    accept_retained: bool = False
+    max_payload: int = 64 * 1024
+    max_inflight: int = 500
+    status_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSection:
+    port: str
+    name: str
+    baudrate: int = 115200
+    protocol: str = "framed"  # framed | lines
+    line_regex: str | None = None
+    sensor: str = "serial"
+    severity: str = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSection:
+    name: str
+    match: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...] = ()
+    min_severity: str = "info"
+    subject: str = DEFAULT_SUBJECT
+    body: str | None = None
+    priority: int | None = None  # 0-9; default: the alert's severity (0-3)
+    storm: Policy = field(default_factory=Policy)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    textfile: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gateway: GatewaySection
+    outbox: OutboxSection
+    smtp: SmtpSection | None
+    mqtt: MqttSection | None
+    serial: tuple[SerialSection, ...]
+    routes: tuple[RouteSection, ...]
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    path: Path | None = None
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.gateway.state_dir / "outbox.db"
+
+    @property
+    def storm_policies(self) -> dict[str, Policy]:
+        """Storm control of the routes that have any, by route name."""
+        return {r.name: r.storm for r in self.routes if r.storm.active}
+
+    def summary(self) -> str:
+        parts = [f"device {self.gateway.device_id}", f"outbox {self.outbox_path}"]
+        if self.smtp:
+            parts.append(f"smtp {self.smtp.host}:{self.smtp.port} ({self.smtp.tls})")
+        else:
+            parts.append("no [smtp]: alerts are queued, not relayed")
+        if self.mqtt:
+            parts.append(f"mqtt {self.mqtt.host}:{self.mqtt.port} {list(self.mqtt.topics)}")
+        if self.serial:
+            parts.append(f"{len(self.serial)} serial port(s)")
+        parts.append(f"{len(self.routes)} route(s)")
+        return ", ".join(parts)
