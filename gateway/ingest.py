@@ -10,11 +10,11 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 from gateway.alert import Alert
+from gateway.config import Policy
 from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Routed
 from gateway.routing import Router, render
 from gateway.status import Runtime
-from gateway.config import Policy
 from gateway.writer import Done, Stored, Writer
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import boot_id
+from gateway.config import Policy
 from gateway.errors import GatewayError, OutboxCorrupt, OutboxFull, StoreUnavailable, Unstorable
 from gateway.outbox import mqtt_pending, queue
 from gateway.outbox.faults import is_corruption, sqlite_code, store_error, unstorable
@@ -30,7 +31,6 @@ from gateway.outbox.schema import _ALERT_TABLE, MIGRATIONS, SCHEMA_VERSION
 from gateway.outbox.seen import split_key
 from gateway.outbox.seen_runs import SeenRuns
 from gateway.outbox.storm_state import store_storm
-from gateway.config import Policy
 
 log = logging.getLogger(__name__)
 
