@@ -1,4 +1,6 @@
-"""Shared fixtures: configs, CLI runs, and (in tests/parts.py) the real parts."""
+"""Shared fixtures: configs, CLI runs, and the real parts (built in tests/parts.py): a
+throwaway CA, a Mosquitto, a pty pair, the daemon as a process, the relay in-process.
+Each fixture cleans up what it started."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from tests.parts import Gateway, Pki
+    from tests.parts import DaemonProcess, Gateway, Mosquitto, Pki, Pty
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +67,52 @@ def run_cli(
     )
 
 
+# --- the daemon as a process, and what it talks to (tests/parts.py) ------------------
+
+
+@pytest.fixture
+def launch_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """launch_daemon(config, ready=("mqtt", ...)) → a started `mailgw run`, ready when its
+    status file shows it (and the named sources connected); terminated after the test."""
+    from tests.parts import DaemonProcess
+
+    made: list[DaemonProcess] = []
+
+    def launch(
+        config: Path, ready: tuple[str, ...] | None = None, log: str = "daemon.log"
+    ) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path / log).start()
+        made.append(d)
+        if ready is not None:
+            d.wait_ready(ready)
+        return d
+
+    yield launch
+    for d in made:
+        if d.alive:
+            d.terminate()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto on a free loopback port."""
+    from tests.parts import Mosquitto
+
+    b = Mosquitto(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pty(tmp_path: Path) -> Iterator[Pty]:
+    """A pty pair whose device end the gateway opens as tmp_path/ttyTEST."""
+    from tests.parts import Pty
+
+    p = Pty(tmp_path / "ttyTEST")
+    yield p
+    p.close()
+
+
 # --- the relay in-process against a real smarthost (tests/parts.py) ------------------
 
 
@@ -78,10 +126,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def password_file(tmp_path: Path) -> Path:
-    p = tmp_path / "pw"
-    p.write_text("s3cret\n")
-    p.chmod(0o600)
-    return p
+    from tests.parts import write_password
+
+    return write_password(tmp_path / "pw")
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Real parts for the tests: the daemon as a process, the relay in-process (`Gateway`),
-plus gateway.lab's CA, smarthost and broker (shared with `mailgw demo`)."""
+a pty pair, a QoS 1 publisher, config and alert helpers, plus gateway.lab's CA,
+smarthost and broker (shared with `mailgw demo`). Fixtures built on them are in
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import signal
 import subprocess
 import threading
 import time
+import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import outbox as ob_mod
 from gateway.alert import Alert, Draft, Severity, normalize
@@ -32,6 +38,8 @@ from gateway.relay import Relay
 from gateway.routing import Router
 from gateway.status import Runtime
 from gateway.writer import Writer
+
+OPS_ROUTE = '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -109,6 +117,15 @@ def alert(
     return normalize(msg.encode(), Draft(topic, "mqtt", "temp", sev))
 
 
+def routed(text: str, topic: str = "alerts/x", sensor: str = "unknown") -> Routed:
+    """An MQTT alert routed to "ops" (route id 2), as the writer takes it."""
+    return Routed(normalize(text.encode(), Draft(topic, "mqtt", sensor)), (("ops", 2),))
+
+
+def good(i: int) -> Routed:
+    return routed(f"good {i}", sensor="s")
+
+
 def smtp_conf(
     server: SmtpServer, pki: Pki, tls: str = "starttls", auth: bool = True, extra: str = ""
 ) -> str:
@@ -127,6 +144,47 @@ def smtp_conf(
     if auth:
         lines += ['username = "gw@example.com"']
     return "\n".join(lines) + "\n" + extra
+
+
+# --- configs for the daemon -----------------------------------------------------------
+
+
+def gateway_toml(tmp: Path, device_id: str) -> str:
+    """The [gateway] section: state in tmp/state, status in tmp/run."""
+    return (
+        f'[gateway]\ndevice_id = "{device_id}"\nstate_dir = "{tmp}/state"\n'
+        f'runtime_dir = "{tmp}/run"\n'
+    )
+
+
+def write_password(path: Path) -> Path:
+    """A password file as the config checks want it: mode 0600."""
+    path.write_text("s3cret\n")
+    path.chmod(0o600)
+    return path
+
+
+def daemon_config(
+    tmp: Path,
+    pki: Pki,
+    smtp_port: int,
+    broker_port: int | None = None,
+    subject: str = "[{severity}] {sensor}: {message}",
+) -> Path:
+    """tmp/gw.toml for a daemon that relays to a STARTTLS+AUTH smarthost on smtp_port,
+    and reads MQTT from broker_port if given; one route "ops" for every topic."""
+    pw = write_password(tmp / "pw")
+    mqtt_toml = f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n' if broker_port else ""
+    cfg = tmp / "gw.toml"
+    cfg.write_text(
+        gateway_toml(tmp, "gw-d")
+        + f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_port}\nfrom = "gw@example.com"\n'
+        f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
+        'timeout = "1s"\nmin_backoff = "1s"\nprobe_max = "2s"\n'
+        f"{mqtt_toml}"
+        f'[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\nsubject = "{subject}"\n'
+    )
+    return cfg
 
 
 # --- the daemon as a real process ----------------------------------------------------
@@ -235,3 +293,75 @@ def stored_alerts(db: Path) -> list[tuple[str, str, str]]:
         return rows
     finally:
         conn.close()
+
+
+def stored_messages(db: Path) -> list[str]:
+    """The message of every alert in an outbox; none if there is no outbox yet."""
+    return [m for _, m, _ in stored_alerts(db)] if db.exists() else []
+
+
+# --- devices: a serial line and an MQTT publisher ----------------------------------------
+
+
+class Pty:
+    """A pty pair; the gateway opens `link`, a stable path like /dev/serial/by-id/..."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.master = -1
+        self.plug()
+
+    def plug(self) -> int:
+        self.master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no CR/LF translation: a UART is 8-bit clean
+        path = os.ttyname(slave)
+        os.close(slave)
+        tmp = self.link.with_suffix(".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        tmp.replace(self.link)
+        return self.master
+
+    def unplug(self) -> None:
+        os.close(self.master)
+        self.link.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False  # the publish failed: the sender knows it was not acknowledged
+
+
+class Publisher:
+    """A QoS 1 publisher that knows which messages the broker acknowledged."""
+
+    def __init__(self, port: int) -> None:
+        self._sent: list[tuple[str, mqtt.MQTTMessageInfo]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{random.random()}")
+        self.client.max_inflight_messages_set(100)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    @property
+    def acked(self) -> set[str]:
+        return {text for text, info in list(self._sent) if _published(info)}
+
+    @property
+    def settled(self) -> bool:
+        """Every publish was either acked by the broker or failed (not connected)."""
+        return all(info.rc != 0 or _published(info) for _, info in list(self._sent))
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if isinstance(payload, str):
+            self._sent.append((payload, info))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -5,33 +5,19 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import pytest
-
-from gateway.alert import Draft, normalize
-from gateway.outbox import Outbox, Routed
-from tests.parts import DaemonProcess, Pki, SmtpServer, make_pki, wait_for
-from tests.test_daemon import write_config
+from gateway.outbox import Outbox
+from tests.parts import DaemonProcess, Pki, SmtpServer, daemon_config, routed, wait_for
 
 ALERTS = 400
 KILLS = 4
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def test_kill_9_mid_drain_resends_at_most_the_mail_in_flight(tmp_path: Path, pki: Pki) -> None:
     with SmtpServer(pki, "starttls") as smtp:
         smtp.script.data_delay = 0.02  # a slow smarthost: 20 ms per mail
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         ob = Outbox(tmp_path / "state" / "outbox.db")
-        ob.add(
-            [
-                Routed(normalize(f"queued {i}".encode(), Draft("alerts/q", "mqtt")), (("ops", 2),))
-                for i in range(ALERTS)
-            ]
-        )
+        ob.add([routed(f"queued {i}", topic="alerts/q") for i in range(ALERTS)])
         ob.close()
         gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
         for k in range(1, KILLS + 1):

@@ -7,56 +7,26 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Mosquitto, Pki, SmtpServer, make_pki, stored_alerts, wait_for
-from tests.test_mqtt import Publisher
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
-def write_config(
-    tmp: Path,
-    pki: Pki,
-    smtp_port: int,
-    broker_port: int | None = None,
-    subject: str = "[{severity}] {sensor}: {message}",
-) -> Path:
-    pw = tmp / "pw"
-    pw.write_text("s3cret\n")
-    pw.chmod(0o600)
-    mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n' if broker_port else ""
-    cfg = tmp / "gw.toml"
-    cfg.write_text(
-        f'[gateway]\ndevice_id = "gw-d"\nstate_dir = "{tmp}/state"\nruntime_dir = "{tmp}/run"\n'
-        f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_port}\nfrom = "gw@example.com"\n'
-        f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
-        'timeout = "1s"\nmin_backoff = "1s"\nprobe_max = "2s"\n'
-        f"{mqtt}"
-        f'[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\nsubject = "{subject}"\n'
-    )
-    return cfg
+from tests.parts import (
+    DaemonProcess,
+    Mosquitto,
+    Pki,
+    Publisher,
+    SmtpServer,
+    daemon_config,
+    stored_alerts,
+    wait_for,
+)
 
 
 def test_sigterm_during_a_burst_loses_nothing_and_exits_fast(
     tmp_path: Path, pki: Pki, broker: Mosquitto
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port, broker.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port, broker.port)
         gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         pub = Publisher(broker.port)
@@ -95,7 +65,7 @@ def test_sigterm_during_a_burst_loses_nothing_and_exits_fast(
 
 def test_kill_9_mid_send_resends_with_the_same_message_id(tmp_path: Path, pki: Pki) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
         gw.wait_ready()
         smtp.script.stall_in_data = 30.0  # the first message hangs at end of DATA...
@@ -125,7 +95,7 @@ def test_hung_relay_stops_watchdog_pings(tmp_path: Path, pki: Pki) -> None:
     sock.bind(str(sock_path))
     sock.settimeout(0.5)
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         gw = DaemonProcess(
             cfg,
             tmp_path / "daemon.log",
@@ -157,7 +127,7 @@ def test_hung_relay_stops_watchdog_pings(tmp_path: Path, pki: Pki) -> None:
 
 def test_sighup_reloads_templates(tmp_path: Path, pki: Pki) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port, subject="OLD {message}")
+        cfg = daemon_config(tmp_path, pki, smtp.port, subject="OLD {message}")
         gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
         gw.wait_ready()
         run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "info", "one")
@@ -180,7 +150,7 @@ def test_sighup_reloads_templates(tmp_path: Path, pki: Pki) -> None:
 
 def test_flush_probes_at_once(tmp_path: Path, pki: Pki) -> None:
     smtp = SmtpServer(pki, "starttls")
-    cfg = write_config(tmp_path, pki, smtp.port)
+    cfg = daemon_config(tmp_path, pki, smtp.port)
     cfg.write_text(cfg.read_text().replace('probe_max = "2s"', 'probe_max = "60s"'))
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:

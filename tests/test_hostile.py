@@ -30,26 +30,21 @@ from gateway.errors import OutboxFull, StoreUnavailable, Unstorable
 from gateway.outbox import SHARD_ROWS, Outbox, Routed, counts
 from gateway.service import Daemon
 from gateway.writer import Stored, Writer
-from tests.parts import DaemonProcess, Mosquitto, Pki, SmtpServer, make_pki, stored_alerts, wait_for
-from tests.test_daemon import write_config
-from tests.test_mqtt import Publisher
-from tests.test_serial import Pty
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
-def good(i: int) -> Routed:
-    return Routed(normalize(f"good {i}".encode(), Draft("alerts/x", "mqtt", "s")), (("ops", 2),))
+from tests.parts import (
+    OPS_ROUTE,
+    DaemonProcess,
+    Mosquitto,
+    Pki,
+    Pty,
+    Publisher,
+    SmtpServer,
+    daemon_config,
+    gateway_toml,
+    good,
+    stored_alerts,
+    stored_messages,
+    wait_for,
+)
 
 
 def poison() -> Routed:
@@ -57,10 +52,6 @@ def poison() -> Routed:
     a = good(0).alert
     bad = Alert(a.id, a.topic, a.source, a.sensor, a.severity, "evil \ud800", a.received)
     return Routed(bad, (("ops", 2),))
-
-
-def messages(db: Path) -> list[str]:
-    return [m for _, m, _ in stored_alerts(db)] if db.exists() else []
 
 
 # --- poison input -----------------------------------------------------------------------
@@ -87,7 +78,7 @@ def test_poison_mqtt_payloads_never_stop_intake(
     tmp_path: Path, pki: Pki, broker: Mosquitto
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        gw = DaemonProcess(write_config(tmp_path, pki, smtp.port, broker.port), tmp_path / "d.log")
+        gw = DaemonProcess(daemon_config(tmp_path, pki, smtp.port, broker.port), tmp_path / "d.log")
         gw.start().wait_ready(("mqtt",))
         pub = Publisher(broker.port)
         for payload in POISON:
@@ -143,7 +134,7 @@ def test_an_unstorable_alert_is_rejected_alone_and_the_group_is_stored(tmp_path:
     b = results["b"]
     assert isinstance(b, Stored) and list(b.rejected) == [1]
     assert "not valid Unicode" in b.rejected[1]
-    assert sorted(messages(tmp_path / "outbox.db")) == [f"good {i}" for i in (1, 2, 3, 4, 5)]
+    assert sorted(stored_messages(tmp_path / "outbox.db")) == [f"good {i}" for i in (1, 2, 3, 4, 5)]
     assert writer.rejected == 1 and writer.failing_since is None
 
 
@@ -159,7 +150,7 @@ def test_a_rolled_back_shard_is_not_remembered(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         ob.add([twice, twice])  # the same id twice: the transaction fails after CREATE
     ob.add([good(1)])  # used to fail: "no such table: alert_1"
-    assert messages(tmp_path / "outbox.db") == ["good 1"]
+    assert stored_messages(tmp_path / "outbox.db") == ["good 1"]
 
 
 def test_a_damaged_outbox_state_is_never_blamed_on_the_alerts(tmp_path: Path) -> None:
@@ -233,7 +224,7 @@ def queue_alerts(db: Path, n: int) -> None:
 
 def test_a_locked_outbox_at_start_is_waited_for_not_moved_aside(tmp_path: Path, pki: Pki) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         db = tmp_path / "state" / "outbox.db"
         queue_alerts(db, 20)
         # Another process's exclusive lock (an sqlite3 shell, a backup tool), held longer
@@ -257,7 +248,7 @@ def test_a_full_disk_at_start_is_waited_for_not_moved_aside(
     tmp_path: Path, pki: Pki, small_disk: Path
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         text = cfg.read_text().replace(f"{tmp_path}/state", f"{small_disk}/state")
         cfg.write_text(text + "[outbox]\nallow_volatile = true\n")
         db = small_disk / "state" / "outbox.db"
@@ -313,7 +304,7 @@ def test_a_150_mb_publish_is_refused_unread(
     tmp_path: Path, pki: Pki, broker: Mosquitto, protocol: str
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port, broker.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port, broker.port)
         cfg.write_text(cfg.read_text().replace("[mqtt]\n", f'[mqtt]\nprotocol = "{protocol}"\n'))
         gw = DaemonProcess(cfg, tmp_path / "d.log").start()
         gw.wait_ready(("mqtt",))
@@ -351,11 +342,8 @@ def test_two_devices_with_the_same_ids_on_two_ports_are_not_mixed_up(tmp_path: P
     ports = [Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")]
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
-        f'[[serial]]\nport = "{ports[0].link}"\nname = "a"\n'
-        f'[[serial]]\nport = "{ports[1].link}"\nname = "b"\n'
-        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        gateway_toml(tmp_path, "gw") + f'[[serial]]\nport = "{ports[0].link}"\nname = "a"\n'
+        f'[[serial]]\nport = "{ports[1].link}"\nname = "b"\n' + OPS_ROUTE
     )
     gw = DaemonProcess(cfg, tmp_path / "d.log").start()
     gw.wait_ready(("serial:a", "serial:b"))
@@ -365,7 +353,7 @@ def test_two_devices_with_the_same_ids_on_two_ports_are_not_mixed_up(tmp_path: P
         for name, d in zip("ab", devs, strict=True):
             d.alert("t", "warning", f"{name} {i}")
     assert all(d.wait_acked(timeout=30) for d in devs)
-    got = sorted(messages(tmp_path / "state" / "outbox.db"))
+    got = sorted(stored_messages(tmp_path / "state" / "outbox.db"))
     assert got == sorted(f"{n} {i}" for n in "ab" for i in range(50))
     for d in devs:
         d.stop()
@@ -382,10 +370,7 @@ def test_sighup_during_serial_ingest_loses_nothing(tmp_path: Path) -> None:
         '[[route]]\nname = "crit"\nmatch = "serial/#"\nto = ["c@example.com"]\n'
         'min_severity = "critical"\n',
     ]
-    base = (
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n[[serial]]\nport = "{pty.link}"\nname = "p"\n'
-    )
+    base = gateway_toml(tmp_path, "gw") + f'[[serial]]\nport = "{pty.link}"\nname = "p"\n'
     cfg.write_text(base + routes[0])
     gw = DaemonProcess(cfg, tmp_path / "d.log").start()
     gw.wait_ready(("serial:p",))
@@ -412,7 +397,7 @@ def test_sighup_during_serial_ingest_loses_nothing(tmp_path: Path) -> None:
     finally:
         stop.set()
         reloader.join()
-    got = messages(tmp_path / "state" / "outbox.db")
+    got = stored_messages(tmp_path / "state" / "outbox.db")
     assert sorted(got) == sorted(f"m {i}" for i in range(1500))
     st = gw.status() or {}
     assert st["sources"]["serial:p"] == "connected" and gw.alive
@@ -448,10 +433,7 @@ def _die(*args: object) -> None:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_writer_thread_stops_the_daemon(tmp_path: Path) -> None:
     cfg = tmp_path / "gw.toml"
-    cfg.write_text(
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
-    )
+    cfg.write_text(gateway_toml(tmp_path, "gw"))
 
     def inject(d: Daemon) -> None:
         assert d.writer is not None
@@ -461,15 +443,14 @@ def test_a_dead_writer_thread_stops_the_daemon(tmp_path: Path) -> None:
     rc, daemon = run_daemon_until(cfg, inject)
     assert rc == 1
     assert daemon.runtime.threads["outbox-writer"].startswith("dead")
-    assert messages(tmp_path / "state" / "outbox.db") == ["good 1"]  # committed before
+    assert stored_messages(tmp_path / "state" / "outbox.db") == ["good 1"]  # committed before
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_mqtt_thread_stops_the_daemon(tmp_path: Path, broker: Mosquitto) -> None:
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        gateway_toml(tmp_path, "gw") + f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
     )
 
     def inject(d: Daemon) -> None:
@@ -488,10 +469,7 @@ def test_a_dead_mqtt_thread_stops_the_daemon(tmp_path: Path, broker: Mosquitto) 
 def test_a_dead_serial_thread_stops_the_daemon(tmp_path: Path) -> None:
     pty = Pty(tmp_path / "tty")
     cfg = tmp_path / "gw.toml"
-    cfg.write_text(
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n[[serial]]\nport = "{pty.link}"\nname = "p"\n'
-    )
+    cfg.write_text(gateway_toml(tmp_path, "gw") + f'[[serial]]\nport = "{pty.link}"\nname = "p"\n')
     dev = Device(pty.master, device_id="dev", retry_min=0.3)
 
     def inject(d: Daemon) -> None:
@@ -508,10 +486,7 @@ def test_a_dead_serial_thread_stops_the_daemon(tmp_path: Path) -> None:
 
 def test_a_store_failing_for_long_withholds_the_watchdog(tmp_path: Path) -> None:
     cfg = tmp_path / "gw.toml"
-    cfg.write_text(
-        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
-    )
+    cfg.write_text(gateway_toml(tmp_path, "gw"))
     seen: list[str | None] = []
 
     def inject(d: Daemon) -> None:
@@ -594,7 +569,7 @@ def test_a_flipped_byte_in_a_stored_alert_costs_one_character_not_the_queue(
     tmp_path: Path, pki: Pki
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         db = tmp_path / "state" / "outbox.db"
         queue_alerts(db, 20)
         raw = db.read_bytes()
@@ -610,7 +585,7 @@ def test_a_lock_held_while_running_is_waited_out(tmp_path: Path, pki: Pki) -> No
     from tests.conftest import run_cli
 
     with SmtpServer(pki, "starttls") as smtp:
-        cfg = write_config(tmp_path, pki, smtp.port)
+        cfg = daemon_config(tmp_path, pki, smtp.port)
         gw = DaemonProcess(cfg, tmp_path / "d.log").start()
         gw.wait_ready()
         db = tmp_path / "state" / "outbox.db"

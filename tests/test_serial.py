@@ -7,8 +7,7 @@ import contextlib
 import os
 import select
 import time
-import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,65 +19,25 @@ from firmware_bridge.device import Device
 from gateway.alert import Draft, clean_sensor, normalize, parse_severity
 from gateway.clock import Stamp
 from gateway.sources.serial_session import from_frame
-from tests.parts import DaemonProcess, stored_alerts, wait_for
-
-
-class Pty:
-    """A pty pair; the gateway opens `link`, a stable path like /dev/serial/by-id/..."""
-
-    def __init__(self, link: Path) -> None:
-        self.link = link
-        self.master = -1
-        self.plug()
-
-    def plug(self) -> int:
-        self.master, slave = os.openpty()
-        tty.setraw(slave)  # no echo, no CR/LF translation: a UART is 8-bit clean
-        path = os.ttyname(slave)
-        os.close(slave)
-        tmp = self.link.with_suffix(".new")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(path)
-        tmp.replace(self.link)
-        return self.master
-
-    def unplug(self) -> None:
-        os.close(self.master)
-        self.link.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.master)
+from tests.parts import OPS_ROUTE, DaemonProcess, Pty, gateway_toml, stored_alerts, wait_for
 
 
 @pytest.fixture
-def pty(tmp_path: Path) -> Iterator[Pty]:
-    p = Pty(tmp_path / "ttyTEST")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, pty: Pty) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
+def daemon(
+    tmp_path: Path, pty: Pty, launch_daemon: Callable[..., DaemonProcess]
+) -> Callable[..., DaemonProcess]:
+    """daemon(serial_extra) → a daemon reading `pty` as serial port "bench1", ready."""
 
     def make(serial_extra: str = "") -> DaemonProcess:
         cfg = tmp_path / "gw.toml"
         cfg.write_text(
-            f'[gateway]\ndevice_id = "gw-serial"\nstate_dir = "{tmp_path}/state"\n'
-            f'runtime_dir = "{tmp_path}/run"\n'
-            f'[[serial]]\nport = "{pty.link}"\nname = "bench1"\n{serial_extra}\n'
-            '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+            gateway_toml(tmp_path, "gw-serial")
+            + f'[[serial]]\nport = "{pty.link}"\nname = "bench1"\n{serial_extra}\n'
+            + OPS_ROUTE
         )
-        d = DaemonProcess(cfg, tmp_path / "daemon.log").start()
-        made.append(d)
-        d.wait_ready(("serial:bench1",))
-        return d
+        return launch_daemon(cfg, ready=("serial:bench1",))
 
-    yield make
-    for d in made:
-        if d.alive:
-            d.terminate()
+    return make
 
 
 def rows(tmp_path: Path) -> list[tuple[str, str, str]]:
@@ -240,11 +199,10 @@ def test_ports_share_one_reader_and_a_url_port_has_its_own(tmp_path: Path) -> No
     port = server.getsockname()[1]
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        f'[gateway]\ndevice_id = "gw-hub"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
+        gateway_toml(tmp_path, "gw-hub")
         + "".join(f'[[serial]]\nport = "{p.link}"\nname = "hub{i}"\n' for i, p in enumerate(ptys))
         + f'[[serial]]\nport = "socket://127.0.0.1:{port}"\nname = "net"\n'
-        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        + OPS_ROUTE
     )
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     devices: list[Device] = []
@@ -284,10 +242,9 @@ def test_a_device_that_stops_reading_holds_up_nothing_else(tmp_path: Path) -> No
     ptys = [Pty(tmp_path / f"ttyW{i}") for i in range(2)]
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        f'[gateway]\ndevice_id = "gw-wedge"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
+        gateway_toml(tmp_path, "gw-wedge")
         + "".join(f'[[serial]]\nport = "{p.link}"\nname = "w{i}"\n' for i, p in enumerate(ptys))
-        + '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        + OPS_ROUTE
     )
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     dev = None

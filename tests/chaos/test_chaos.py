@@ -34,9 +34,19 @@ from pathlib import Path
 import pytest
 
 from firmware_bridge.device import Device
-from tests.parts import DaemonProcess, Mosquitto, SmtpServer, make_pki, mosquitto_binary, wait_for
-from tests.test_mqtt import Publisher
-from tests.test_serial import Pty
+from tests.parts import (
+    OPS_ROUTE,
+    DaemonProcess,
+    Mosquitto,
+    Pty,
+    Publisher,
+    SmtpServer,
+    gateway_toml,
+    make_pki,
+    mosquitto_binary,
+    wait_for,
+    write_password,
+)
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
@@ -108,23 +118,18 @@ def _chaos(
     stack.callback(broker.stop)
     pty = Pty(tmp_path / "ttyCHAOS")
     stack.callback(pty.close)
-    pw = tmp_path / "pw"
-    pw.write_text("s3cret\n")
-    pw.chmod(0o600)
+    pw = write_password(tmp_path / "pw")
     small = small_filesystem(tmp_path / "state", stack)
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        f'[gateway]\ndevice_id = "chaos"\nstate_dir = "{tmp_path}/state"\n'
-        f'runtime_dir = "{tmp_path}/run"\n'
+        gateway_toml(tmp_path, "chaos")
         # A low bound, so that outages fill the outbox; tmpfs only for the disk-full fault.
-        f"[outbox]\nmax_messages = {MAX_MESSAGES}\nallow_volatile = {str(small).lower()}\n"
+        + f"[outbox]\nmax_messages = {MAX_MESSAGES}\nallow_volatile = {str(small).lower()}\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "gw@example.com"\n'
         f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
         'timeout = "2s"\nmin_backoff = "1s"\nmax_backoff = "2s"\nprobe_max = "2s"\n'
         f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
-        f'[[serial]]\nport = "{pty.link}"\nname = "chaos"\n'
-        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
-        'subject = "{message}"\n'
+        f'[[serial]]\nport = "{pty.link}"\nname = "chaos"\n' + OPS_ROUTE + 'subject = "{message}"\n'
     )
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     gw.wait_ready(("mqtt", "serial:chaos"), timeout=30)

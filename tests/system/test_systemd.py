@@ -18,8 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.lab import Mosquitto, Pki, SmtpServer, make_pki
-from tests.parts import wait_for
+from tests.parts import Mosquitto, Pki, SmtpServer, make_pki, wait_for
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
