@@ -104,7 +104,7 @@ def ours(port: int, tmp: Path, device_id: str = "bench") -> tuple[float, int, in
     async def go() -> float:
         task = asyncio.create_task(source.run())
         t0 = time.perf_counter()
-        while writer.committed_alerts < N or source._held:
+        while writer.committed_alerts < N or source.holding:
             await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - t0
         task.cancel()

@@ -44,10 +44,11 @@ def _digest(content: str) -> bytes:
 
 
 class Redelivery(RuleBasedStateMachine):
-    """A broker, the network both ways, and the gateway's side of mqtt.py, over a real
+    """A broker, the network both ways, and the gateway's ack window, over a real
     Outbox. The broker keeps the MQTT rules: a packet id is taken by one message until
     the PUBACK for it arrives; on reconnect everything unacknowledged is sent again with
-    DUP (in order), messages never sent go without it. The gateway mirrors mqtt.py: it
+    DUP (in order), messages never sent go without it. The gateway mirrors
+    sources/mqtt_window.py (tested event by event in tests/test_mqtt_window.py): it
     commits what it received (Outbox.add with the MqttKey), queues PUBACKs after the
     commit, publishes a confirmation behind them, and on that confirmation's PUBACK (same
     connection) deletes their rows; the first confirmation of a resumed session also
@@ -158,7 +159,7 @@ class Redelivery(RuleBasedStateMachine):
             self.sweep_due = False
 
     def _settle(self, keys: list[tuple[int, bytes, int]], keep_conn: int | None) -> None:
-        # mqtt.py queues this to the writer, behind every message received before.
+        # The source queues this to the writer, behind every message received before.
         self._commit(len(self.received))
         if self.SETTLE:
             self.outbox.mqtt_settled(keys, keep_conn)
@@ -184,13 +185,14 @@ class Redelivery(RuleBasedStateMachine):
                 self.recognised += 1
             else:
                 self.stored_as[n] += 1
-            # mqtt.py acks only what came on the current connection (_held is cleared)
+            # Only what came on the current connection is acked (connecting clears the
+            # window's held entries and its unflushed acks)
             if key.conn == self.conn and self.connected:
                 self.to_ack.append((key.mid, key.digest, key.conn))
 
     @precondition(lambda self: self.to_ack and self.connected)
     @rule()
-    def gateway_writes_acks(self) -> None:  # _flush_acks: ack_many, then unconfirmed
+    def gateway_writes_acks(self) -> None:  # Window.flush, ack_many, Window.acks_written
         for key in self.to_ack:
             self.down.append(("puback", key[0]))
         self.unconfirmed += self.to_ack
@@ -202,7 +204,7 @@ class Redelivery(RuleBasedStateMachine):
         )
     )
     @rule()
-    def gateway_confirms(self) -> None:  # _send_confirm
+    def gateway_confirms(self) -> None:  # Window.tick's ConfirmDue, published
         cid = next(self.tokens)
         self.confirm = (cid, self.unconfirmed, self.sweep_due)
         self.unconfirmed = []

@@ -42,8 +42,9 @@ Alert rows live in shard tables of SHARD_ROWS consecutive sequence numbers
 (`alert_<k>`). Deleting rows one by one from a B-tree rebalances the pages
 around them, rewriting several times each row's size on the SD card; dropping a
 table whose deliveries are all gone costs next to nothing (docs/PERFORMANCE.md has
-the figures). So pruning drops whole shards. A shard still pinned by a few long-lived rows (dead letters, a
-backlog's tail) has those rows copied into `alert_kept` and is dropped anyway.
+the figures). So pruning drops whole shards. A shard still pinned by a few
+long-lived rows (dead letters, a backlog's tail) has those rows copied into
+`alert_kept` and is dropped anyway.
 """
 
 from gateway.outbox.faults import is_corruption, sqlite_code, store_error, unstorable
