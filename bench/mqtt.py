@@ -26,10 +26,10 @@ from gateway.config import parse
 from gateway.ingest import Ingest
 from gateway.lab import Mosquitto
 from gateway.outbox import Outbox
+from gateway.outbox.writer import Writer
 from gateway.routing import Router
+from gateway.runtime import Runtime
 from gateway.sources.mqtt import MqttSource
-from gateway.status import Runtime
-from gateway.writer import Writer
 
 N = 20_000
 

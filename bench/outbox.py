@@ -17,7 +17,7 @@ from gateway.alert import Draft, normalize
 from gateway.outbox import MIGRATIONS, Outbox, Outcome, Routed
 from gateway.outbox.rows import _alert_row
 from gateway.outbox.schema import _ALERT_TABLE
-from gateway.writer import Writer
+from gateway.outbox.writer import Writer
 
 N = 20_000
 MESSAGE = "x" * 440  # with topic, ids and stamps: a ~500-byte alert

@@ -23,11 +23,11 @@ from gateway.alert import Draft, Severity, normalize
 from gateway.config import parse
 from gateway.lab import Pki, SmtpServer, free_port, make_pki
 from gateway.outbox import Outbox, Routed
+from gateway.outbox.writer import Writer
 from gateway.relay import Relay
 from gateway.routing import Router
+from gateway.runtime import Runtime
 from gateway.smtp import SmtpSession
-from gateway.status import Runtime
-from gateway.writer import Writer
 
 N = 1000
 

@@ -23,10 +23,10 @@ from firmware_bridge import codec
 from gateway.config import parse
 from gateway.ingest import Ingest
 from gateway.outbox import Outbox
+from gateway.outbox.writer import Writer
 from gateway.routing import Router
+from gateway.runtime import Runtime
 from gateway.sources.serial import SerialHub, SerialSource
-from gateway.status import Runtime
-from gateway.writer import Writer
 
 N = 20_000
 

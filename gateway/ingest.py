@@ -6,16 +6,20 @@ that fails shows as a failure in status, not as alerts taken in.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from gateway.alert import Alert
 from gateway.config import Policy
 from gateway.errors import OutboxFull
-from gateway.outbox import MqttKey, Routed
+from gateway.outbox import MqttKey, Outbox, Routed
+from gateway.outbox.writer import Done, Stored, Writer
 from gateway.routing import Router, render
-from gateway.status import Runtime
-from gateway.writer import Done, Stored, Writer
+from gateway.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def storm_keys(
@@ -79,6 +83,24 @@ class Ingest:
             done(result)
 
         self.writer.submit(batch, counted, linger)
+
+    def settle_mqtt(
+        self, keys: Iterable[tuple[int, bytes, int]], keep_conn: int | None = None
+    ) -> None:
+        """Forget MQTT deliveries the broker is known to have had our PUBACK for
+        (Outbox.mqtt_settled), with the next group; nobody waits for it."""
+        keys = list(keys)
+
+        def forget(outbox: Outbox) -> int:
+            return outbox.mqtt_settled(keys, keep_conn)
+
+        def logged(fut: concurrent.futures.Future[int]) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                # The rows stay: a later sweep removes them (a duplicate at worst).
+                log.warning("could not forget acknowledged MQTT messages: %s", exc)
+
+        self.writer.call(forget).add_done_callback(logged)
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` in the writer's thread once the callbacks of a group have run:

@@ -16,8 +16,8 @@ import sqlite3
 from functools import partial
 
 from gateway.outbox import Claimed, Outbox, Outcome
-from gateway.status import Runtime
-from gateway.writer import Writer
+from gateway.outbox.writer import Writer
+from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

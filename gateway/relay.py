@@ -36,12 +36,12 @@ from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.ledger import DISK_RETRY, Ledger
 from gateway.outbox import Claimed, Outcome, State
+from gateway.outbox.writer import Writer
 from gateway.replies import Verdict, judge
 from gateway.routing import Router
+from gateway.runtime import Runtime
 from gateway.smtp import SmtpSession, UplinkDown, reachable
-from gateway.status import Runtime
 from gateway.uplink import Blame, Breaks, Uplink, retry_delay
-from gateway.writer import Writer
 
 log = logging.getLogger(__name__)
 

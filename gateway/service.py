@@ -25,9 +25,9 @@ from gateway.config import Config
 from gateway.errors import GatewayError, OutboxFull, StoreUnavailable, ThreadDied
 from gateway.ingest import Ingest
 from gateway.outbox import Outbox
+from gateway.outbox.writer import Writer
 from gateway.routing import Router
-from gateway.status import Runtime
-from gateway.writer import Writer
+from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
     from gateway.relay import Relay

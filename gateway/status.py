@@ -1,4 +1,4 @@
-"""What the gateway is doing: runtime counters, and the status report.
+"""What the gateway is doing: the status report (Runtime's counters are in gateway/runtime.py).
 
 The daemon keeps counters in memory and writes them, with the uplink state, to
 `runtime_dir/status.json` (tmpfs under systemd: rewriting it costs no flash
@@ -13,71 +13,10 @@ import os
 import re
 import sqlite3
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from gateway import outbox
-
-
-@dataclass
-class Runtime:
-    started_at: float = field(default_factory=time.time)
-    rejected: Counter[str] = field(default_factory=Counter)
-    sanitised: Counter[str] = field(default_factory=Counter)
-    ingested: Counter[str] = field(default_factory=Counter)  # stored, by source
-    received: Counter[str] = field(default_factory=Counter)  # taken from sources
-    attempts: Counter[str] = field(default_factory=Counter)
-    last_success: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-    uplink: str = "unknown"  # unknown | up | down
-    next_probe_at: float | None = None  # wall time
-    sources: dict[str, str] = field(default_factory=dict)
-    outbox_full: bool = False
-    store_failures: int = 0  # alerts whose commit failed (locked, I/O error); retried
-    # MQTT redeliveries of messages already stored, acknowledged without storing them again
-    mqtt_redelivery_recognised: int = 0
-    store_error: str | None = None  # why storing fails now; None while it works
-    store_failing_since: float | None = None  # wall time
-    threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] += 1
-
-    def error(self, text: str) -> None:
-        self.last_error = text
-        self.last_error_at = time.time()
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "written_at": time.time(),
-            "rejected": dict(self.rejected),
-            "sanitised": dict(self.sanitised),
-            "ingested": dict(self.ingested),
-            "received": dict(self.received),
-            "relay_attempts": dict(self.attempts),
-            "last_success": self.last_success,
-            "last_error": self.last_error,
-            "last_error_at": self.last_error_at,
-            "uplink": self.uplink,
-            "next_probe_at": self.next_probe_at,
-            "sources": dict(self.sources),
-            "outbox_full": self.outbox_full,
-            "store_failures": self.store_failures,
-            "mqtt_redelivery_recognised": self.mqtt_redelivery_recognised,
-            "store_error": self.store_error,
-            "store_failing_since": self.store_failing_since,
-            "threads": dict(self.threads),
-        }
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
-        os.replace(tmp, path)
 
 
 def _is_number(v: object) -> TypeGuard[int | float]:

@@ -34,10 +34,10 @@ from gateway.lab import (  # noqa: F401  (re-exported for the tests)
     mosquitto_binary,
 )
 from gateway.outbox import Outbox, Routed
+from gateway.outbox.writer import Writer
 from gateway.relay import Relay
 from gateway.routing import Router
-from gateway.status import Runtime
-from gateway.writer import Writer
+from gateway.runtime import Runtime
 
 OPS_ROUTE = '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
 

@@ -28,8 +28,8 @@ from gateway.alert import Alert, Draft, normalize
 from gateway.clock import Stamp
 from gateway.errors import OutboxFull, StoreUnavailable, Unstorable
 from gateway.outbox import SHARD_ROWS, Outbox, Routed, counts
+from gateway.outbox.writer import Stored, Writer
 from gateway.service import Daemon
-from gateway.writer import Stored, Writer
 from tests.parts import (
     OPS_ROUTE,
     DaemonProcess,

@@ -83,6 +83,8 @@ RULES = [
         "",
     ),
     ("gateway.clock", ("gateway.outbox", "gateway.alert", "gateway.config"), "a leaf"),
+    ("gateway.runtime", ("gateway",), "a leaf: every layer counts in it"),
+    ("gateway.config", ("gateway.storm", "gateway.outbox", "gateway.routing"), "a leaf"),
     ("gateway.errors", ("gateway.outbox", "gateway.alert", "gateway.config"), "a leaf"),
 ]
 

@@ -340,10 +340,10 @@ class InProcess:
         from gateway.config import parse
         from gateway.ingest import Ingest
         from gateway.outbox import Outbox
+        from gateway.outbox.writer import Writer
         from gateway.routing import Router
+        from gateway.runtime import Runtime
         from gateway.sources.mqtt import MqttSource
-        from gateway.status import Runtime
-        from gateway.writer import Writer
 
         cfg = parse(
             f'[gateway]\ndevice_id = "gw-inproc"\nstate_dir = "{tmp_path}/state"\n'

@@ -1,4 +1,4 @@
-"""Retransmission memory as runs of seqs (gateway/seen.py), against a plain set."""
+"""Retransmission memory as runs of seqs (gateway/outbox/seen.py), against a plain set."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.seen import Run, merge, split_key
+from gateway.outbox.seen import Run, merge, split_key
 
 
 @given(st.lists(st.lists(st.integers(0, 60), max_size=20), max_size=10))

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from firmware_bridge import codec
 from gateway.clock import Stamp
 from gateway.errors import OutboxFull
+from gateway.outbox.writer import Stored
 from gateway.sources.serial_session import MAX_SENSORS, Answer, Pending, Session
-from gateway.writer import Stored
 
 STAMP = Stamp(wall=1_700_000_000.0, boottime=42.0, boot_id="test-boot", synced=True)
 HELLO = codec.Hello(1, "cab-9", "2.1", "boot-a")

@@ -7,7 +7,7 @@ from pathlib import Path
 from gateway.alert import Draft, normalize
 from gateway.errors import OutboxFull
 from gateway.outbox import Outbox, Routed, counts
-from gateway.writer import Stored, Writer
+from gateway.outbox.writer import Stored, Writer
 
 
 def routed(i: int) -> Routed:

@@ -71,7 +71,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE storm_digest (route TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
     """,
     # 4 → 5: retransmission memory as runs of seqs per boot, not a row per alert
-    # (gateway/seen.py). Each boot's keys become its runs: gaps and islands.
+    # (gateway/outbox/seen.py). Each boot's keys become its runs: gaps and islands.
     """
     CREATE TABLE seen_run (
         boot TEXT    NOT NULL,

@@ -63,7 +63,7 @@ class Outbox:
                 "if losing queued alerts on power loss is acceptable"
             )
         self._shards: set[str] = set()
-        # The newest run of each boot, as committed (gateway/seen.py): new seqs nearly
+        # The newest run of each boot, as committed (gateway/outbox/seen.py): new seqs nearly
         # always extend it, so most batches need no query. Only this object writes runs.
         self._runs = SeenRuns()
         self.conn = self._open_checked()

@@ -17,7 +17,6 @@ notices a session which delivers nothing, and the watch on paho's thread.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -35,12 +34,12 @@ from gateway.alert import Draft, Severity, normalize
 from gateway.config import Config
 from gateway.errors import OutboxFull, ThreadDied
 from gateway.ingest import Ingest
-from gateway.outbox import MqttKey, Outbox, Routed
+from gateway.outbox import MqttKey, Routed
+from gateway.outbox.writer import Stored
+from gateway.runtime import Runtime
 from gateway.sources.mqtt_client import RECONNECT_MAX, connect_properties, make_client
 from gateway.sources.mqtt_cut import Cut
 from gateway.sources.mqtt_window import ConfirmDue, Held, Settle, Window
-from gateway.status import Runtime
-from gateway.writer import Stored
 
 log = logging.getLogger(__name__)
 
@@ -303,19 +302,8 @@ class MqttSource:
             self._forget(settle)
 
     def _forget(self, settle: Settle) -> None:
-        """Delete mqtt_pending rows through the writer; nobody waits for it."""
-
-        def forget(outbox: Outbox) -> int:
-            return outbox.mqtt_settled(settle.keys, settle.keep_conn)
-
-        def logged(fut: concurrent.futures.Future[int]) -> None:
-            exc = fut.exception()
-            if exc is not None:
-                # The rows stay: a later sweep removes them.
-                log.warning("could not forget acknowledged MQTT messages: %s", exc)
-
-        # Ingest has no door for this yet: the one place the source reaches the writer.
-        self.ingest.writer.call(forget).add_done_callback(logged)
+        """Delete mqtt_pending rows the broker no longer holds for us; nobody waits."""
+        self.ingest.settle_mqtt(settle.keys, settle.keep_conn)
 
     # --- life cycle (the event loop) --------------------------------------------
 

@@ -31,11 +31,11 @@ from gateway.clock import Stamp
 from gateway.config import Config, SerialSection
 from gateway.errors import ThreadDied
 from gateway.ingest import Ingest
+from gateway.outbox.writer import Stored
+from gateway.runtime import Runtime
 from gateway.sources.serial_hub import SerialHub
 from gateway.sources.serial_port import REOPEN_MIN, DevicePort
 from gateway.sources.serial_session import Actions, Pending, Session
-from gateway.status import Runtime
-from gateway.writer import Stored
 
 __all__ = ["SerialHub", "SerialSource"]
 

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from gateway.ingest import Ingest
+from gateway.outbox.writer import Stored
 from gateway.sources.serial_session import Pending
-from gateway.writer import Stored
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import time
 import serial
 
 from gateway.config import SerialSection
-from gateway.status import Runtime
+from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from firmware_bridge import codec
 from gateway.alert import MAX_MESSAGE_BYTES, Alert, FieldValue, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
-from gateway.writer import Stored
+from gateway.outbox.writer import Stored
 
 MAX_SENSORS = 256  # a device names a handful of sensors; a hostile one may name endless
 

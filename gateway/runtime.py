@@ -1,0 +1,75 @@
+"""The daemon's counters and states, kept in memory and written to status.json.
+
+A leaf: every layer counts here (sources, ingest, relay, service), and it imports no
+other part of the gateway. The file lives in `runtime_dir` (tmpfs under systemd:
+rewriting it costs no flash wear); gateway/status.py reads it back for `mailgw status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Runtime:
+    started_at: float = field(default_factory=time.time)
+    rejected: Counter[str] = field(default_factory=Counter)
+    sanitised: Counter[str] = field(default_factory=Counter)
+    ingested: Counter[str] = field(default_factory=Counter)  # stored, by source
+    received: Counter[str] = field(default_factory=Counter)  # taken from sources
+    attempts: Counter[str] = field(default_factory=Counter)
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    uplink: str = "unknown"  # unknown | up | down
+    next_probe_at: float | None = None  # wall time
+    sources: dict[str, str] = field(default_factory=dict)
+    outbox_full: bool = False
+    store_failures: int = 0  # alerts whose commit failed (locked, I/O error); retried
+    # MQTT redeliveries of messages already stored, acknowledged without storing them again
+    mqtt_redelivery_recognised: int = 0
+    store_error: str | None = None  # why storing fails now; None while it works
+    store_failing_since: float | None = None  # wall time
+    threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def error(self, text: str) -> None:
+        self.last_error = text
+        self.last_error_at = time.time()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "written_at": time.time(),
+            "rejected": dict(self.rejected),
+            "sanitised": dict(self.sanitised),
+            "ingested": dict(self.ingested),
+            "received": dict(self.received),
+            "relay_attempts": dict(self.attempts),
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "uplink": self.uplink,
+            "next_probe_at": self.next_probe_at,
+            "sources": dict(self.sources),
+            "outbox_full": self.outbox_full,
+            "store_failures": self.store_failures,
+            "mqtt_redelivery_recognised": self.mqtt_redelivery_recognised,
+            "store_error": self.store_error,
+            "store_failing_since": self.store_failing_since,
+            "threads": dict(self.threads),
+        }
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
+        os.replace(tmp, path)
