@@ -8,6 +8,7 @@ collector never reads half a file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,106 +17,109 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render(report: dict[str, Any]) -> str:
-    out: list[str] = []
+Samples = list[tuple[dict[str, str], float]]
 
-    def metric(
-        name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]
-    ) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    states = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed")
-    metric(
+def _value(key: str) -> Callable[[dict[str, Any]], Samples]:
+    return lambda r: [({}, float(r.get(key) or 0))]
+
+
+def _flag(key: str, when: Callable[[Any], bool] = bool) -> Callable[[dict[str, Any]], Samples]:
+    return lambda r: [({}, 1.0 if when(r.get(key)) else 0.0)]
+
+
+def _by(key: str, label: str, value: Callable[[Any], float] = float) -> Callable[..., Samples]:
+    return lambda r: [({label: k}, value(v)) for k, v in sorted((r.get(key) or {}).items())]
+
+
+_STATES = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed")
+
+# (name, type, help, the samples from a status report)
+METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] = (
+    (
         "mailgw_outbox_messages",
         "gauge",
         "Deliveries in the outbox by state.",
-        [({"state": s}, float(report.get(s) or 0)) for s in states],
-    )
-    metric(
+        lambda r: [({"state": s}, float(r.get(s) or 0)) for s in _STATES],
+    ),
+    (
         "mailgw_outbox_oldest_queued_age_seconds",
         "gauge",
         "Age of the oldest undelivered alert.",
-        [({}, float(report.get("oldest_queued_age_s") or 0))],
-    )
-    metric(
+        _value("oldest_queued_age_s"),
+    ),
+    (
         "mailgw_outbox_full",
         "gauge",
         "1 while the outbox is full and sources do not ack.",
-        [({}, 1.0 if report.get("outbox_full") else 0.0)],
-    )
-    metric(
+        _flag("outbox_full"),
+    ),
+    (
         "mailgw_store_failing",
         "gauge",
         "1 while commits to the outbox fail (locked file, I/O errors); alerts are retried.",
-        [({}, 1.0 if report.get("store_error") else 0.0)],
-    )
-    metric(
+        _flag("store_error"),
+    ),
+    (
         "mailgw_store_failures_total",
         "counter",
         "Alerts whose commit failed and was retried, since the daemon started.",
-        [({}, float(report.get("store_failures") or 0))],
-    )
-    metric(
+        _value("store_failures"),
+    ),
+    (
         "mailgw_thread_up",
         "gauge",
         "1 while a thread the daemon relies on runs, 0 once it has died.",
-        [
-            ({"thread": k}, 1.0 if v == "alive" else 0.0)
-            for k, v in sorted((report.get("threads") or {}).items())
-        ],
-    )
-    metric(
+        _by("threads", "thread", lambda v: 1.0 if v == "alive" else 0.0),
+    ),
+    (
         "mailgw_relay_attempts_total",
         "counter",
         "Delivery attempts by result since the daemon started.",
-        [
-            ({"result": k}, float(v))
-            for k, v in sorted((report.get("relay_attempts") or {}).items())
-        ],
-    )
-    metric(
+        _by("relay_attempts", "result"),
+    ),
+    (
         "mailgw_ingested_total",
         "counter",
         "Alerts stored in the outbox, by source.",
-        [({"source": k}, float(v)) for k, v in sorted((report.get("ingested") or {}).items())],
-    )
-    metric(
-        "mailgw_rejected_total",
-        "counter",
-        "Input rejected, by reason.",
-        [({"reason": k}, float(v)) for k, v in sorted((report.get("rejected") or {}).items())],
-    )
-    metric(
+        _by("ingested", "source"),
+    ),
+    ("mailgw_rejected_total", "counter", "Input rejected, by reason.", _by("rejected", "reason")),
+    (
         "mailgw_sanitised_total",
         "counter",
         "Input accepted after sanitising, by kind.",
-        [({"kind": k}, float(v)) for k, v in sorted((report.get("sanitised") or {}).items())],
-    )
-    metric(
+        _by("sanitised", "kind"),
+    ),
+    (
         "mailgw_uplink_up",
         "gauge",
         "1 when the smarthost was last reachable.",
-        [({}, 1.0 if report.get("uplink") == "up" else 0.0)],
-    )
-    metric(
+        _flag("uplink", lambda v: v == "up"),
+    ),
+    (
         "mailgw_last_success_timestamp_seconds",
         "gauge",
         "Unix time of the last accepted delivery.",
-        [({}, float(report.get("last_success") or 0))],
-    )
-    metric(
+        _value("last_success"),
+    ),
+    (
         "mailgw_source_connected",
         "gauge",
         "1 for each connected source.",
-        [
-            ({"source": k}, 1.0 if v == "connected" else 0.0)
-            for k, v in sorted((report.get("sources") or {}).items())
-        ],
-    )
+        _by("sources", "source", lambda v: 1.0 if v == "connected" else 0.0),
+    ),
+)
+
+
+def render(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    for name, kind, help_text, samples in METRICS:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples(report):
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
     return "\n".join(out) + "\n"
 
 

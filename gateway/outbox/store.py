@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ from gateway.outbox.seen_runs import SeenRuns
 from gateway.outbox.storm_state import store_storm
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _BatchRows:
+    """What one add() writes, decided inside its transaction."""
+
+    alerts: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)  # shard → rows
+    deliveries: list[tuple[Any, ...]] = field(default_factory=list)
+    pending: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # mid → mqtt row
+    duplicates: list[str] = field(default_factory=list)
+    added: int = 0  # live deliveries added (storm control's included)
+    next_seq: int = 1
+
 
 RECOUNT_EVERY = 1.0  # seconds between recounts of live rows while at the bound
 
@@ -239,88 +253,23 @@ class Outbox:
         """Store alerts in one transaction; return once committed.
 
         Returns the keys of alerts skipped as already stored: the `seen_key` of a serial
-        retransmission, the `MqttKey.name` of an MQTT redelivery (see _mqtt_redelivered).
-        Raises OutboxFull, storing nothing, when the
-        bound would be exceeded or the disk is full. `now` (wall) and `mono`
-        (monotonic) are the clocks storm control runs on; tests pass their own.
+        retransmission, the `MqttKey.name` of an MQTT redelivery (mqtt_pending.py).
+        Raises Unstorable (storing nothing) for an alert whose own values cannot be
+        stored, unless `checked` (the writer has just checked); OutboxFull, storing
+        nothing, when the bound would be exceeded or the disk is full; StoreUnavailable
+        for any other failure. `now` (wall) and `mono` (monotonic) are the clocks storm
+        control runs on; tests pass their own.
         """
-        for r in () if checked else batch:  # `checked`: the writer has just done so
+        for r in () if checked else batch:
             if (why := unstorable(r)) is not None:
                 raise Unstorable(f"alert {r.alert.id}: {why}")
-        new_deliveries = sum(len(r.deliveries) or 1 for r in batch)
-        if (
-            self.live + new_deliveries > self.max_messages
-            and time.monotonic() - self._recounted > RECOUNT_EVERY
-        ):
-            # Another process (`mailgw queue delete`, `send`) may have changed the count.
-            # At most once a second: the count scans the table, and while the outbox is
-            # full every source retries (chaos found the writer starving the relay).
-            self.live = self._count_live()
-            self._recounted = time.monotonic()
-        if self.live + new_deliveries > self.max_messages:
-            raise OutboxFull(
-                f"outbox holds {self.live} undelivered messages, bound is "
-                f"outbox.max_messages = {self.max_messages}"
-            )
+        self._check_bound(sum(len(r.deliveries) or 1 for r in batch))
         now = time.time() if now is None else now
         mono = time.monotonic() if mono is None else mono
-        duplicates: list[str] = []
-        policies = self.policies
         try:
             with self.transaction() as c:
-                row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
-                seq = int(row[0]) if row else 1
-                rows: dict[str, list[tuple[Any, ...]]] = {}
-                deliveries: list[tuple[Any, ...]] = []
-                stormed = 0
-                keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
-                fresh = self._runs.record(c, keys, now)
-                pending: dict[int, tuple[Any, ...]] = {}  # mid → its mqtt_pending row
-                for r, key in zip(batch, keys, strict=True):
-                    if r.seen_key is not None:
-                        if key not in fresh:
-                            duplicates.append(r.seen_key)
-                            continue
-                        fresh.remove(key)  # twice in one batch: store it once
-                    if (mk := r.mqtt) is not None:
-                        if mk.dup and mqtt_pending.redelivered(c, mk, pending):
-                            duplicates.append(mk.name)
-                            continue
-                        pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
-                    rows.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
-                    for rt, p in r.deliveries:
-                        policy = policies.get(rt)
-                        if policy is None or not policy.active:
-                            deliveries.append((seq, rt, "queued", p, now))
-                        else:
-                            stormed += store_storm(
-                                c,
-                                policy,
-                                r.alert,
-                                seq,
-                                rt,
-                                p,
-                                now,
-                                mono,
-                                dict(r.storm_keys).get(rt),
-                            )
-                    if not r.deliveries:
-                        deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
-                    seq += 1
-                created: set[str] = set()
-                for table, chunk in rows.items():
-                    if table not in self._shards:
-                        c.execute(_ALERT_TABLE.format(name=table))
-                        created.add(table)
-                    _insert_rows(c, f"{table} ({_ALERT_COLS})", 14, chunk)
-                _insert_rows(
-                    c, "delivery (alert_seq, route, state, priority, updated_at)", 5, deliveries
-                )
-                _insert_rows(c, "mqtt_pending", 4, list(pending.values()), "INSERT OR REPLACE")
-                added = len(deliveries) + stormed
-                c.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq),)
-                )
+                batch_rows = self._rows(c, batch, now, mono)
+                created = self._write(c, batch_rows)
         except BaseException as exc:
             self._runs.forget()  # rolled back: what it learnt of runs was not committed
             err = store_error(exc, self.path)
@@ -330,8 +279,80 @@ class Outbox:
         # Only now: a rolled-back CREATE TABLE must not be remembered as existing, or
         # every later batch would insert into a table that is not there.
         self._shards |= created
-        self.live += added
-        return duplicates
+        self.live += batch_rows.added
+        return batch_rows.duplicates
+
+    def _check_bound(self, new_deliveries: int) -> None:
+        if (
+            self.live + new_deliveries > self.max_messages
+            and time.monotonic() - self._recounted > RECOUNT_EVERY
+        ):
+            # Another process (`mailgw queue delete`, `send`) may have changed the count.
+            # At most once a second: the count scans the table, and while the outbox is
+            # full every source retries; a recount per retry would starve the relay.
+            self.live = self._count_live()
+            self._recounted = time.monotonic()
+        if self.live + new_deliveries > self.max_messages:
+            raise OutboxFull(
+                f"outbox holds {self.live} undelivered messages, bound is "
+                f"outbox.max_messages = {self.max_messages}"
+            )
+
+    def _rows(
+        self, c: sqlite3.Connection, batch: Sequence[Routed], now: float, mono: float
+    ) -> _BatchRows:
+        """Inside the transaction: what the batch adds (retransmissions, redeliveries
+        and storm control decided), and the sequence number after it."""
+        out = _BatchRows()
+        row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        seq = int(row[0]) if row else 1
+        keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
+        fresh = self._runs.record(c, keys, now)
+        policies = self.policies
+        for r, key in zip(batch, keys, strict=True):
+            if r.seen_key is not None:
+                if key not in fresh:
+                    out.duplicates.append(r.seen_key)
+                    continue
+                fresh.remove(key)  # twice in one batch: store it once
+            if (mk := r.mqtt) is not None:
+                if mk.dup and mqtt_pending.redelivered(c, mk, out.pending):
+                    out.duplicates.append(mk.name)
+                    continue
+                out.pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
+            out.alerts.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
+            storm_keys = dict(r.storm_keys)
+            for rt, p in r.deliveries:
+                policy = policies.get(rt)
+                if policy is None or not policy.active:
+                    out.deliveries.append((seq, rt, "queued", p, now))
+                else:
+                    key_text = storm_keys.get(rt)
+                    out.added += store_storm(c, policy, r.alert, seq, rt, p, now, mono, key_text)
+            if not r.deliveries:
+                out.deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
+            seq += 1
+        out.next_seq = seq
+        out.added += len(out.deliveries)
+        return out
+
+    def _write(self, c: sqlite3.Connection, rows: _BatchRows) -> set[str]:
+        """Insert what `_rows` decided; the shard tables this created."""
+        created: set[str] = set()
+        for table, chunk in rows.alerts.items():
+            if table not in self._shards:
+                c.execute(_ALERT_TABLE.format(name=table))
+                created.add(table)
+            _insert_rows(c, f"{table} ({_ALERT_COLS})", 14, chunk)
+        _insert_rows(
+            c, "delivery (alert_seq, route, state, priority, updated_at)", 5, rows.deliveries
+        )
+        _insert_rows(c, "mqtt_pending", 4, list(rows.pending.values()), "INSERT OR REPLACE")
+        c.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
+            (str(rows.next_seq),),
+        )
+        return created
 
     def mqtt_settled(
         self, keys: Iterable[tuple[int, bytes, int]] = (), keep_conn: int | None = None
