@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import random
 import subprocess
 import threading
 import time
@@ -19,18 +18,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import outbox
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Mosquitto, mosquitto_binary, stored_alerts, wait_for
+from tests.parts import (
+    DaemonProcess,
+    Mosquitto,
+    Publisher,
+    mosquitto_binary,
+    stored_alerts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)"
 )
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture
@@ -71,35 +70,6 @@ def _published(info: mqtt.MQTTMessageInfo) -> bool:
         return info.is_published()
     except (RuntimeError, ValueError):
         return False  # the publish failed: the sender knows it was not acknowledged
-
-
-class Publisher:
-    """A QoS 1 publisher that knows which messages the broker acknowledged."""
-
-    def __init__(self, port: int) -> None:
-        self._sent: list[tuple[str, mqtt.MQTTMessageInfo]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{random.random()}")
-        self.client.max_inflight_messages_set(100)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    @property
-    def acked(self) -> set[str]:
-        return {text for text, info in list(self._sent) if _published(info)}
-
-    @property
-    def settled(self) -> bool:
-        """Every publish was either acked by the broker or failed (not connected)."""
-        return all(info.rc != 0 or _published(info) for _, info in list(self._sent))
-
-    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if isinstance(payload, str):
-            self._sent.append((payload, info))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_2000_alerts_from_mosquitto_pub_land_once(

@@ -14,7 +14,6 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from hypothesis.stateful import (
 
 from gateway.alert import Draft, Severity, normalize
 from gateway.outbox import MqttKey, Outbox, Routed, alert_tables
-from tests.parts import DaemonProcess, Mosquitto, mosquitto_binary, stored_alerts, wait_for
+from tests.parts import DaemonProcess, Mosquitto, stored_alerts, wait_for
 
 IDS = (1, 2, 3)  # the broker's packet ids: a small space, so ids come back soon
 CONTENTS = ("a", "b")  # a small alphabet, so identical payloads come back soon
@@ -423,19 +422,10 @@ def _pending_rows(db: Path) -> int:
         conn.close()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed (make test installs it)")
-    b = Mosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
-
 def test_kill_9_with_its_pubacks_lost_stores_each_redelivery_once(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
-    from tests.test_mqtt import Publisher
+    from tests.parts import Publisher
 
     db = tmp_path / "state" / "outbox.db"
     proxy = HoldingProxy(broker.port)

@@ -21,8 +21,15 @@ from gateway.ingest import storm_keys
 from gateway.outbox import Outbox, Outcome, Routed
 from gateway.storm import Bucket, Lead, decide, refill
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Mosquitto, Received, SmtpServer, make_pki, wait_for
-from tests.test_mqtt import Publisher
+from tests.parts import (
+    DaemonProcess,
+    Mosquitto,
+    Publisher,
+    Received,
+    SmtpServer,
+    make_pki,
+    wait_for,
+)
 
 W, C, INFO = Severity.WARNING, Severity.CRITICAL, Severity.INFO
 
