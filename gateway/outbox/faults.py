@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from gateway.alert import Severity
 from gateway.errors import OutboxFull, StoreUnavailable, Unstorable
 from gateway.outbox.model import MAX_PRIORITY, Routed
 from gateway.outbox.seen import split_key
@@ -30,21 +31,29 @@ def unstorable(r: Routed) -> str | None:
     well come from the outbox's own state (a damaged counter, a lock), and taking such
     an error for the alert's fault would acknowledge, and so lose, every alert.
     normalize() already repairs what this refuses; this guards the door for any other.
+    It runs for every alert, so the common case (ASCII text) costs one scan.
     """
     a = r.alert
-    for name, text in (
-        ("id", a.id),
-        ("topic", a.topic),
-        ("source", a.source),
-        ("sensor", a.sensor),
-        ("message", a.message),
-        ("event_time", a.event_time),
+    try:
+        ascii_only = (
+            a.message.isascii()
+            and a.topic.isascii()
+            and a.sensor.isascii()
+            and a.id.isascii()
+            and a.source.isascii()
+            and (a.event_time is None or a.event_time.isascii())
+        )
+    except AttributeError:
+        return "a text field is not text"
+    if not ascii_only and not _text_ok(
+        a.id + a.topic + a.source + a.sensor + a.message + (a.event_time or "")
     ):
-        if not isinstance(text, str | None) or not _text_ok(text):
-            return f"{name} is not valid Unicode text"
-    if not isinstance(a.severity, int) or not 0 <= int(a.severity) <= MAX_PRIORITY:
+        return "its text is not valid Unicode"
+    if type(a.severity) is not Severity and not (
+        isinstance(a.severity, int) and 0 <= int(a.severity) <= MAX_PRIORITY
+    ):
         return f"severity {a.severity!r} is not a severity"
-    for key, value in a.fields.items():
+    for key, value in a.fields.items() if a.fields else ():
         if not isinstance(key, str) or not _text_ok(key):
             return "a field name is not valid Unicode text"
         if isinstance(value, str):

@@ -48,7 +48,8 @@ class _BatchRows:
     next_seq: int = 1
 
 
-RECOUNT_EVERY = 1.0  # seconds between recounts of live rows while at the bound
+RECOUNT_EVERY = 1.0
+_NO_KEYS: dict[str, str] = {}  # seconds between recounts of live rows while at the bound
 
 
 class Outbox:
@@ -321,7 +322,7 @@ class Outbox:
                     continue
                 out.pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
             out.alerts.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
-            storm_keys = dict(r.storm_keys)
+            storm_keys = dict(r.storm_keys) if r.storm_keys else _NO_KEYS
             for rt, p in r.deliveries:
                 policy = policies.get(rt)
                 if policy is None or not policy.active:
