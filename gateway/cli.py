@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.cli_queue import as_outbox_owner, cmd_queue
+from gateway.cli_queue import as_outbox_owner, cmd_queue, open_outbox
 from gateway.cli_signal import signal_daemon, status_path
 from gateway.config import DEFAULT_PATH, Config, load
 from gateway.errors import ConfigError, GatewayError, OutboxFull
@@ -75,7 +75,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from gateway.alert import Draft, clean_sensor, normalize, parse_severity
     from gateway.ingest import routed
-    from gateway.outbox import Outbox
     from gateway.routing import Router
 
     cfg = _config(args)
@@ -105,14 +104,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         parse_json=False,
     )
     router = Router(cfg.routes, cfg.gateway.default_route)
-    as_outbox_owner(cfg)
-    ob = Outbox(
-        cfg.outbox_path,
-        max_messages=cfg.outbox.max_messages,
-        allow_volatile=cfg.outbox.allow_volatile,
-        recover=False,
-        policies=cfg.storm_policies,
-    )
+    ob = open_outbox(cfg, storm=True)
     try:
         ob.add([routed(alert, router, cfg.storm_policies)])
     except OutboxFull as exc:

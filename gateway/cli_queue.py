@@ -22,6 +22,8 @@ from gateway.errors import GatewayError
 if TYPE_CHECKING:
     import sqlite3
 
+    from gateway.outbox import Outbox
+
 
 def as_outbox_owner(cfg: Config) -> None:
     """Run as the owner of state_dir when started as root (`sudo mailgw queue ...`).
@@ -39,6 +41,22 @@ def as_outbox_owner(cfg: Config) -> None:
         os.setgroups([])
         os.setgid(st.st_gid)
         os.setuid(st.st_uid)
+
+
+def open_outbox(cfg: Config, *, storm: bool = False) -> Outbox:
+    """The outbox, opened by a command beside the daemon: as the outbox's owner, and
+    without recovery (the daemon's `sending` rows are live). `storm`: with the routes'
+    storm control, for commands that add alerts."""
+    from gateway.outbox import Outbox
+
+    as_outbox_owner(cfg)
+    return Outbox(
+        cfg.outbox_path,
+        max_messages=cfg.outbox.max_messages,
+        allow_volatile=cfg.outbox.allow_volatile,
+        recover=False,
+        policies=cfg.storm_policies if storm else None,
+    )
 
 
 # json.dumps escapes C0 controls itself; with ensure_ascii=False (readable non-ASCII
@@ -66,7 +84,6 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
     """Re-queue the undelivered alerts of a moved-aside (corrupt) outbox."""
     import sqlite3
 
-    from gateway.outbox import Outbox
     from gateway.routing import Router
     from gateway.salvage import salvage
 
@@ -77,13 +94,7 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
             file=sys.stderr,
         )
         return 2
-    as_outbox_owner(cfg)
-    ob = Outbox(
-        cfg.outbox_path,
-        max_messages=cfg.outbox.max_messages,
-        allow_volatile=cfg.outbox.allow_volatile,
-        recover=False,
-    )
+    ob = open_outbox(cfg)
     router = Router(cfg.routes, cfg.gateway.default_route)
     try:
         report = salvage(Path(source), ob, router.route)
