@@ -15,14 +15,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Imported here, not in the functions: `as_outbox_owner` gives up root for the outbox's
+# owner, who may not be able to read the installed code (a checkout under /root), so
+# nothing may be imported after it.
+from gateway import outbox
 from gateway.cli_signal import signal_daemon
 from gateway.config import Config, load
 from gateway.errors import GatewayError
+from gateway.outbox import Outbox
+from gateway.routing import Router
+from gateway.salvage import salvage
+from gateway.status import printable
 
 if TYPE_CHECKING:
     import sqlite3
-
-    from gateway.outbox import Outbox
 
 
 def as_outbox_owner(cfg: Config) -> None:
@@ -47,8 +53,6 @@ def open_outbox(cfg: Config, *, storm: bool = False) -> Outbox:
     """The outbox, opened by a command beside the daemon: as the outbox's owner, and
     without recovery (the daemon's `sending` rows are live). `storm`: with the routes'
     storm control, for commands that add alerts."""
-    from gateway.outbox import Outbox
-
     as_outbox_owner(cfg)
     return Outbox(
         cfg.outbox_path,
@@ -72,7 +76,6 @@ def _terminal_json(value: object) -> str:
 
 
 def _open_rw(cfg: Config) -> sqlite3.Connection:
-    from gateway import outbox
 
     if not cfg.outbox_path.exists():
         raise GatewayError(f"{cfg.outbox_path} does not exist: nothing is queued yet")
@@ -83,9 +86,6 @@ def _open_rw(cfg: Config) -> sqlite3.Connection:
 def cmd_salvage(cfg: Config, source: str | None) -> int:
     """Re-queue the undelivered alerts of a moved-aside (corrupt) outbox."""
     import sqlite3
-
-    from gateway.routing import Router
-    from gateway.salvage import salvage
 
     if not source or not Path(source).is_file():
         print(
@@ -123,7 +123,6 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    from gateway.status import printable
 
     # Message and last_error are a sensor's and an SMTP server's words: shown
     # with their control characters escaped, so they cannot move the cursor,
@@ -141,7 +140,6 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def _queue_list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    from gateway import outbox
 
     states = (
         ["dead"]
@@ -160,7 +158,6 @@ def _queue_list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 
 def _queue_show(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    from gateway import outbox
 
     found = outbox.find(conn, args.id)
     if found is None:
@@ -189,7 +186,6 @@ def _queue_show(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 
 def _queue_retry(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) -> int:
-    from gateway import outbox
 
     if not args.all and not args.id:
         print("mailgw queue retry: give an ID or --all", file=sys.stderr)
@@ -201,7 +197,6 @@ def _queue_retry(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config
 
 
 def _queue_delete(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    from gateway import outbox
 
     n = outbox.delete(conn, args.id)
     if not n:
