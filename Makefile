@@ -65,8 +65,9 @@ demo: bootstrap demo-deps
 	$(BIN)/mailgw demo
 
 # --- the Debian package ---------------------------------------------------------------
-# One architecture-independent .deb (arm64, armhf, amd64): a virtualenv in /opt/mailgw
-# built from a wheelhouse at build time, so devices install it offline.
+# One architecture-independent .deb (arm64, armhf, amd64; Debian 12 and 13): a wheelhouse
+# of mailgw, its dependencies and pip, from which the postinst builds the virtualenv in
+# /opt/mailgw with the device's own python3, offline.
 DEB_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 PKG := build/package
 
@@ -79,39 +80,47 @@ package-deps:
 package: bootstrap package-deps
 	rm -rf $(PKG) && mkdir -p $(PKG) dist
 	$(BIN)/python -m pip wheel -q --wheel-dir $(PKG)/wheelhouse .
-	@# Compiled code would tie the package to one architecture: refuse it.
-	@if ls $(PKG)/wheelhouse | grep -v -- '-none-any\.whl$$'; then \
-	  echo "package: the wheels above are not pure Python"; exit 1; fi
+	@# pip itself, run from its wheel on the device; the one this venv has.
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --dest $(PKG)/wheelhouse \
+	  "pip==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("pip"))')"
+	@# Compiled code would tie the package to one architecture and one Python: refuse it.
+	@if ls $(PKG)/wheelhouse | grep -Ev -- '-(py2\.)?py3-none-any\.whl$$'; then \
+	  echo "package: the wheels above are not pure Python 3"; exit 1; fi
 	cp -r deploy/debian $(PKG)/debian
 	cp systemd/mailgw.service $(PKG)/debian/mailgw.service
+	cp systemd/mailgw-firstboot.service $(PKG)/debian/mailgw.mailgw-firstboot.service
 	cp deploy/sysusers-mailgw.conf $(PKG)/debian/mailgw.sysusers
 	cp deploy/modules-load.d-mailgw.conf $(PKG)/debian/modules-load.conf
 	mkdir -p $(PKG)/docs $(PKG)/firmware_bridge
-	cp deploy/gateway.toml README.md $(PKG)/
+	cp deploy/gateway.toml deploy/build-venv README.md $(PKG)/
 	cp docs/*.md $(PKG)/docs/ && cp firmware_bridge/PROTOCOL.md $(PKG)/firmware_bridge/
 	{ echo "mailgw ($(DEB_VERSION)) unstable; urgency=medium"; echo; \
 	  echo "  * Built from git $$(git describe --always --dirty 2>/dev/null || echo unknown)."; \
 	  echo; echo " -- mailgw developers <mailgw@example.org>  $$(date -R -d @$$(git log -1 \
 	  --format=%ct 2>/dev/null || date +%s))"; } > $(PKG)/debian/changelog
-	cd $(PKG) && PIP="$(abspath $(BIN))/python -m pip" dpkg-buildpackage -b -us -uc >build.log 2>&1 \
-	  || { tail -30 build.log; exit 1; }
+	cd $(PKG) && dpkg-buildpackage -b -us -uc >build.log 2>&1 || { tail -30 build.log; exit 1; }
 	mv build/mailgw_$(DEB_VERSION)_all.deb dist/
 	@rm -f build/mailgw_$(DEB_VERSION)_*.buildinfo build/mailgw_$(DEB_VERSION)_*.changes
 	@echo "package: dist/mailgw_$(DEB_VERSION)_all.deb"
 
 # --- the package under a real systemd (tests/system) ---------------------------------
-# Installs the .deb into a Debian 12 chroot (install, upgrade, purge), then boots it with
-# systemd as PID 1 in systemd-nspawn. The debootstrap root is cached in
-# /var/cache/mailgw-system (built in about 90 s when missing).
+# Installs the .deb into Debian 12 and 13 chroots (install, upgrade, purge, a Python
+# change under it), boots both with systemd as PID 1 in systemd-nspawn, and installs and
+# runs it in arm64 and armhf roots under qemu-user-static. The debootstrap roots are
+# cached in /var/cache/mailgw-system (built when missing: about 70 s each for amd64,
+# 4-8 min for the emulated arm ones).
 system-test-deps:
 	@[ "$$(id -u)" = 0 ] || { echo "make test-system: run it as root (chroot, systemd-nspawn)"; exit 2; }
 	@missing=""; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
+	[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || missing="$$missing qemu-user-static binfmt-support"; \
 	if [ -n "$$missing" ]; then \
 	  echo "test-system: installing$$missing with apt-get"; \
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@# Without systemd as PID 1 nothing registers the emulators at boot: do it here.
+	@[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable >/dev/null
 
 test-system: bootstrap system-deps system-test-deps package
 	$(BIN)/pytest -q -m system tests/system $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""A Debian 12 root file system for the system tests: first a chroot (dpkg, upgrade,
+"""Debian root file systems for the system tests: first a chroot (dpkg, upgrade,
 purge), then booted with systemd as PID 1 by systemd-nspawn, sharing the host's
 network so the daemon inside reaches the broker and smarthost the tests run on
 127.0.0.1. Recipe and traps: ../shared/SYSTEMD.md.
@@ -18,41 +18,57 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3.11,ca-certificates"
+PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,ca-certificates"
 CACHE = Path(os.environ.get("MAILGW_SYSTEM_CACHE", "/var/cache/mailgw-system"))
+# Debian 12 and 13 (Raspberry Pi OS bookworm and trixie); arm roots run under
+# qemu-user-static through binfmt_misc.
+SUITES = ("bookworm", "trixie")
 
 
-def base_root() -> Path:
-    """The cached debootstrap root, built (about 90 s) when missing."""
+def base_root(suite: str = "bookworm", arch: str = "amd64") -> Path:
+    """The cached debootstrap root, built when missing (about 70 s for amd64; several
+    minutes for an emulated arm root)."""
     tag = hashlib.sha256(PACKAGES.encode()).hexdigest()[:8]
-    root = CACHE / f"bookworm-{tag}"
+    root = CACHE / f"{suite}-{arch}-{tag}"
     if (root / ".complete").exists():
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE / f"bookworm-{tag}.building"
+    tmp = CACHE / f"{suite}-{arch}-{tag}.building"
     shutil.rmtree(tmp, ignore_errors=True)
-    log = CACHE / "debootstrap.log"
+    log = CACHE / f"debootstrap-{suite}-{arch}.log"
+    argv = ["debootstrap", "--variant=minbase", f"--arch={arch}", f"--include={PACKAGES}"]
     with log.open("wb") as out:
-        rc = subprocess.call(
-            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(tmp)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        rc = subprocess.call([*argv, suite, str(tmp)], stdout=out, stderr=subprocess.STDOUT)
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-10:]
-        raise RuntimeError("debootstrap failed:\n" + "\n".join(tail))
+        raise RuntimeError(f"debootstrap {suite} {arch} failed:\n" + "\n".join(tail))
     (tmp / ".complete").touch()
     tmp.rename(root)
     return root
 
 
+def can_emulate(arch: str) -> bool:
+    """Whether this kernel runs `arch` binaries (qemu-user-static registered with the
+    F flag, so a chroot needs no copy of the emulator)."""
+    name = {"arm64": "qemu-aarch64", "armhf": "qemu-arm"}[arch]
+    entry = Path("/proc/sys/fs/binfmt_misc") / name
+    with contextlib.suppress(OSError):
+        text = entry.read_text()
+        return (
+            text.startswith("enabled")
+            and "flags: " in text
+            and "F" in text.split("flags: ", 1)[1].split("\n", 1)[0]
+        )
+    return False
+
+
 class Machine:
     """A copy of the base root: `chroot()` before boot, `run()` after."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, suite: str = "bookworm", arch: str = "amd64") -> None:
+        self.name, self.suite, self.arch = name, suite, arch
         self.path = Path(tempfile.mkdtemp(prefix=f"mailgw-{name}-", dir="/var/tmp"))
-        base = f"{base_root()}/."
+        base = f"{base_root(suite, arch)}/."
         subprocess.run(["cp", "-a", "--reflink=auto", base, str(self.path)], check=True)
         (self.path / "etc/hostname").write_text(f"{name}\n")
         self.nspawn: subprocess.Popen[bytes] | None = None
@@ -66,6 +82,30 @@ class Machine:
     ) -> subprocess.CompletedProcess[str]:
         """Run a shell script in the root with /dev and /proc, in a private mount
         namespace (so nothing stays mounted when it ends)."""
+        proc = subprocess.run(
+            self._chroot_argv(script, env), capture_output=True, text=True, timeout=600
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"in chroot, exit {proc.returncode}:\n$ {script}\n{proc.stdout}{proc.stderr}"
+            )
+        return proc
+
+    def chroot_spawn(
+        self, script: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A long-running script in the root (not booted), in its own process group,
+        output to <root>.console.log."""
+        with self.console.open("ab") as out:
+            return subprocess.Popen(
+                self._chroot_argv(script, env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _chroot_argv(self, script: str, env: dict[str, str] | None) -> list[str]:
         wrapper = (
             f'mount --rbind /dev "{self.path}/dev" && '
             f'mount -t proc proc "{self.path}/proc" && '
@@ -74,17 +114,7 @@ class Machine:
             + " ".join(f"{k}={v}" for k, v in (env or {}).items())
             + ' /bin/sh -ec "$0"'
         )
-        proc = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper, script],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"in chroot, exit {proc.returncode}:\n$ {script}\n{proc.stdout}{proc.stderr}"
-            )
-        return proc
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper, script]
 
     def put(self, path: str, data: bytes | str, mode: int = 0o644) -> Path:
         target = self.path / path.lstrip("/")

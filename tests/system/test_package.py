@@ -1,5 +1,5 @@
-"""The .deb from `make package` in a Debian 12 chroot: install, upgrade over a previous
-build with alerts in the outbox, purge. (`make test-system`; needs root.)"""
+"""The .deb from `make package` in Debian 12 and Debian 13 chroots: install, upgrade over
+a previous build with alerts in the outbox, purge. (`make test-system`; needs root.)"""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.machine import Machine
+from tests.system.machine import SUITES, Machine
 
 pytestmark = pytest.mark.system
+PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 
 
-@pytest.fixture(scope="module")
-def pkg(debs: tuple[Path, Path]) -> Machine:
-    m = Machine("pkg")
+@pytest.fixture(scope="module", params=SUITES)
+def pkg(request: pytest.FixtureRequest, debs: tuple[Path, Path]) -> Machine:
+    m = Machine("pkg", suite=request.param)
     for deb in debs:
         (m.path / "root" / deb.name).write_bytes(deb.read_bytes())
     yield m
@@ -30,8 +31,12 @@ def test_install_upgrade_with_queued_alerts_and_purge(
     pkg: Machine, debs: tuple[Path, Path]
 ) -> None:
     prev, new = debs
-    out = pkg.chroot(f"dpkg -i /root/{prev.name}").stdout
-    assert f"Setting up mailgw ({version(prev)})" in out
+    run = pkg.chroot(f"dpkg -i /root/{prev.name}")
+    assert f"Setting up mailgw ({version(prev)})" in run.stdout
+    # The venv is built here, offline, for this system's Python.
+    python = PYTHON[pkg.suite]
+    assert f"mailgw: built /opt/mailgw for Python {python}." in run.stderr, run
+    assert pkg.chroot("readlink -f /opt/mailgw/bin/python3").stdout == f"/usr/bin/python{python}\n"
 
     # The user, in dialout; the conffile and the credential as the unit expects them.
     assert "(dialout)" in pkg.chroot("id mailgw").stdout
@@ -48,8 +53,9 @@ def test_install_upgrade_with_queued_alerts_and_purge(
 
     # The shipped config passes its own check; the unit verifies clean as installed.
     assert pkg.chroot("mailgw check-config").stdout.startswith("ok: /etc/mailgw/gateway.toml")
-    verify = pkg.chroot("systemd-analyze verify --man=no /lib/systemd/system/mailgw.service")
-    assert verify.stdout + verify.stderr == ""
+    for unit in ("mailgw.service", "mailgw-firstboot.service"):
+        verify = pkg.chroot(f"systemd-analyze verify --man=no /lib/systemd/system/{unit}")
+        assert verify.stdout + verify.stderr == ""
 
     # The operator edits the config and the device queues alerts (the smarthost is the
     # placeholder, so they stay queued), then the fleet upgrades it.
@@ -57,9 +63,13 @@ def test_install_upgrade_with_queued_alerts_and_purge(
     pkg.chroot("install -d -o mailgw -g mailgw -m 0700 /var/lib/mailgw")
     for i in range(3):
         send(pkg, f"before upgrade {i}")
-    out = pkg.chroot(f"dpkg -i /root/{new.name}").stdout
-    assert f"Setting up mailgw ({version(new)})" in out
-    assert f"Unpacking mailgw ({version(new)}) over ({version(prev)})" in out
+    run = pkg.chroot(f"dpkg -i /root/{new.name}")
+    assert f"Setting up mailgw ({version(new)})" in run.stdout
+    assert f"Unpacking mailgw ({version(new)}) over ({version(prev)})" in run.stdout
+    # Other wheels, so a new venv; the same wheels again would leave it alone.
+    assert f"mailgw: built /opt/mailgw for Python {python}." in run.stderr, run
+    again = pkg.chroot(f"dpkg -i /root/{new.name}")
+    assert "mailgw: built" not in again.stderr, again
 
     queue = pkg.chroot("runuser -u mailgw -- mailgw queue list").stdout
     assert all(f"before upgrade {i}" in queue for i in range(3)), queue
