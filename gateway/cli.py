@@ -157,6 +157,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(ci=args.ci)
 
 
+def cmd_firstboot(args: argparse.Namespace) -> int:
+    from gateway.firstboot import Owner, take
+
+    try:
+        outcome = take(args.boot, args.etc, Owner.system())
+    except OSError as exc:
+        raise GatewayError(f"firstboot: {exc}") from None
+    if outcome.code:
+        print(f"mailgw firstboot: {outcome.summary}", file=sys.stderr)
+        for problem in outcome.problems:
+            print(f"  {problem}", file=sys.stderr)
+    elif outcome.summary:
+        print(f"mailgw firstboot: {outcome.summary}")
+    return outcome.code
+
+
 def _add_daemon_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     sp = add("run", "run the daemon in the foreground (systemd Type=notify)")
     sp.add_argument(
@@ -231,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="a self-contained end-to-end demonstration")
     sp.add_argument("--ci", action="store_true", help="short and non-interactive")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser(
+        "firstboot",
+        help="take a mailgw.toml dropped on the boot partition (run as root, at boot)",
+        description="Install BOOT/mailgw.toml as ETC/gateway.toml if check-config accepts "
+        "it, moving any SMTP password off the card to ETC/smtp-password first. Exit 0: "
+        "taken, or nothing to do; 1: rejected (the reasons in BOOT/mailgw.toml.rejected).",
+    )
+    sp.add_argument("--boot", type=Path, default=Path("/boot/firmware"), metavar="DIR")
+    sp.add_argument("--etc", type=Path, default=DEFAULT_PATH.parent, metavar="DIR")
+    sp.set_defaults(func=cmd_firstboot)
 
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")
