@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, parse
+from gateway.config import parse
 from gateway.errors import ConfigError
 
 CONFIG_NAME = "mailgw.toml"
@@ -215,21 +215,22 @@ def choose_password(
     return password, problems
 
 
-def password_problems(cfg: Config, given: bool, secret: Path, secret_ok: bool) -> list[str]:
-    """What check-config cannot know: how the password handed over fits the config.
+def password_problems(
+    data: dict[str, Any], given: bool, secret: Path, secret_ok: bool
+) -> list[str]:
+    """What check-config cannot know: how the password handed over fits the config (its
+    TOML data, so that these come with check-config's problems, not after a fix).
     `secret_ok`: `secret` holds a password (installed now or before)."""
-    smtp = cfg.smtp
-    where = f"{cfg.path}" if cfg.path else "the config"
+    smtp = data.get("smtp")
+    smtp = smtp if isinstance(smtp, dict) else {}
+    username, pwf = smtp.get("username"), smtp.get("password_file")
     problems = []
-    if given and (smtp is None or not smtp.username):
+    if given and not username:
         problems.append(
             "smtp.username: not set, so the SMTP password given would never be used; set it "
-            "(the password itself was moved to " + str(secret) + ")"
+            f"(the password itself was moved to {secret})"
         )
-    if smtp is None:
-        return problems
-    pwf = smtp.password_file
-    if pwf is not None and os.path.normpath(pwf) == os.path.normpath(secret):
+    if isinstance(pwf, str) and os.path.normpath(pwf) == os.path.normpath(secret):
         problems.append(
             f"smtp.password_file: {secret} is root's alone (0600): the service reads it as "
             "its credential smtp-password, not as a file; remove password_file"
@@ -237,25 +238,26 @@ def password_problems(cfg: Config, given: bool, secret: Path, secret_ok: bool) -
     elif given and pwf is not None:
         problems.append(
             "smtp.password_file: set, and a password was given on the card too; give one "
-            "(the card's password is installed as " + str(secret) + ": remove password_file)"
+            f"(the card's password is installed as {secret}: remove password_file)"
         )
-    elif smtp.username and not pwf and not smtp.oauth_token_file and not secret_ok:
+    elif username and pwf is None and not smtp.get("oauth_token_file") and not secret_ok:
         problems.append(
             f"smtp.username: set, but no password was given and {secret} holds none; write "
             'password = "..." under [smtp], or the password alone in mailgw-smtp-password '
-            f"beside mailgw.toml (for {where})"
+            "beside mailgw.toml"
         )
     return problems
 
 
-def check(text: str, source: str, installed: Path) -> tuple[Config | None, list[str]]:
+def check(text: str, source: str, installed: Path) -> list[str]:
     """`mailgw check-config` on `text` as the daemon will read it from `installed`: the
     same parse, from the daemon's working directory (systemd's default, `/`)."""
     try:
         with contextlib.chdir("/"):
-            return parse(text, source=source, path=installed), []
+            parse(text, source=source, path=installed)
     except ConfigError as exc:
-        return None, list(exc.problems)
+        return list(exc.problems)
+    return []
 
 
 # --- files ---------------------------------------------------------------------------
@@ -477,10 +479,10 @@ def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = 
             problems.append(f"{card}: {why}")
     if text is not None:
         try:
-            left = _has_password_key(tomllib.loads(text))
+            data: dict[str, Any] = tomllib.loads(text)
         except tomllib.TOMLDecodeError:
-            left = False
-        if left:
+            data = {}
+        if _has_password_key(data):
             # A password the line scan could not separate (an inline table, an escaped
             # key): nothing of the file may stay on the card.
             assert raw is not None
@@ -493,11 +495,9 @@ def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = 
                 f"{etc / 'mailgw.toml.from-card'} (root only); write it again"
             )
             return _reject(card, problems, moved_note, installed, now)
-        cfg, config_problems = check(text, str(card), installed)
-        problems += config_problems
-        if cfg is not None:
-            secret_ok = password is not None or _holds_secret(secret)
-            problems += password_problems(cfg, bool(stripped.found or pw_file), secret, secret_ok)
+        problems += check(text, str(card), installed)
+        secret_ok = password is not None or _holds_secret(secret)
+        problems += password_problems(data, bool(stripped.found or pw_file), secret, secret_ok)
     if problems or text is None:
         return _reject(card, problems, moved_note, installed, now)
 
