@@ -207,8 +207,10 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     sp.add_argument("--interval", type=float, default=2.0)
     sp.set_defaults(func=cmd_status)
 
-    sp = add("queue", "list, show, retry or delete queued messages")
-    sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead", "salvage"])
+    sp = add("queue", "list, show, retry, delete or export queued messages")
+    sp.add_argument(
+        "action", choices=["list", "show", "retry", "delete", "dead", "export", "salvage"]
+    )
     sp.add_argument("id", nargs="?", help="an alert id; for salvage, the moved-aside file")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
     sp.add_argument(
@@ -216,6 +218,9 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     )
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "--format", choices=["json", "csv"], default="json", help="export: json (default) or csv"
+    )
     sp.set_defaults(func=cmd_queue)
 
     sp = add("flush", "ask the running daemon to probe the smarthost and retry now")
