@@ -20,7 +20,10 @@ installs it as /etc/mailgw/gateway.toml. What it guarantees:
   fsync and rename; the card's own rewrite is rolled forward on the next run.
 
 The text work (`strip_passwords`, `decode`, `choose_password`, `password_problems`) is
-pure; `take` does the file operations in the order above.
+pure; `take` does the file operations in the order above: `hand_over` (step 1), `judge`
+(step 2), then install or reject. Limits, said plainly: a file over MAX_SCAN is not read
+(so not cleaned); zeroing a FAT file reaches its clusters, not the copies an SD card's
+wear levelling may keep in flash.
 """
 
 from __future__ import annotations
@@ -401,28 +404,107 @@ def _has_password_key(data: Any) -> bool:
     return False
 
 
-def rejection_note(
-    card: Path, problems: Iterable[str], secret_note: str, installed: Path, now: float
-) -> str:
+def rejection_note(card: Path, problems: Iterable[str], handover: str, now: float) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    if card.name == PASSWORD_NAME:
+        todo = f"write the password alone on one line, UTF-8, in {PASSWORD_NAME} on this card"
+    else:
+        todo = (
+            f"fix {card.name} on this card (`mailgw check-config -c {card.name}` on any "
+            "machine with mailgw shows the same problems)"
+        )
     lines = [
         f"mailgw firstboot did not take {card.name} ({when}; before the network time is set "
         "the clock may be wrong).",
-        f"{installed} was left as it was.",
+        "The configuration in /etc/mailgw was left as it was.",
         "",
         "Problems:",
         *(f"  {p}" for p in problems),
         "",
-    ]
-    if secret_note:
-        lines += [secret_note, ""]
-    lines += [
-        f"What to do: fix {card.name} on this card (`mailgw check-config -c {card.name}` on "
-        "any machine with mailgw shows the same problems) and start the device again: the "
-        "next boot takes it and deletes this note. Or, on the device: sudo mailgw firstboot.",
+        *([handover, ""] if handover else []),
+        f"What to do: {todo}, and start the device again: the next boot takes it and "
+        "deletes this note. Or, on the device: sudo mailgw firstboot.",
         "",
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What step 1 (every password off the card) found and did."""
+
+    raw: bytes | None  # the card's mailgw.toml as read; None: absent or too large to read
+    stripped: Stripped
+    password: str | None  # the SMTP password, now installed in /etc/mailgw
+    given: bool  # a password was given, in any form
+    problems: tuple[str, ...]
+    note: str  # for the .rejected file: what became of the password
+
+
+def hand_over(card: Path, beside: Path, secret: Path, owner: Owner) -> Handover:
+    """Step 1: the password to `secret`, then off the card (never the other way round: a
+    failed write leaves it on the card rather than nowhere)."""
+    problems: list[str] = []
+    raw: bytes | None = None
+    stripped = Stripped(b"", ())
+    if card.is_file():
+        size = card.stat().st_size
+        if size > MAX_SCAN:
+            problems.append(f"{card}: is {size} bytes: not a configuration; it was not read")
+        else:
+            raw = card.read_bytes()
+            moved = f"# password moved to {secret} by mailgw firstboot".encode()
+            stripped = strip_passwords(raw, moved)
+    pw_file = read_password_file(beside.read_bytes()) if beside.is_file() else None
+    password, why = choose_password(str(card), stripped.found, pw_file)
+    problems += why
+    if password is not None:
+        _etc_dir(secret.parent, owner)
+        write_file(secret, password.encode() + b"\n", 0o600, owner.uid, owner.root_gid)
+    if raw is not None and stripped.found:
+        rewrite_card(card, stripped.text)
+    if pw_file is not None:
+        shred(beside)
+    if password is not None:
+        note = f"The SMTP password was moved to {secret} and removed from this card."
+    elif stripped.found or pw_file is not None:
+        note = "The password was removed from this card and not installed."
+    else:
+        note = ""
+    given = bool(stripped.found) or pw_file is not None
+    return Handover(raw, stripped, password, given, tuple(problems), note)
+
+
+def judge(h: Handover, card: Path, etc: Path, owner: Owner) -> tuple[str | None, list[str]]:
+    """Step 2: (the text to install, every problem): check-config's and the password's."""
+    problems = list(h.problems)
+    if h.raw is None:
+        return None, problems
+    text, why = decode(h.stripped.text)
+    if text is None:
+        return None, [*problems, f"{card}: {why}"]
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        data = {}  # check() says why
+    if _has_password_key(data):
+        # A password the line scan could not separate (an inline table, an escaped key):
+        # nothing of the file may stay on the card. Root keeps it, for the operator.
+        kept = etc / "mailgw.toml.from-card"
+        _etc_dir(etc, owner)
+        write_file(kept, h.raw, 0o600, owner.uid, owner.root_gid)
+        shred(card)
+        problems.append(
+            f"{card}: holds a password that is not on a line of its own "
+            f'(password = "..." under [smtp]); the file was moved to {kept} (root only); '
+            "write it again"
+        )
+        return None, problems
+    secret = etc / SECRET_NAME
+    problems += check(text, str(card), etc / INSTALLED_NAME)
+    secret_ok = h.password is not None or _holds_secret(secret)
+    problems += password_problems(data, h.given, secret, secret_ok)
+    return text, problems
 
 
 def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = None) -> Outcome:
@@ -433,73 +515,18 @@ def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = 
     card, beside = boot / CONFIG_NAME, boot / PASSWORD_NAME
     secret, installed = etc / SECRET_NAME, etc / INSTALLED_NAME
     recover_card(card)
-    have_card, have_beside = card.is_file(), beside.is_file()
-    if not (have_card or have_beside):
+    if not (card.is_file() or beside.is_file()):
         return Outcome(0, "")
 
-    # 1. Every password off the card, before anything can fail on the config.
-    problems: list[str] = []
-    raw: bytes | None = None
-    stripped = Stripped(b"", ())
-    if have_card:
-        size = card.stat().st_size
-        if size > MAX_SCAN:
-            problems.append(f"{card}: is {size} bytes: not a configuration; it was not read")
-        else:
-            raw = card.read_bytes()
-            moved = f"# password moved to {secret} by mailgw firstboot".encode()
-            stripped = strip_passwords(raw, moved)
-    pw_file = read_password_file(beside.read_bytes()) if have_beside else None
-    password, pw_problems = choose_password(str(card), stripped.found, pw_file)
-    problems += pw_problems
-    if password is not None:
-        _etc_dir(etc, owner)
-        write_file(secret, password.encode() + b"\n", 0o600, owner.uid, owner.root_gid)
-    if raw is not None and stripped.found:
-        rewrite_card(card, stripped.text)
-    if have_beside:
-        shred(beside)
-    moved_note = (
-        f"The SMTP password was moved to {secret} and removed from this card."
-        if password is not None
-        else ("The password lines were removed from this card." if stripped.found else "")
-    )
-
-    if not have_card:
+    h = hand_over(card, beside, secret, owner)
+    if h.raw is None and not card.exists():
         # A password alone: for a device already configured.
-        if problems:
-            return _reject(beside, problems, moved_note, installed, now)
+        if h.problems:
+            return _reject(beside, list(h.problems), h.note, installed, now)
         return Outcome(0, f"moved the SMTP password from {beside} to {secret}")
-
-    # 2. The config, checked as check-config does, as the daemon will read it.
-    text = None
-    if raw is not None:
-        text, why = decode(stripped.text)
-        if why:
-            problems.append(f"{card}: {why}")
-    if text is not None:
-        try:
-            data: dict[str, Any] = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:
-            data = {}
-        if _has_password_key(data):
-            # A password the line scan could not separate (an inline table, an escaped
-            # key): nothing of the file may stay on the card.
-            assert raw is not None
-            _etc_dir(etc, owner)
-            write_file(etc / "mailgw.toml.from-card", raw, 0o600, owner.uid, owner.root_gid)
-            shred(card)
-            problems.append(
-                f"{card}: holds a password that is not on a line of its own "
-                '(password = "..." under [smtp]); the file was moved to '
-                f"{etc / 'mailgw.toml.from-card'} (root only); write it again"
-            )
-            return _reject(card, problems, moved_note, installed, now)
-        problems += check(text, str(card), installed)
-        secret_ok = password is not None or _holds_secret(secret)
-        problems += password_problems(data, bool(stripped.found or pw_file), secret, secret_ok)
+    text, problems = judge(h, card, etc, owner)
     if problems or text is None:
-        return _reject(card, problems, moved_note, installed, now)
+        return _reject(card, problems, h.note, installed, now)
 
     # 3. Accepted: install, then retire the card's file so the next boot leaves it be.
     before = _install(text.encode(), installed, owner)
@@ -510,7 +537,7 @@ def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = 
     parts = [f"took {card}: installed as {installed}"]
     if before:
         parts.append(f"the previous one kept as {etc / BEFORE_NAME}")
-    if password is not None:
+    if h.password is not None:
         parts.append(f"the SMTP password moved to {secret}")
     parts.append(f"the card's copy is now {card.name}{TAKEN_SUFFIX}")
     if owner.uid is not None and owner.gid is None:
@@ -559,7 +586,7 @@ def _install(data: bytes, installed: Path, owner: Owner) -> bool:
 def _reject(
     card: Path, problems: list[str], secret_note: str, installed: Path, now: float
 ) -> Outcome:
-    note = rejection_note(card, problems, secret_note, installed, now)
+    note = rejection_note(card, problems, secret_note, now)
     write_file(card.with_name(card.name + REJECTED_SUFFIX), note.encode(), None)
     return Outcome(
         1,

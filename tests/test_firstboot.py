@@ -443,3 +443,14 @@ def test_files_are_not_readable_by_others_while_written(
         os.umask(old)
     assert mode(etc / "smtp-password") == 0o600 and mode(etc / "gateway.toml") == 0o640
     assert mode(etc) == 0o750
+
+
+def test_a_bad_password_alone_is_refused_and_still_removed(dirs: tuple[Path, Path]) -> None:
+    boot, etc = dirs
+    (boot / "mailgw-smtp-password").write_bytes(b"line one\nline\xfftwo\n")
+    out = take(boot, etc)
+    assert out.code == 1 and any("not UTF-8" in p for p in out.problems)
+    note = (boot / "mailgw-smtp-password.rejected").read_text()
+    assert "write the password alone on one line" in note
+    assert sorted(p.name for p in boot.iterdir()) == ["mailgw-smtp-password.rejected"]
+    assert not (etc / "smtp-password").exists()
