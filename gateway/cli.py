@@ -157,6 +157,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(ci=args.ci)
 
 
+def cmd_firstboot(args: argparse.Namespace) -> int:
+    from gateway.firstboot import Owner, take
+
+    try:
+        outcome = take(args.boot, args.etc, Owner.system())
+    except OSError as exc:
+        raise GatewayError(f"firstboot: {exc}") from None
+    if outcome.code:
+        print(f"mailgw firstboot: {outcome.summary}", file=sys.stderr)
+        for problem in outcome.problems:
+            print(f"  {problem}", file=sys.stderr)
+    elif outcome.summary:
+        print(f"mailgw firstboot: {outcome.summary}")
+    return outcome.code
+
+
 def _add_daemon_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     sp = add("run", "run the daemon in the foreground (systemd Type=notify)")
     sp.add_argument(
@@ -191,8 +207,10 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     sp.add_argument("--interval", type=float, default=2.0)
     sp.set_defaults(func=cmd_status)
 
-    sp = add("queue", "list, show, retry or delete queued messages")
-    sp.add_argument("action", choices=["list", "show", "retry", "delete", "dead", "salvage"])
+    sp = add("queue", "list, show, retry, delete or export queued messages")
+    sp.add_argument(
+        "action", choices=["list", "show", "retry", "delete", "dead", "export", "salvage"]
+    )
     sp.add_argument("id", nargs="?", help="an alert id; for salvage, the moved-aside file")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
     sp.add_argument(
@@ -200,6 +218,9 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     )
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "--format", choices=["json", "csv"], default="json", help="export: json (default) or csv"
+    )
     sp.set_defaults(func=cmd_queue)
 
     sp = add("flush", "ask the running daemon to probe the smarthost and retry now")
@@ -231,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="a self-contained end-to-end demonstration")
     sp.add_argument("--ci", action="store_true", help="short and non-interactive")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser(
+        "firstboot",
+        help="take a mailgw.toml dropped on the boot partition (run as root, at boot)",
+        description="Install BOOT/mailgw.toml as ETC/gateway.toml if check-config accepts "
+        "it, moving any SMTP password off the card to ETC/smtp-password first. Exit 0: "
+        "taken, or nothing to do; 1: rejected (the reasons in BOOT/mailgw.toml.rejected).",
+    )
+    sp.add_argument("--boot", type=Path, default=Path("/boot/firmware"), metavar="DIR")
+    sp.add_argument("--etc", type=Path, default=DEFAULT_PATH.parent, metavar="DIR")
+    sp.set_defaults(func=cmd_firstboot)
 
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")

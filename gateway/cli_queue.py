@@ -1,4 +1,4 @@
-"""`mailgw queue list|show|retry|delete|dead|salvage`: the outbox from the command line.
+"""`mailgw queue list|show|retry|delete|dead|export|salvage`: the outbox from the command line.
 
 The queries themselves live in gateway.outbox and gateway.salvage; this module opens
 the outbox as its owner, calls them, and prints what they return for a terminal.
@@ -7,6 +7,7 @@ the outbox as its owner, calls them, and prints what they return for a terminal.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -157,6 +158,59 @@ def _queue_list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FIELDS = (
+    "id",
+    "state",
+    "route",
+    "priority",
+    "attempts",
+    "last_error",
+    "received_at",
+    "received_at_utc",
+    "updated_at",
+    "topic",
+    "source",
+    "sensor",
+    "severity",
+    "message",
+)
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection);
+# alert text and server replies come from outside, so such a cell gets a leading '.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _utc(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def _queue_export(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    """The outbox as JSON or CSV on stdout, for a ticket: every state unless --state.
+    JSON escapes every control and non-ASCII character; CSV keeps the text as it is,
+    for a file (on a terminal its control characters are shown escaped)."""
+    rows = outbox.export(conn, [args.state] if args.state else list(outbox.STATES))
+    out = sys.stdout
+    if args.format == "json":
+        out.write("[")
+        for n, row in enumerate(rows):
+            row["received_at_utc"] = _utc(row["received_at"])
+            out.write(("," if n else "") + "\n  " + json.dumps({k: row[k] for k in EXPORT_FIELDS}))
+        out.write("\n]\n")
+        return 0
+    writer = csv.writer(out)
+    writer.writerow(EXPORT_FIELDS)
+    for row in rows:
+        row["received_at_utc"] = _utc(row["received_at"])
+        cells = []
+        for key in EXPORT_FIELDS:
+            value = row[key]
+            if isinstance(value, str):
+                value = printable(value) if out.isatty() else value
+                value = "'" + value if value.startswith(_FORMULA) else value
+            cells.append("" if value is None else value)
+        writer.writerow(cells)
+    return 0
+
+
 def _queue_show(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
     found = outbox.find(conn, args.id)
@@ -214,6 +268,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         if args.action in ("list", "dead"):
             return _queue_list(conn, args)
+        if args.action == "export":
+            return _queue_export(conn, args)
         if args.action == "show":
             return _queue_show(conn, args)
         if args.action == "retry":

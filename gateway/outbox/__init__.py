@@ -58,7 +58,7 @@ from gateway.outbox.model import (
     Routed,
     State,
 )
-from gateway.outbox.queries import counts, delete, find, listing, retry
+from gateway.outbox.queries import counts, delete, export, find, listing, retry
 from gateway.outbox.rows import (
     _ALERT_COLS,
     SHARD_ROWS,
@@ -92,6 +92,7 @@ __all__ = [
     "connect",
     "counts",
     "delete",
+    "export",
     "fetch_alerts",
     "find",
     "find_seq",

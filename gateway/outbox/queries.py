@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gateway.alert import Alert
@@ -58,18 +58,13 @@ def find(conn: sqlite3.Connection, alert_id: str) -> tuple[Alert, list[dict[str,
     return fetch_alerts(conn, [seq])[seq], deliveries
 
 
-def listing(
-    conn: sqlite3.Connection, states: Sequence[str], limit: int = 100
-) -> list[dict[str, Any]]:
-    marks = ",".join("?" * len(states))
-    rows = conn.execute(
-        "SELECT alert_seq, route, state, priority, attempts, last_error FROM delivery"
-        f" WHERE state IN ({marks}) ORDER BY alert_seq LIMIT ?",
-        (*states, limit),
-    ).fetchall()
+_ROW = "SELECT alert_seq, route, state, priority, attempts, last_error, updated_at FROM delivery"
+
+
+def _described(conn: sqlite3.Connection, rows: list[Any]) -> list[dict[str, Any]]:
     alerts = fetch_alerts(conn, (r[0] for r in rows))
     out = []
-    for seq, route, state, priority, attempts, last_error in rows:
+    for seq, route, state, priority, attempts, last_error, updated_at in rows:
         a = alerts.get(seq)
         if a is None:
             continue
@@ -82,12 +77,45 @@ def listing(
                 "attempts": attempts,
                 "last_error": last_error,
                 "received_at": a.received.wall,
+                "updated_at": updated_at,
                 "topic": a.topic,
+                "source": a.source,
+                "sensor": a.sensor,
                 "severity": str(a.severity),
                 "message": a.message,
             }
         )
     return out
+
+
+def listing(
+    conn: sqlite3.Connection, states: Sequence[str], limit: int = 100
+) -> list[dict[str, Any]]:
+    marks = ",".join("?" * len(states))
+    rows = conn.execute(
+        f"{_ROW} WHERE state IN ({marks}) ORDER BY alert_seq LIMIT ?", (*states, limit)
+    ).fetchall()
+    return _described(conn, rows)
+
+
+def export(
+    conn: sqlite3.Connection, states: Sequence[str], page: int = 500
+) -> Iterator[dict[str, Any]]:
+    """Every delivery in `states` as `listing` describes it, in pages along the primary
+    key: memory stays one page's whatever the outbox holds, and each page is one short
+    read, so the daemon's writer is never held up by a long export."""
+    marks = ",".join("?" * len(states))
+    after: tuple[int, str] = (-1, "")
+    while True:
+        rows = conn.execute(
+            f"{_ROW} WHERE state IN ({marks}) AND (alert_seq, route) > (?, ?)"
+            " ORDER BY alert_seq, route LIMIT ?",
+            (*states, *after, page),
+        ).fetchall()
+        if not rows:
+            return
+        yield from _described(conn, rows)
+        after = (rows[-1][0], rows[-1][1])
 
 
 def retry(conn: sqlite3.Connection, alert_id: str | None) -> int:

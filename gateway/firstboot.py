@@ -1,0 +1,596 @@
+"""`mailgw firstboot`: take a configuration dropped on the boot partition ("flash and go").
+
+An installer writes `mailgw.toml` (and perhaps `mailgw-smtp-password`) onto the card's
+FAT boot partition from any computer; on the next boot this module checks it and
+installs it as /etc/mailgw/gateway.toml. What it guarantees:
+
+- **The password leaves the card first, whatever happens next.** FAT has no owners or
+  modes: anyone holding the card reads it. So the SMTP password is written to
+  /etc/mailgw/smtp-password (0600 root, the unit's `LoadCredential=`) and removed from
+  the card before the configuration is even checked; a rejected configuration never
+  leaves a readable password behind. Any `password = ...` line is removed, whatever its
+  table, so a password is never kept on the card by a mistake in where it was written.
+- **What check-config accepts is taken, nothing else.** The text that would be installed
+  goes through `gateway.config.parse`, the same code as `mailgw check-config`, with the
+  daemon's working directory (`/`, so relative paths mean what they will mean). Firstboot
+  adds only the checks about the password it was handed.
+- **Every other byte is kept** on the card: the password line becomes a comment (line
+  numbers in problems still match the file the operator edits).
+- **A power cut at any point is safe**: every file is replaced by a temporary file,
+  fsync and rename; the card's own rewrite is rolled forward on the next run.
+
+The text work (`strip_passwords`, `decode`, `choose_password`, `password_problems`) is
+pure; `take` does the file operations in the order above: `hand_over` (step 1), `judge`
+(step 2), then install or reject. Limits, said plainly: a file over MAX_SCAN is not read
+(so not cleaned); zeroing a FAT file reaches its clusters, not the copies an SD card's
+wear levelling may keep in flash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import time
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import parse
+from gateway.errors import ConfigError
+
+CONFIG_NAME = "mailgw.toml"
+PASSWORD_NAME = "mailgw-smtp-password"
+TAKEN_SUFFIX = ".taken"
+REJECTED_SUFFIX = ".rejected"
+SECRET_NAME = "smtp-password"
+INSTALLED_NAME = "gateway.toml"
+BEFORE_NAME = "gateway.toml.before-firstboot"
+
+# A configuration is a few KiB; anything much larger is not one (a wrong file copied).
+MAX_CONFIG = 64 * 1024
+# Files up to this size are still searched for password lines (so even a refused file
+# gives its password up); a larger one is not read at all.
+MAX_SCAN = 16 * 1024 * 1024
+MAX_PASSWORD_FILE = 4096
+BOM = b"\xef\xbb\xbf"  # Windows Notepad's UTF-8 signature
+
+_HEADER = re.compile(rb"^[ \t]*\[\[?([^\]]*)\]")
+_PART = rb"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
+_KEY = re.compile(rb"^[ \t]*(" + _PART + rb"(?:[ \t]*\.[ \t]*" + _PART + rb")*)[ \t]*=(.*)$")
+# A value that may continue on the next lines: a multi-line string, an array, a table.
+_OPENS = (b'"""', b"'''", b"[", b"{")
+
+
+@dataclass(frozen=True)
+class Found:
+    """One `password = ...` found on the card (its value, never shown)."""
+
+    table: str  # "smtp", or where else it was written
+    line: int
+    value: str | None  # None when it was not a one-line string we could read
+
+
+@dataclass(frozen=True)
+class Stripped:
+    text: bytes  # the file with every password line replaced by a comment
+    found: tuple[Found, ...]
+
+
+def _names(dotted: bytes) -> list[str]:
+    return [
+        p.strip().strip(b"\"'").decode("utf-8", "replace") for p in dotted.split(b".") if p.strip()
+    ]
+
+
+def _value(snippet: bytes) -> tuple[bool, str | None]:
+    """(complete, the string) for a TOML value's text; complete is False while a
+    multi-line value still lacks its end."""
+    try:
+        parsed = tomllib.loads("v = " + snippet.decode("utf-8"))
+    except UnicodeDecodeError:
+        return True, None
+    except tomllib.TOMLDecodeError:
+        return not snippet.lstrip().startswith(_OPENS), None
+    value = parsed.get("v")
+    return True, value if isinstance(value, str) else None
+
+
+def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
+    """Replace every `password = ...` line (and the lines a multi-line value continues
+    on) by `comment`, keeping every other byte. Works on bytes, so a file that is not
+    UTF-8, or not TOML at all, still gives its password lines up.
+
+    A light scan, not a parser: a table header inside a multi-line string can mislead
+    the table name, never the removal (any key named password goes, wherever it is).
+    """
+    lines = raw.split(b"\n")
+    found: list[Found] = []
+    table: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        body = line[len(BOM) :] if i == 0 and line.startswith(BOM) else line
+        head = _HEADER.match(body)
+        key = None if head else _KEY.match(body.rstrip(b"\r"))
+        if head:
+            table = _names(head.group(1))
+        if key is None or _names(key.group(1))[-1:] != ["password"]:
+            i += 1
+            continue
+        where = ".".join(table + _names(key.group(1))[:-1])
+        snippet, end = key.group(2), i
+        complete, value = _value(snippet)
+        while not complete and end + 1 < len(lines):
+            if len(snippet) > MAX_PASSWORD_FILE:
+                # No password is this long: a broken file. Everything to its end goes,
+                # so that nothing of a secret can stay behind (and the scan stays linear).
+                end, value = len(lines) - 1, None
+                break
+            end += 1
+            snippet += b"\n" + lines[end].rstrip(b"\r")
+            complete, value = _value(snippet)
+        for j in range(i, end + 1):
+            cr = b"\r" if lines[j].endswith(b"\r") else b""
+            bom = BOM if j == 0 and lines[j].startswith(BOM) else b""
+            lines[j] = bom + (comment if j == i else b"#") + cr
+        found.append(Found(where, i + 1, value))
+        i = end + 1
+    return Stripped(b"\n".join(lines), tuple(found))
+
+
+def decode(raw: bytes) -> tuple[str | None, str | None]:
+    """(the text to install, or None; the problem). Notepad's BOM and CRLF line ends
+    are undone: the daemon reads /etc/mailgw/gateway.toml as plain UTF-8."""
+    if len(raw) > MAX_CONFIG:
+        return None, (
+            f"is {len(raw)} bytes: too large for a configuration (at most {MAX_CONFIG}); "
+            "is it the right file?"
+        )
+    try:
+        text = raw.removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return None, f"line {line}: not UTF-8 text; save the file as UTF-8"
+    return text.replace("\r\n", "\n"), None
+
+
+def read_password_file(raw: bytes) -> tuple[str | None, str | None]:
+    """(the password, the problem) from `mailgw-smtp-password`: one line, UTF-8."""
+    if len(raw) > MAX_PASSWORD_FILE:
+        return None, f"is {len(raw)} bytes: not a password (one line)"
+    try:
+        text = raw.removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text; save the password as UTF-8"
+    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+    if len(lines) > 1:
+        return None, "holds more than one line; write the password alone on one line"
+    return lines[0], None
+
+
+def choose_password(
+    card: str, found: Iterable[Found], beside: tuple[str | None, str | None] | None
+) -> tuple[str | None, list[str]]:
+    """The SMTP password to install (or None) and the problems with what was given.
+    Two different passwords install neither: guessing would fail AUTH much later,
+    quietly; a rejection says it now."""
+    problems: list[str] = []
+    given: list[str] = []
+    for f in found:
+        if f.table != "smtp":
+            problems.append(
+                f"{card}:{f.line}: {'.'.join(filter(None, (f.table, 'password')))}: not a "
+                "setting; it was removed from the card and not kept (only [smtp] may carry "
+                "a password here; other secrets go in files named by password_file)"
+            )
+        elif f.value is None:
+            problems.append(
+                f"{card}:{f.line}: smtp.password: could not be read; write it on one line "
+                'as password = "..." (or in mailgw-smtp-password beside this file)'
+            )
+        else:
+            given.append(f.value)
+    if beside is not None:
+        value, why = beside
+        if why:
+            problems.append(f"{PASSWORD_NAME}: {why}")
+        elif value is not None:
+            given.append(value)
+    if len(set(given)) > 1:
+        problems.append(
+            "two different SMTP passwords were given (in mailgw.toml and beside it, or twice):"
+            " neither was installed; give it once"
+        )
+        return None, problems
+    if not given:
+        return None, problems
+    password = given[0]
+    if not password.strip():
+        problems.append("the SMTP password is empty")
+        return None, problems
+    if any(c in password for c in "\r\n\0"):
+        problems.append("the SMTP password must be one line (no line break, no NUL)")
+        return None, problems
+    return password, problems
+
+
+def password_problems(
+    data: dict[str, Any], given: bool, secret: Path, secret_ok: bool
+) -> list[str]:
+    """What check-config cannot know: how the password handed over fits the config (its
+    TOML data, so that these come with check-config's problems, not after a fix).
+    `secret_ok`: `secret` holds a password (installed now or before)."""
+    smtp = data.get("smtp")
+    smtp = smtp if isinstance(smtp, dict) else {}
+    username, pwf = smtp.get("username"), smtp.get("password_file")
+    problems = []
+    if given and not username:
+        problems.append(
+            "smtp.username: not set, so the SMTP password given would never be used; set it "
+            f"(the password itself was moved to {secret})"
+        )
+    if isinstance(pwf, str) and os.path.normpath(pwf) == os.path.normpath(secret):
+        problems.append(
+            f"smtp.password_file: {secret} is root's alone (0600): the service reads it as "
+            "its credential smtp-password, not as a file; remove password_file"
+        )
+    elif given and pwf is not None:
+        problems.append(
+            "smtp.password_file: set, and a password was given on the card too; give one "
+            f"(the card's password is installed as {secret}: remove password_file)"
+        )
+    elif username and pwf is None and not smtp.get("oauth_token_file") and not secret_ok:
+        problems.append(
+            f"smtp.username: set, but no password was given and {secret} holds none; write "
+            'password = "..." under [smtp], or the password alone in mailgw-smtp-password '
+            "beside mailgw.toml"
+        )
+    return problems
+
+
+def check(text: str, source: str, installed: Path) -> list[str]:
+    """`mailgw check-config` on `text` as the daemon will read it from `installed`: the
+    same parse, from the daemon's working directory (systemd's default, `/`)."""
+    try:
+        with contextlib.chdir("/"):
+            parse(text, source=source, path=installed)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns what is installed: None leaves it to the running user (tests run
+    unprivileged); `mailgw firstboot` as root passes root and the mailgw group."""
+
+    uid: int | None = None
+    gid: int | None = None
+
+    @property
+    def root_gid(self) -> int | None:
+        """The group of root's own files (the secret), when ownership is set at all."""
+        return None if self.uid is None else 0
+
+    @classmethod
+    def system(cls) -> Owner:
+        if os.geteuid() != 0:
+            return cls()
+        import grp
+
+        try:
+            return cls(0, grp.getgrnam("mailgw").gr_gid)
+        except KeyError:
+            # Never a reason to leave the password on the card: install as root's, say so.
+            return cls(0, None)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (vfat on old kernels) refuse a directory fsync
+    finally:
+        os.close(fd)
+
+
+def write_file(
+    path: Path, data: bytes, mode: int | None, uid: int | None = None, gid: int | None = None
+) -> None:
+    """Replace `path` atomically: a temporary file created with `mode` (never wider for
+    a moment), fsync, rename, fsync the directory. `mode` None: on the card, where FAT
+    has no modes (vfat refuses a chmod it cannot represent)."""
+    tmp = path.with_name(f".{path.name}.firstboot-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink()
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _zero(path: Path) -> None:
+    """Overwrite a file's bytes with zeros where they lie. On FAT (no copy-on-write) this
+    reaches the same clusters, the best a program can do; an SD card's wear levelling
+    may still keep an old copy in flash no file system can reach."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        chunk = bytes(min(size, 64 * 1024))
+        left = size
+        while left:
+            left -= os.write(fd, chunk[:left])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def shred(path: Path) -> None:
+    _zero(path)
+    path.unlink()
+    _fsync_dir(path.parent)
+
+
+def _pending(card: Path) -> Path:
+    return card.with_name(card.name + ".firstboot-new")
+
+
+def rewrite_card(card: Path, data: bytes) -> None:
+    """Replace the card's file by `data` so that the old bytes are gone from the medium:
+    new copy written and synced, old one zeroed in place, then renamed over it. A power
+    cut leaves either the old file (done again next time) or zeros and the new copy
+    (rolled forward by `recover_card`)."""
+    pending = _pending(card)
+    write_file(pending, data, None)
+    _zero(card)
+    os.replace(pending, card)
+    _fsync_dir(card.parent)
+
+
+def recover_card(card: Path) -> None:
+    pending = _pending(card)
+    if not pending.exists():
+        return
+    try:
+        done = card.read_bytes().count(0) == card.stat().st_size
+    except FileNotFoundError:
+        done = True
+    if done:
+        os.replace(pending, card)
+    else:
+        pending.unlink()
+    _fsync_dir(card.parent)
+
+
+# --- the whole job -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int  # 0 taken / nothing to do / password only; 1 rejected
+    summary: str  # one line for the journal ("" when there was nothing to do)
+    problems: tuple[str, ...] = field(default=())
+
+
+def _has_password_key(data: Any) -> bool:
+    if isinstance(data, dict):
+        return any(k == "password" or _has_password_key(v) for k, v in data.items())
+    if isinstance(data, list):
+        return any(_has_password_key(v) for v in data)
+    return False
+
+
+def rejection_note(card: Path, problems: Iterable[str], handover: str, now: float) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    if card.name == PASSWORD_NAME:
+        todo = f"write the password alone on one line, UTF-8, in {PASSWORD_NAME} on this card"
+    else:
+        todo = (
+            f"fix {card.name} on this card (`mailgw check-config -c {card.name}` on any "
+            "machine with mailgw shows the same problems)"
+        )
+    lines = [
+        f"mailgw firstboot did not take {card.name} ({when}; before the network time is set "
+        "the clock may be wrong).",
+        "The configuration in /etc/mailgw was left as it was.",
+        "",
+        "Problems:",
+        *(f"  {p}" for p in problems),
+        "",
+        *([handover, ""] if handover else []),
+        f"What to do: {todo}, and start the device again: the next boot takes it and "
+        "deletes this note. Or, on the device: sudo mailgw firstboot.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What step 1 (every password off the card) found and did."""
+
+    raw: bytes | None  # the card's mailgw.toml as read; None: absent or too large to read
+    stripped: Stripped
+    password: str | None  # the SMTP password, now installed in /etc/mailgw
+    given: bool  # a password was given, in any form
+    problems: tuple[str, ...]
+    note: str  # for the .rejected file: what became of the password
+
+
+def hand_over(card: Path, beside: Path, secret: Path, owner: Owner) -> Handover:
+    """Step 1: the password to `secret`, then off the card (never the other way round: a
+    failed write leaves it on the card rather than nowhere)."""
+    problems: list[str] = []
+    raw: bytes | None = None
+    stripped = Stripped(b"", ())
+    if card.is_file():
+        size = card.stat().st_size
+        if size > MAX_SCAN:
+            problems.append(f"{card}: is {size} bytes: not a configuration; it was not read")
+        else:
+            raw = card.read_bytes()
+            moved = f"# password moved to {secret} by mailgw firstboot".encode()
+            stripped = strip_passwords(raw, moved)
+    pw_file = read_password_file(beside.read_bytes()) if beside.is_file() else None
+    password, why = choose_password(str(card), stripped.found, pw_file)
+    problems += why
+    if password is not None:
+        _etc_dir(secret.parent, owner)
+        write_file(secret, password.encode() + b"\n", 0o600, owner.uid, owner.root_gid)
+    if raw is not None and stripped.found:
+        rewrite_card(card, stripped.text)
+    if pw_file is not None:
+        shred(beside)
+    if password is not None:
+        note = f"The SMTP password was moved to {secret} and removed from this card."
+    elif stripped.found or pw_file is not None:
+        note = "The password was removed from this card and not installed."
+    else:
+        note = ""
+    given = bool(stripped.found) or pw_file is not None
+    return Handover(raw, stripped, password, given, tuple(problems), note)
+
+
+def judge(h: Handover, card: Path, etc: Path, owner: Owner) -> tuple[str | None, list[str]]:
+    """Step 2: (the text to install, every problem): check-config's and the password's."""
+    problems = list(h.problems)
+    if h.raw is None:
+        return None, problems
+    text, why = decode(h.stripped.text)
+    if text is None:
+        return None, [*problems, f"{card}: {why}"]
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        data = {}  # check() says why
+    if _has_password_key(data):
+        # A password the line scan could not separate (an inline table, an escaped key):
+        # nothing of the file may stay on the card. Root keeps it, for the operator.
+        kept = etc / "mailgw.toml.from-card"
+        _etc_dir(etc, owner)
+        write_file(kept, h.raw, 0o600, owner.uid, owner.root_gid)
+        shred(card)
+        problems.append(
+            f"{card}: holds a password that is not on a line of its own "
+            f'(password = "..." under [smtp]); the file was moved to {kept} (root only); '
+            "write it again"
+        )
+        return None, problems
+    secret = etc / SECRET_NAME
+    problems += check(text, str(card), etc / INSTALLED_NAME)
+    secret_ok = h.password is not None or _holds_secret(secret)
+    problems += password_problems(data, h.given, secret, secret_ok)
+    return text, problems
+
+
+def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = None) -> Outcome:
+    """Do the whole job on `boot` (the card) and `etc` (/etc/mailgw); see the module."""
+    owner = owner or Owner()
+    boot, etc = boot.absolute(), etc.absolute()
+    now = time.time() if now is None else now
+    card, beside = boot / CONFIG_NAME, boot / PASSWORD_NAME
+    secret, installed = etc / SECRET_NAME, etc / INSTALLED_NAME
+    recover_card(card)
+    if not (card.is_file() or beside.is_file()):
+        return Outcome(0, "")
+
+    h = hand_over(card, beside, secret, owner)
+    if h.raw is None and not card.exists():
+        # A password alone: for a device already configured.
+        if h.problems:
+            return _reject(beside, list(h.problems), h.note, installed, now)
+        return Outcome(0, f"moved the SMTP password from {beside} to {secret}")
+    text, problems = judge(h, card, etc, owner)
+    if problems or text is None:
+        return _reject(card, problems, h.note, installed, now)
+
+    # 3. Accepted: install, then retire the card's file so the next boot leaves it be.
+    before = _install(text.encode(), installed, owner)
+    os.replace(card, card.with_name(card.name + TAKEN_SUFFIX))
+    with contextlib.suppress(FileNotFoundError):
+        card.with_name(card.name + REJECTED_SUFFIX).unlink()
+    _fsync_dir(boot)
+    parts = [f"took {card}: installed as {installed}"]
+    if before:
+        parts.append(f"the previous one kept as {etc / BEFORE_NAME}")
+    if h.password is not None:
+        parts.append(f"the SMTP password moved to {secret}")
+    parts.append(f"the card's copy is now {card.name}{TAKEN_SUFFIX}")
+    if owner.uid is not None and owner.gid is None:
+        parts.append(
+            f"but there is no mailgw group, so {installed} is root's alone: install the "
+            "package (or systemd-sysusers deploy/sysusers-mailgw.conf) and chgrp it to mailgw"
+        )
+    return Outcome(0, ", ".join(parts))
+
+
+def _etc_dir(etc: Path, owner: Owner) -> None:
+    """/etc/mailgw as the package makes it (root:mailgw 0750), if it is not there yet."""
+    if etc.is_dir():
+        return
+    etc.mkdir(mode=0o750, parents=True)
+    if owner.uid is not None:
+        os.chown(etc, owner.uid, -1 if owner.gid is None else owner.gid)
+
+
+def _holds_secret(secret: Path) -> bool:
+    try:
+        return bool(secret.read_bytes().strip())
+    except OSError:
+        return False
+
+
+def _install(data: bytes, installed: Path, owner: Owner) -> bool:
+    """Install the config (root:mailgw 0640); True when a different previous one was
+    kept as gateway.toml.before-firstboot."""
+    _etc_dir(installed.parent, owner)
+    kept = False
+    try:
+        old = installed.read_bytes()
+        st = installed.stat()
+    except FileNotFoundError:
+        old = None
+    if old is not None and old != data:
+        before = installed.with_name(BEFORE_NAME)
+        keep_owner = (st.st_uid, st.st_gid) if owner.uid is not None else (None, None)
+        write_file(before, old, stat.S_IMODE(st.st_mode), *keep_owner)
+        kept = True
+    write_file(installed, data, 0o640, owner.uid, owner.gid)
+    return kept
+
+
+def _reject(
+    card: Path, problems: list[str], secret_note: str, installed: Path, now: float
+) -> Outcome:
+    note = rejection_note(card, problems, secret_note, now)
+    write_file(card.with_name(card.name + REJECTED_SUFFIX), note.encode(), None)
+    return Outcome(
+        1,
+        f"rejected {card} ({len(problems)} problem(s); {installed} left as it was; "
+        f"see {card.name}{REJECTED_SUFFIX} beside it)",
+        tuple(problems),
+    )
