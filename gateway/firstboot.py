@@ -20,17 +20,16 @@ installs it as /etc/mailgw/gateway.toml. What it guarantees:
   fsync and rename; the card's own rewrite is rolled forward on the next run.
 
 The text work (`strip_passwords`, `decode`, `choose_password`, `password_problems`) is
-pure; `take` does the file operations in the order above: `hand_over` (step 1), `judge`
-(step 2), then install or reject. Limits, said plainly: a file over MAX_SCAN is not read
-(so not cleaned); zeroing a FAT file reaches its clusters, not the copies an SD card's
-wear levelling may keep in flash.
+pure, in `gateway.firstboot_text`; `take` does the file operations in the order above:
+`hand_over` (step 1), `judge` (step 2), then install or reject. Limits, said plainly: a
+file over MAX_SCAN is not read (so not cleaned); zeroing a FAT file reaches its
+clusters, not the copies an SD card's wear levelling may keep in flash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 import time
 import tomllib
@@ -39,229 +38,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import parse
-from gateway.errors import ConfigError
+from gateway.firstboot_text import (
+    MAX_SCAN,
+    PASSWORD_NAME,
+    Stripped,
+    check,
+    choose_password,
+    decode,
+    password_problems,
+    read_password_file,
+    strip_passwords,
+)
 
 CONFIG_NAME = "mailgw.toml"
-PASSWORD_NAME = "mailgw-smtp-password"
 TAKEN_SUFFIX = ".taken"
 REJECTED_SUFFIX = ".rejected"
 SECRET_NAME = "smtp-password"
 INSTALLED_NAME = "gateway.toml"
 BEFORE_NAME = "gateway.toml.before-firstboot"
-
-# A configuration is a few KiB; anything much larger is not one (a wrong file copied).
-MAX_CONFIG = 64 * 1024
-# Files up to this size are still searched for password lines (so even a refused file
-# gives its password up); a larger one is not read at all.
-MAX_SCAN = 16 * 1024 * 1024
-MAX_PASSWORD_FILE = 4096
-BOM = b"\xef\xbb\xbf"  # Windows Notepad's UTF-8 signature
-
-_HEADER = re.compile(rb"^[ \t]*\[\[?([^\]]*)\]")
-_PART = rb"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
-_KEY = re.compile(rb"^[ \t]*(" + _PART + rb"(?:[ \t]*\.[ \t]*" + _PART + rb")*)[ \t]*=(.*)$")
-# A value that may continue on the next lines: a multi-line string, an array, a table.
-_OPENS = (b'"""', b"'''", b"[", b"{")
-
-
-@dataclass(frozen=True)
-class Found:
-    """One `password = ...` found on the card (its value, never shown)."""
-
-    table: str  # "smtp", or where else it was written
-    line: int
-    value: str | None  # None when it was not a one-line string we could read
-
-
-@dataclass(frozen=True)
-class Stripped:
-    text: bytes  # the file with every password line replaced by a comment
-    found: tuple[Found, ...]
-
-
-def _names(dotted: bytes) -> list[str]:
-    return [
-        p.strip().strip(b"\"'").decode("utf-8", "replace") for p in dotted.split(b".") if p.strip()
-    ]
-
-
-def _value(snippet: bytes) -> tuple[bool, str | None]:
-    """(complete, the string) for a TOML value's text; complete is False while a
-    multi-line value still lacks its end."""
-    try:
-        parsed = tomllib.loads("v = " + snippet.decode("utf-8"))
-    except UnicodeDecodeError:
-        return True, None
-    except tomllib.TOMLDecodeError:
-        return not snippet.lstrip().startswith(_OPENS), None
-    value = parsed.get("v")
-    return True, value if isinstance(value, str) else None
-
-
-def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
-    """Replace every `password = ...` line (and the lines a multi-line value continues
-    on) by `comment`, keeping every other byte. Works on bytes, so a file that is not
-    UTF-8, or not TOML at all, still gives its password lines up.
-
-    A light scan, not a parser: a table header inside a multi-line string can mislead
-    the table name, never the removal (any key named password goes, wherever it is).
-    """
-    lines = raw.split(b"\n")
-    found: list[Found] = []
-    table: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        body = line[len(BOM) :] if i == 0 and line.startswith(BOM) else line
-        head = _HEADER.match(body)
-        key = None if head else _KEY.match(body.rstrip(b"\r"))
-        if head:
-            table = _names(head.group(1))
-        if key is None or _names(key.group(1))[-1:] != ["password"]:
-            i += 1
-            continue
-        where = ".".join(table + _names(key.group(1))[:-1])
-        snippet, end = key.group(2), i
-        complete, value = _value(snippet)
-        while not complete and end + 1 < len(lines):
-            if len(snippet) > MAX_PASSWORD_FILE:
-                # No password is this long: a broken file. Everything to its end goes,
-                # so that nothing of a secret can stay behind (and the scan stays linear).
-                end, value = len(lines) - 1, None
-                break
-            end += 1
-            snippet += b"\n" + lines[end].rstrip(b"\r")
-            complete, value = _value(snippet)
-        for j in range(i, end + 1):
-            cr = b"\r" if lines[j].endswith(b"\r") else b""
-            bom = BOM if j == 0 and lines[j].startswith(BOM) else b""
-            lines[j] = bom + (comment if j == i else b"#") + cr
-        found.append(Found(where, i + 1, value))
-        i = end + 1
-    return Stripped(b"\n".join(lines), tuple(found))
-
-
-def decode(raw: bytes) -> tuple[str | None, str | None]:
-    """(the text to install, or None; the problem). Notepad's BOM and CRLF line ends
-    are undone: the daemon reads /etc/mailgw/gateway.toml as plain UTF-8."""
-    if len(raw) > MAX_CONFIG:
-        return None, (
-            f"is {len(raw)} bytes: too large for a configuration (at most {MAX_CONFIG}); "
-            "is it the right file?"
-        )
-    try:
-        text = raw.removeprefix(BOM).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        return None, f"line {line}: not UTF-8 text; save the file as UTF-8"
-    return text.replace("\r\n", "\n"), None
-
-
-def read_password_file(raw: bytes) -> tuple[str | None, str | None]:
-    """(the password, the problem) from `mailgw-smtp-password`: one line, UTF-8."""
-    if len(raw) > MAX_PASSWORD_FILE:
-        return None, f"is {len(raw)} bytes: not a password (one line)"
-    try:
-        text = raw.removeprefix(BOM).decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "is not UTF-8 text; save the password as UTF-8"
-    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
-    if len(lines) > 1:
-        return None, "holds more than one line; write the password alone on one line"
-    return lines[0], None
-
-
-def choose_password(
-    card: str, found: Iterable[Found], beside: tuple[str | None, str | None] | None
-) -> tuple[str | None, list[str]]:
-    """The SMTP password to install (or None) and the problems with what was given.
-    Two different passwords install neither: guessing would fail AUTH much later,
-    quietly; a rejection says it now."""
-    problems: list[str] = []
-    given: list[str] = []
-    for f in found:
-        if f.table != "smtp":
-            problems.append(
-                f"{card}:{f.line}: {'.'.join(filter(None, (f.table, 'password')))}: not a "
-                "setting; it was removed from the card and not kept (only [smtp] may carry "
-                "a password here; other secrets go in files named by password_file)"
-            )
-        elif f.value is None:
-            problems.append(
-                f"{card}:{f.line}: smtp.password: could not be read; write it on one line "
-                'as password = "..." (or in mailgw-smtp-password beside this file)'
-            )
-        else:
-            given.append(f.value)
-    if beside is not None:
-        value, why = beside
-        if why:
-            problems.append(f"{PASSWORD_NAME}: {why}")
-        elif value is not None:
-            given.append(value)
-    if len(set(given)) > 1:
-        problems.append(
-            "two different SMTP passwords were given (in mailgw.toml and beside it, or twice):"
-            " neither was installed; give it once"
-        )
-        return None, problems
-    if not given:
-        return None, problems
-    password = given[0]
-    if not password.strip():
-        problems.append("the SMTP password is empty")
-        return None, problems
-    if any(c in password for c in "\r\n\0"):
-        problems.append("the SMTP password must be one line (no line break, no NUL)")
-        return None, problems
-    return password, problems
-
-
-def password_problems(
-    data: dict[str, Any], given: bool, secret: Path, secret_ok: bool
-) -> list[str]:
-    """What check-config cannot know: how the password handed over fits the config (its
-    TOML data, so that these come with check-config's problems, not after a fix).
-    `secret_ok`: `secret` holds a password (installed now or before)."""
-    smtp = data.get("smtp")
-    smtp = smtp if isinstance(smtp, dict) else {}
-    username, pwf = smtp.get("username"), smtp.get("password_file")
-    problems = []
-    if given and not username:
-        problems.append(
-            "smtp.username: not set, so the SMTP password given would never be used; set it "
-            f"(the password itself was moved to {secret})"
-        )
-    if isinstance(pwf, str) and os.path.normpath(pwf) == os.path.normpath(secret):
-        problems.append(
-            f"smtp.password_file: {secret} is root's alone (0600): the service reads it as "
-            "its credential smtp-password, not as a file; remove password_file"
-        )
-    elif given and pwf is not None:
-        problems.append(
-            "smtp.password_file: set, and a password was given on the card too; give one "
-            f"(the card's password is installed as {secret}: remove password_file)"
-        )
-    elif username and pwf is None and not smtp.get("oauth_token_file") and not secret_ok:
-        problems.append(
-            f"smtp.username: set, but no password was given and {secret} holds none; write "
-            'password = "..." under [smtp], or the password alone in mailgw-smtp-password '
-            "beside mailgw.toml"
-        )
-    return problems
-
-
-def check(text: str, source: str, installed: Path) -> list[str]:
-    """`mailgw check-config` on `text` as the daemon will read it from `installed`: the
-    same parse, from the daemon's working directory (systemd's default, `/`)."""
-    try:
-        with contextlib.chdir("/"):
-            parse(text, source=source, path=installed)
-    except ConfigError as exc:
-        return list(exc.problems)
-    return []
-
 
 # --- files ---------------------------------------------------------------------------
 

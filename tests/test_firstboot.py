@@ -15,14 +15,8 @@ from hypothesis import strategies as st
 
 from gateway.config import parse
 from gateway.errors import ConfigError
-from gateway.firstboot import (
-    MAX_CONFIG,
-    Owner,
-    Stripped,
-    recover_card,
-    strip_passwords,
-    take,
-)
+from gateway.firstboot import Owner, recover_card, take
+from gateway.firstboot_text import MAX_CONFIG, Stripped, strip_passwords
 from tests.conftest import run_cli
 
 SECRET = "Zq9-h\u00fcnter2-S3cr3t"

@@ -29,7 +29,7 @@ host = "localhost"
 port = {smtp_port}
 tls = "starttls"
 from = "mailgw@box.example"
-username = "{user}"
+username = "{user}"{password}
 ca_file = "/etc/mailgw/ca.pem"
 min_backoff = "1s"
 probe_max = "2s"
@@ -46,12 +46,14 @@ to = ["ops@box.example"]
 """
 
 
-def config(smtp: SmtpServer, broker: Mosquitto, serial: bool = True) -> str:
-    """The device's gateway.toml: the host's smarthost (STARTTLS, AUTH) and broker."""
+def config(smtp: SmtpServer, broker: Mosquitto, serial: bool = True, password: bool = False) -> str:
+    """The device's gateway.toml: the host's smarthost (STARTTLS, AUTH) and broker; with
+    `password`, the SMTP password in it, as a first-boot file on the card may have it."""
     return CONFIG.format(
         smtp_port=smtp.port,
         mqtt_port=broker.port,
         user=USER,
+        password=f'\npassword = "{PASSWORD}"' if password else "",
         serial=SERIAL.format(tty=TTY) if serial else "",
     )
 

@@ -33,6 +33,7 @@ def arm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     m.destroy()
 
 
+@pytest.mark.timeout(900)  # emulated: pip and compileall run about 10 times slower
 def test_installs_and_delivers_under_emulation(
     arm: Machine, debs: tuple[Path, Path], parts: tuple[Pki, SmtpServer, Mosquitto]
 ) -> None:

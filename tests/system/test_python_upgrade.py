@@ -32,6 +32,7 @@ def device(debs: tuple[Path, Path]) -> Iterator[Machine]:
     m.destroy()
 
 
+@pytest.mark.timeout(600)  # fetches Debian 13's python3 from the archive
 def test_python_upgrade_rebuilds_the_venv_and_keeps_the_queue(
     device: Machine, debs: tuple[Path, Path], parts: tuple[Pki, SmtpServer, Mosquitto]
 ) -> None:

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TOOLS = "/usr/local/lib/mailgw-test"
+CARD = "/boot/firmware/mailgw.toml"
 
 
 @pytest.fixture(scope="module", params=SUITES)
@@ -40,14 +41,14 @@ def box(
         deb = debs[1]
         m.put(f"/root/{deb.name}", deb.read_bytes())
         m.chroot(f"dpkg -i /root/{deb.name}")
-        m.put("/etc/mailgw/gateway.toml", config(smtp, broker), 0o640)
+        # Flash and go: the config, password in it, on the card's boot partition; the
+        # first-boot unit installs it before mailgw starts.
+        m.put(CARD, config(smtp, broker, password=True), 0o755)
         m.put("/etc/mailgw/ca.pem", pki.ca_file.read_bytes(), 0o644)
-        m.put("/etc/mailgw/smtp-password", PASSWORD + "\n", 0o600)
         m.put("/etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
         m.put(f"{TOOLS}/sim.py", (HERE / "sim.py").read_bytes())
         m.put(f"{TOOLS}/probe.py", (HERE / "probe.py").read_bytes())
         m.put("/home/operator/notes", "not for the gateway\n", 0o644)
-        m.chroot("chown root:mailgw /etc/mailgw/gateway.toml && mailgw check-config")
         m.chroot("install -d -o mailgw -g mailgw /srv/mailgw-owned")
         m.boot()
         yield m
@@ -59,8 +60,12 @@ def box(
 
 
 def show(m: Machine, *props: str) -> dict[str, str]:
+    return show_unit(m, "mailgw", *props)
+
+
+def show_unit(m: Machine, unit: str, *props: str) -> dict[str, str]:
     args = " ".join(f"-p {p}" for p in props)
-    out = m.run(f"systemctl show mailgw {args}").stdout
+    out = m.run(f"systemctl show {unit} {args}").stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
@@ -86,6 +91,24 @@ def wait_mqtt(m: Machine, since: int = 0) -> None:
 
 
 # --- the tests -------------------------------------------------------------------------
+
+
+def test_the_card_config_was_taken_at_first_boot(box: Machine) -> None:
+    result = show_unit(box, "mailgw-firstboot", "Result", "ExecMainStatus")
+    assert result == {"Result": "success", "ExecMainStatus": "0"}, result
+    modes = box.run(
+        "stat -c '%n %U:%G %a' /etc/mailgw/gateway.toml /etc/mailgw/smtp-password"
+    ).stdout.splitlines()
+    assert modes == [
+        "/etc/mailgw/gateway.toml root:mailgw 640",
+        "/etc/mailgw/smtp-password root:root 600",
+    ]
+    assert box.run("cat /etc/mailgw/smtp-password").stdout.strip() == PASSWORD
+    # Nothing on the card still holds the password; the taken file is renamed.
+    assert box.run("ls /boot/firmware").stdout.split() == ["mailgw.toml.taken"]
+    assert box.run(f"grep -rl '{PASSWORD}' /boot/firmware", check=False).stdout == ""
+    assert "took" in box.run("journalctl --no-pager -o cat -u mailgw-firstboot").stdout
+    assert box.run("mailgw check-config").stdout.startswith("ok: /etc/mailgw/gateway.toml")
 
 
 def test_active_only_after_ready_under_the_shipped_unit(box: Machine) -> None:
@@ -287,6 +310,32 @@ def test_a_missing_credential_is_reported_not_looped(
         box.run("mv /root/smtp-password /etc/mailgw/smtp-password")
     box.run("systemctl restart mailgw")
     arrived(smtp, ["while the password is missing"])
+
+
+def test_a_card_config_that_fails_the_check_is_rejected_with_its_reason(box: Machine) -> None:
+    before = box.run("sha256sum /etc/mailgw/gateway.toml").stdout
+    bad = config_text_with(box, 'password = "card-secret-2"', "port = 99999")
+    box.put(CARD, bad, 0o755)
+    box.run("systemctl start mailgw-firstboot", check=False)
+    result = show_unit(box, "mailgw-firstboot", "Result", "ExecMainStatus")
+    assert result == {"Result": "exit-code", "ExecMainStatus": "1"}, result
+    # Left on the card, the reason beside it, the password gone from it all the same.
+    why = box.run("cat /boot/firmware/mailgw.toml.rejected").stdout
+    assert "port" in why, why
+    assert box.run("grep -rl card-secret-2 /boot/firmware", check=False).stdout == ""
+    assert box.run("test -e /boot/firmware/mailgw.toml")
+    assert box.run("sha256sum /etc/mailgw/gateway.toml").stdout == before
+    assert running(box)  # the daemon runs on with the config it had
+    box.run("rm -f /boot/firmware/mailgw.toml /boot/firmware/mailgw.toml.rejected")
+    # The rejected password was still taken off the card: put the right one back.
+    box.put("/etc/mailgw/smtp-password", PASSWORD + "\n", 0o600)
+
+
+def config_text_with(box: Machine, password_line: str, port_line: str) -> str:
+    """The installed config with a password line and the SMTP port replaced."""
+    text = box.run("cat /etc/mailgw/gateway.toml").stdout
+    text = re.sub(r"(?m)^port = \d+$", port_line, text, count=1)
+    return text.replace("[smtp]\n", f"[smtp]\n{password_line}\n", 1)
 
 
 def test_purge_keeps_a_nonempty_outbox_and_says_so(box: Machine) -> None:
