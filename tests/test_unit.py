@@ -1,4 +1,4 @@
-"""The systemd unit, checked statically (the booted-container suite runs it for real)."""
+"""The systemd units, checked statically (the booted-container suite runs it for real)."""
 
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ def test_exposure_score_at_most_1_5() -> None:
     )
 
 
-def test_verify_is_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["mailgw.service", "mailgw-firstboot.service"])
+def test_verify_is_clean(tmp_path: Path, name: str) -> None:
     """`verify` exits 0 on unknown keys, so any output at all is a failure here."""
     assert analyze is not None
     mailgw = Path(sys.executable).with_name("mailgw")
-    unit = tmp_path / "mailgw.service"
+    unit = tmp_path / name
     # verify insists the ExecStart binary exists; point it at this checkout's.
-    unit.write_text(UNIT.read_text().replace("/opt/mailgw/bin/mailgw", str(mailgw)))
+    text = (UNIT.parent / name).read_text()
+    unit.write_text(text.replace("/opt/mailgw/bin/mailgw", str(mailgw)))
     r = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
 
