@@ -232,6 +232,10 @@ class _Handler:
 
     # CRAM-MD5 (RFC 2195) and XOAUTH2 are not built into aiosmtpd; handlers may add them.
     async def auth_CRAM__MD5(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        self.server.auth_attempts.append("CRAM-MD5")
+        if "CRAM-MD5" in self.server.broken_mechanisms:  # advertised, not supported
+            await smtp.push("504 5.5.4 Unrecognized authentication type")
+            return AuthResult(success=False, handled=True)
         challenge = f"<{secrets.token_hex(8)}@mailgw-test>".encode()
         response = await smtp.challenge_auth(challenge)
         if not isinstance(response, bytes):
@@ -245,6 +249,7 @@ class _Handler:
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     async def auth_XOAUTH2(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        self.server.auth_attempts.append("XOAUTH2")
         if len(args) < 2:
             return AuthResult(success=False, handled=False)
         parts = base64.b64decode(args[1]).decode().split("\x01")
@@ -281,7 +286,8 @@ class SmtpServer:
         self.script = Script()
         self.received: list[Received] = []
         self.connections = 0
-        self.auth_attempts: list[str] = []
+        self.auth_attempts: list[str] = []  # one entry per AUTH command, its mechanism
+        self.broken_mechanisms: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._controller: Controller | None = None

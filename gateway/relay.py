@@ -40,7 +40,7 @@ from gateway.outbox.writer import Writer
 from gateway.replies import Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
-from gateway.smtp import SmtpSession, UplinkDown, reachable
+from gateway.smtp import AuthRefused, SmtpSession, UplinkDown, reachable
 from gateway.uplink import Blame, Breaks, Uplink, retry_delay
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ class Relay:
     def reload(self, config: Config, router: Router) -> None:
         self.config = config
         self.router = router
+        if self.uplink.held:
+            # The operator may have fixed the password (read at each login) or the
+            # account: try now rather than at the end of the hold.
+            log.info("reloaded: trying the smarthost now instead of at the end of the hold")
+            self.flush()
 
     def close(self) -> None:
         pass  # the session is closed by run()'s finally, inside the loop
@@ -241,7 +246,10 @@ class Relay:
                 session.where,
                 outage,
             )
+        if self.runtime.uplink == "auth_failed":
+            log.warning("%s accepted the login again; draining the queue", session.where)
         self.runtime.uplink = "up"
+        self.runtime.relay_hold = None
         self.runtime.next_probe_at = None
 
     async def _close_session(self, polite: bool = True) -> None:
@@ -265,8 +273,33 @@ class Relay:
             0.0, self.uplink.next_probe - time.monotonic()
         )
 
+    def _hold(self, state: str, reason: str, delay: float, waiting: int) -> None:
+        """The account was refused (`state` auth_failed or paused): no session for `delay`
+        (jittered longer), the queue kept whole and uncharged; `mailgw flush` ends it."""
+        first = self.runtime.uplink != state
+        delay = self.uplink.hold(delay, time.monotonic())
+        self.runtime.uplink = state
+        self.runtime.relay_hold = reason
+        self.runtime.next_probe_at = time.time() + delay
+        self.runtime.error(reason)
+        self.runtime.attempts[state] += 1
+        log.log(
+            logging.ERROR if first else logging.WARNING,
+            "relay %s: %s; %d messages wait, none is charged an attempt; next try in %.0f s "
+            "(`mailgw flush` or `systemctl reload mailgw` tries now)",
+            "paused" if state == "paused" else "stopped",
+            reason,
+            waiting,
+            delay,
+        )
+
     def _uplink_down(self, exc: UplinkDown, waiting: int) -> None:
         self.session = None
+        if isinstance(exc, AuthRefused):
+            # One refused login per smtp.auth_retry, never a probe a minute: a wrong
+            # password must not walk the account into a lockout.
+            self._hold("auth_failed", str(exc), self.smtp.auth_retry, waiting)
+            return
         first = self.uplink.down_since is None
         delay = self.uplink.down(exc.unreachable, time.monotonic())
         self.runtime.uplink = "down"

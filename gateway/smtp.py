@@ -51,6 +51,18 @@ class UplinkDown(TemporaryFailure):
         self.unreachable = unreachable
 
 
+class AuthRefused(UplinkDown):
+    """The smarthost refused our login: retrying soon cannot help (the secret is wrong
+    or revoked) and every failed AUTH counts toward the account's lockout, so the relay
+    waits smtp.auth_retry, or for `mailgw flush` after the fix."""
+
+
+# A reply to AUTH that refuses the mechanism, not the credentials (RFC 4954 §6: 504
+# unrecognised, 534 too weak): another offered mechanism may be tried in the same session
+# without counting as a failed login. Any other refusal ends the attempt.
+_MECHANISM_REFUSED = (504, 534)
+
+
 def tls_context(cfg: SmtpSection) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -192,6 +204,9 @@ class SmtpSession:
                     "downgrade attack, or the port is wrong: 587 is usual)"
                 )
             await client.starttls(tls_context=ctx)
+            # RFC 3207 §4.2: what the server offered in clear is void; ask again (the
+            # AUTH mechanisms are often offered only now).
+            await client.ehlo()
         self._read_tls(client)
         self.extensions = dict(client.esmtp_extensions)
 
@@ -209,18 +224,35 @@ class SmtpSession:
             self.auth_mechanism = "XOAUTH2"
             await client.auth_xoauth2(cfg.username, value)
         else:
-            offered = client.supported_auth_methods
-            self.auth_mechanism = offered[0].upper() if offered else None
-            await client.login(cfg.username, value)
+            await self._login_password(client, cfg.username, value)
+
+    async def _login_password(self, client: aiosmtplib.SMTP, username: str, password: str) -> None:
+        """One login, not aiosmtplib's `login()`, which goes on to the next mechanism after
+        a refused one: a wrong password would count as several failures per session."""
+        offered = client.supported_auth_methods  # aiosmtplib's preference: CRAM-MD5 first
+        if not offered:
+            raise UplinkDown(
+                f"{self.where} offers no AUTH mechanism mailgw can use (CRAM-MD5, PLAIN, LOGIN) "
+                f"after {'TLS' if self.cfg.tls != 'none' else 'EHLO'}; check smtp.host and port"
+            )
+        for name in offered:
+            self.auth_mechanism = name.upper()
+            try:
+                await getattr(client, f"auth_{name.replace('-', '')}")(username, password)
+                return
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                if exc.code not in _MECHANISM_REFUSED or name == offered[-1]:
+                    raise
 
     def _down(self, exc: Exception, connected: bool) -> UplinkDown:
         """Why a session could not be opened. `unreachable` only when no connection was
         made at all and TLS played no part: then a TCP connect tells when it is back."""
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            return UplinkDown(
-                f"{self.where} refused the login for {self.cfg.username}: {describe(exc)}; "
-                "check smtp.username and the password (Gmail and Microsoft 365 need an app "
-                "password or XOAUTH2)"
+            return AuthRefused(
+                f"{self.where} refused the login for {self.cfg.username} "
+                f"({self.auth_mechanism}): {describe(exc)}; check smtp.username and the "
+                "password (Gmail and Microsoft 365 need an app password or OAuth2), then "
+                "`mailgw flush`"
             )
         if isinstance(exc, aiosmtplib.SMTPException):
             # SMTPConnectError and its timeouts: no connection at all.

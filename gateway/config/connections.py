@@ -57,6 +57,10 @@ def smtp_section(t: Table) -> SmtpSection:
         max_backoff=t.duration("max_backoff", 3600.0, minimum=1),
         probe_max=t.duration("probe_max", 60.0, minimum=1),
         batch=t.integer("batch", 100, lo=1, hi=10_000),
+        # Each attempt with a wrong password counts toward the account's lockout: 15 min
+        # is 2 failures in any 30 min and 4 an hour, under AD's common 5-in-30-min and
+        # Microsoft 365 smart lockout's 10 (docs/CONFIG.md).
+        auth_retry=t.duration("auth_retry", 900.0, minimum=1),
     )
     t.done()
     _check_smtp(t, section, host)

@@ -64,6 +64,9 @@ class SmtpSection:
     max_backoff: float = 3600.0
     probe_max: float = 60.0
     batch: int = 100
+    # After the smarthost refused our login, or the account (auth required, send-as),
+    # no session is tried again before this: see docs/CONFIG.md for the lockout sums.
+    auth_retry: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
