@@ -172,11 +172,30 @@ class Script:
         self.stall_in_data = 0.0  # seconds to sit on end of DATA (once)
         self.data_delay = 0.0  # seconds every end of DATA takes (a slow smarthost)
         self.drop_when: bytes | None = None  # close mid-DATA whenever the mail holds this
+        self.mail_reply: str | None = None  # reply to every MAIL FROM while set
+        self.data_refusal: str | None = None  # reply to every end of DATA while set
+        self.refused = 0  # MAIL FROMs and DATAs refused by the two above
 
 
 class _Handler:
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
+
+    async def handle_MAIL(
+        self,
+        smtp: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        script = self.server.script
+        if script.mail_reply:
+            script.refused += 1
+            return script.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -210,6 +229,9 @@ class _Handler:
             await asyncio.sleep(script.data_delay)
         if script.data_replies:
             return script.data_replies.pop(0)
+        if script.data_refusal:
+            script.refused += 1
+            return script.data_refusal
         raw = envelope.original_content or b""
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)

@@ -338,7 +338,8 @@ def failure(exc: Exception) -> Failed:
     if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(
         exc, aiosmtplib.SMTPServerDisconnected
     ):
-        return Refused(Reply(exc.code, exc.message))
+        at = "mail" if isinstance(exc, aiosmtplib.SMTPSenderRefused) else ""
+        return Refused(Reply(exc.code, exc.message), at=at)
     if isinstance(exc, CONNECTION_ERRORS):
         return Broken(describe(exc), timed_out=isinstance(exc, TimeoutError))
     return Unexpected(describe(exc))

@@ -37,6 +37,11 @@ TCP_PROBE_SLOW_EVERY = 6
 POISON_BREAKS = 3
 # Bounds the memory of breaks: at worst a poison message is recognised later.
 MAX_REMEMBERED = 10_000
+# The same permanent refusal (code and enhanced status) for this many different messages
+# in a row, nothing accepted between them, is the account's or the smarthost's problem,
+# not theirs: the relay pauses instead of dead-lettering the queue one by one. Replies
+# about the message itself (an address, its size, its content) never count.
+SAME_REFUSALS = 3
 
 
 def retry_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -188,3 +193,22 @@ class Breaks:
     def settled(self, key: Hashable) -> None:
         """The message got an answer (or was charged): forget its breaks."""
         self._at.pop(key, None)
+
+
+class Streak:
+    """Different messages in a row refused with the same permanent reply."""
+
+    def __init__(self) -> None:
+        self.reply: str | None = None
+        self.messages: set[Hashable] = set()
+
+    def refused(self, reply: str, key: Hashable) -> int:
+        """Message `key` was refused with `reply`: how many different messages in a row."""
+        if reply != self.reply:
+            self.reply, self.messages = reply, set()
+        self.messages.add(key)
+        return len(self.messages)
+
+    def broken(self) -> None:
+        """Anything else happened (a message accepted, another reply): start again."""
+        self.reply, self.messages = None, set()

@@ -220,7 +220,11 @@ R = ("a@x", "b@x")
     [
         (aiosmtplib.SMTPDataError(451, "later"), Refused(Reply(451, "later")), "queued"),
         (aiosmtplib.SMTPDataError(552, "too big"), Refused(Reply(552, "too big")), "dead"),
-        (aiosmtplib.SMTPSenderRefused(553, "bad", "s"), Refused(Reply(553, "bad")), "dead"),
+        (
+            aiosmtplib.SMTPSenderRefused(553, "bad", "s"),
+            Refused(Reply(553, "bad"), at="mail"),
+            "queued",  # the sender is every message's: the relay pauses
+        ),
         (aiosmtplib.SMTPDataError(421, "bye"), Refused(Reply(421, "bye")), "queued"),
         (
             aiosmtplib.SMTPRecipientsRefused(

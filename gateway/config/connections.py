@@ -61,6 +61,9 @@ def smtp_section(t: Table) -> SmtpSection:
         # is 2 failures in any 30 min and 4 an hour, under AD's common 5-in-30-min and
         # Microsoft 365 smart lockout's 10 (docs/CONFIG.md).
         auth_retry=t.duration("auth_retry", 900.0, minimum=1),
+        # Quotas are counted over a rolling day (Gmail, Microsoft 365, SES) and the reply
+        # does not say when it ends: one message an hour finds the end within the hour.
+        quota_retry=t.duration("quota_retry", 3600.0, minimum=1),
     )
     t.done()
     _check_smtp(t, section, host)

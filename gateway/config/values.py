@@ -67,6 +67,7 @@ class SmtpSection:
     # After the smarthost refused our login, or the account (auth required, send-as),
     # no session is tried again before this: see docs/CONFIG.md for the lockout sums.
     auth_retry: float = 900.0
+    quota_retry: float = 3600.0  # after a quota reply: one message tries again after this
 
 
 @dataclass(frozen=True, slots=True)
