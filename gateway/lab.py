@@ -175,6 +175,7 @@ class Script:
         self.mail_reply: str | None = None  # reply to every MAIL FROM while set
         self.data_refusal: str | None = None  # reply to every end of DATA while set
         self.refused = 0  # MAIL FROMs and DATAs refused by the two above
+        self.close_every = 0  # close the session after every n-th accepted mail
 
 
 class _Handler:
@@ -250,6 +251,10 @@ class _Handler:
                 tls=smtp._tls_protocol is not None or self.server.tls == "implicit",
             )
         )
+        if script.close_every and len(self.server.received) % script.close_every == 0:
+            # A session that ends after this reply: the next mail needs a new login.
+            assert smtp.transport is not None
+            asyncio.get_running_loop().call_later(0.05, smtp.transport.close)
         return "250 2.0.0 OK queued"
 
     # CRAM-MD5 (RFC 2195) and XOAUTH2 are not built into aiosmtpd; handlers may add them.
@@ -271,13 +276,29 @@ class _Handler:
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     async def auth_XOAUTH2(self, smtp: SMTP, args: list[str]) -> AuthResult:
-        self.server.auth_attempts.append("XOAUTH2")
+        return self._bearer("XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        return self._bearer("OAUTHBEARER", args)
+
+    def _bearer(self, mechanism: str, args: list[str]) -> AuthResult:
+        """XOAUTH2 and OAUTHBEARER (RFC 7628): the token checked by `check_token` (a
+        token endpoint's) or against `tokens`. A refusal is a plain 535."""
+        self.server.auth_attempts.append(mechanism)
         if len(args) < 2:
             return AuthResult(success=False, handled=False)
         parts = base64.b64decode(args[1]).decode().split("\x01")
-        fields = dict(p.split("=", 1) for p in parts if "=" in p)
-        user = fields.get("user", "")
-        ok = fields.get("auth") == f"Bearer {self.server.tokens.get(user, '-')}"
+        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        head = parts[0]
+        if mechanism == "OAUTHBEARER":  # "n,a=user," GS2 header
+            user = head.split(",")[1].removeprefix("a=").replace("=2C", ",").replace("=3D", "=")
+        else:
+            user = head.removeprefix("user=")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        check = self.server.check_token
+        ok = check(user, token) if check else token == self.server.tokens.get(user, "-")
+        if not ok:
+            self.server.auth_refused += 1
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
 
@@ -310,6 +331,9 @@ class SmtpServer:
         self.connections = 0
         self.auth_attempts: list[str] = []  # one entry per AUTH command, its mechanism
         self.broken_mechanisms: tuple[str, ...] = ()
+        self.auth_refused = 0  # bearer tokens refused
+        # (user, token) → valid? For tokens a test's token endpoint issued.
+        self.check_token: Callable[[str, str], bool] | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._controller: Controller | None = None

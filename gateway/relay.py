@@ -39,6 +39,7 @@ from gateway.clock import Stamp
 from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.ledger import DISK_RETRY, Ledger
+from gateway.oauth import TokenSource
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.replies import Verdict, judge
@@ -88,6 +89,16 @@ class Relay:
         self.stall_limit = self.smtp.timeout * 6 + 10
         self.uplink = Uplink(self.smtp.probe_max, self.rng)
         self.waits = Waits(self.uplink, runtime, self.smtp)
+        # One token source for every session: a token outlives the session it came for.
+        self.tokens = (
+            TokenSource(
+                self.smtp.oauth,
+                self.smtp.timeout,
+                cache=config.gateway.state_dir / "oauth-token.json",
+            )
+            if self.smtp.oauth
+            else None
+        )
         self.breaks = Breaks()
         self.streak = Streak()
         self._trouble: UplinkDown | None = None  # a broken session blamed on the uplink
@@ -245,7 +256,7 @@ class Relay:
         )
 
     async def _open_session(self) -> None:
-        session = SmtpSession(self.smtp, self.helo)
+        session = SmtpSession(self.smtp, self.helo, self.tokens)
         await session.open()  # raises UplinkDown
         self.session = session
         self.waits.opened(session.where)

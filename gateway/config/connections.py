@@ -20,7 +20,7 @@ from gateway.config.checks import (
     tls_files_problems,
 )
 from gateway.config.loader import Table
-from gateway.config.values import MqttSection, SmtpSection
+from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
 
 def smtp_section(t: Table) -> SmtpSection:
@@ -32,6 +32,10 @@ def smtp_section(t: Table) -> SmtpSection:
     password_file = t.path("password_file", None)
     oauth_token_file = t.path("oauth_token_file", None)
     helo_name = t.text("helo_name", None)
+    t.seen.add("oauth")
+    oauth = (
+        oauth_section(t.loader.table("smtp.oauth", t.data["oauth"])) if "oauth" in t.data else None
+    )
     if isinstance(helo_name, str) and (why := check_helo_name(helo_name)):
         t.loader.problem(t.name, "helo_name", why)
     if isinstance(sender, str):
@@ -64,6 +68,7 @@ def smtp_section(t: Table) -> SmtpSection:
         # Quotas are counted over a rolling day (Gmail, Microsoft 365, SES) and the reply
         # does not say when it ends: one message an hour finds the end within the hour.
         quota_retry=t.duration("quota_retry", 3600.0, minimum=1),
+        oauth=oauth,
     )
     t.done()
     _check_smtp(t, section, host)
@@ -99,10 +104,76 @@ def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:
             t.loader.problem(t.name, key, why)
     for key, why in tls_files_problems(section.ca_file):
         t.loader.problem(t.name, key, why)
-    if (password_file or oauth_token_file) and not username:
-        t.loader.problem(t.name, "username", "is required when a password or token is configured")
+    if (password_file or oauth_token_file or section.oauth) and not username:
+        t.loader.problem(
+            t.name,
+            "username",
+            "is required when a password or token is configured (with [smtp.oauth]: the "
+            "mailbox to send as)",
+        )
+    if section.oauth and (password_file or oauth_token_file):
+        key = "password_file" if password_file else "oauth_token_file"
+        t.loader.problem(t.name, key, "cannot be combined with [smtp.oauth]; remove one")
+    if section.oauth and tls == "none":
+        t.loader.problem(t.name, "tls", '"none" cannot be combined with [smtp.oauth]')
     if section.min_backoff > section.max_backoff:
         t.loader.problem(t.name, "min_backoff", "must not exceed max_backoff")
+
+
+def oauth_section(t: Table) -> OAuthSection:
+    """[smtp.oauth]: what gateway/oauth.py needs to fetch and refresh access tokens."""
+    grant = t.text("grant", "client_credentials", choices=("client_credentials", "refresh_token"))
+    token_url = t.text("token_url")
+    if isinstance(token_url, str) and (why := _token_url_problem(token_url)):
+        t.loader.problem(t.name, "token_url", why)
+    section = OAuthSection(
+        token_url=token_url or "",
+        client_id=t.text("client_id") or "",
+        grant=grant or "client_credentials",
+        client_secret_file=t.path("client_secret_file", None),
+        refresh_token_file=t.path("refresh_token_file", None),
+        scope=t.text("scope", None),
+        mechanism=(
+            t.text("mechanism", "xoauth2", choices=("xoauth2", "oauthbearer")) or "xoauth2"
+        ).upper(),
+        ca_file=t.path("ca_file", None, must_exist=True),
+    )
+    t.done()
+    for key in ("client_secret_file", "refresh_token_file"):
+        p = getattr(section, key)
+        if isinstance(p, Path) and (why := secret_file_problem(p)):
+            t.loader.problem(t.name, key, why)
+    for key, why in tls_files_problems(section.ca_file):
+        t.loader.problem(t.name, key, why)
+    if section.grant == "refresh_token" and not section.refresh_token_file:
+        t.loader.problem(
+            t.name,
+            "refresh_token_file",
+            'is required with grant = "refresh_token" (or use the systemd credential '
+            "smtp-oauth-refresh-token; see docs/OPERATIONS.md)",
+        )
+    if section.grant == "client_credentials" and not section.scope:
+        t.loader.problem(
+            t.name,
+            "scope",
+            'is required with grant = "client_credentials" (Microsoft 365: '
+            '"https://outlook.office365.com/.default")',
+        )
+    return section
+
+
+def _token_url_problem(url: str) -> str | None:
+    """The token endpoint gets the client secret or refresh token: HTTPS only."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if parts.scheme != "https" or not host:
+        return f"{url!r} must be an https:// URL (the secret must not travel in clear)"
+    return check_host(host) if not host.startswith("[") else None
 
 
 def mqtt_section(t: Table) -> MqttSection:

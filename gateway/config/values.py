@@ -49,6 +49,20 @@ class OutboxSection:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthSection:
+    """[smtp.oauth]: access tokens fetched and refreshed by the gateway (gateway/oauth.py)."""
+
+    token_url: str
+    client_id: str
+    grant: str = "client_credentials"  # client_credentials | refresh_token
+    client_secret_file: Path | None = None
+    refresh_token_file: Path | None = None
+    scope: str | None = None
+    mechanism: str = "XOAUTH2"  # XOAUTH2 | OAUTHBEARER
+    ca_file: Path | None = None  # for the token endpoint; default: the system store
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpSection:
     host: str
     port: int
@@ -68,6 +82,7 @@ class SmtpSection:
     # no session is tried again before this: see docs/CONFIG.md for the lockout sums.
     auth_retry: float = 900.0
     quota_retry: float = 3600.0  # after a quota reply: one message tries again after this
+    oauth: OAuthSection | None = None
 
 
 @dataclass(frozen=True, slots=True)
