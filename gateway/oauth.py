@@ -134,6 +134,32 @@ def due(token: Token | None, now: float) -> bool:
     return now >= token.expires_at - min(REFRESH_MARGIN, token.lifetime / 5)
 
 
+def post(
+    url: str, fields: dict[str, str], ca_file: Path | None, timeout: float
+) -> tuple[int, bytes]:
+    """One form POST over HTTPS with a verified certificate (TLS >= 1.2): the status and
+    body, for a 4xx or 5xx too (they carry the RFC 6749 §5.2 error). Blocking."""
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(fields).encode(),
+        headers={"Accept": "application/json", "User-Agent": "mailgw"},
+    )
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=ctx) as resp:
+            status, body = resp.status, resp.read(MAX_RESPONSE + 1)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(MAX_RESPONSE + 1)
+        exc.close()
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise TokenUnavailable(f"cannot reach the token endpoint {url}: {reason}") from None
+    if len(body) > MAX_RESPONSE:
+        raise TokenUnavailable(f"the token endpoint's answer exceeds {MAX_RESPONSE} bytes")
+    return status, body
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -153,7 +179,8 @@ class TokenSource:
     async def get(self, force: bool = False) -> Token:
         """A token valid for a while yet; `force`: a new one whatever the old one's expiry
         (the smarthost refused it). Raises TokenRefused or TokenUnavailable."""
-        if not self._loaded:
+        if not self._loaded or force or due(self.token, time.time()):
+            # Read again: `mailgw oauth login` may have left a new refresh token there.
             self._loaded = True
             self._load()
         if force or due(self.token, time.time()):
@@ -162,38 +189,31 @@ class TokenSource:
         assert self.token is not None
         return self.token
 
+    def client_secret(self) -> str | None:
+        """The client secret, if one is configured (a public client has none)."""
+        return self._secret("client_secret", self.cfg.client_secret_file)
+
+    def adopt(self, token: Token) -> None:
+        """Keep `token` and its refresh token (from `mailgw oauth login`) in the cache; a
+        refresh token written to refresh_token_file later wins over it."""
+        assert token.refresh_token is not None
+        current = self._secret("refresh_token", self.cfg.refresh_token_file)
+        self.token = token
+        self._rotated = (token.refresh_token, _digest(current) if current else "")
+        self._save()
+
     # --- the secrets, the endpoint, the cache --------------------------------------
 
     def _fetch(self) -> Token:
         cfg = self.cfg
-        secret = self._secret("client_secret", cfg.client_secret_file)
+        secret = self.client_secret()
         if cfg.grant == "client_credentials" and secret is None:
             raise TokenRefused(
                 "[smtp.oauth] grant client_credentials needs the client secret: set "
                 "smtp.oauth.client_secret_file or the credential smtp-oauth-secret"
             )
         refresh = self._refresh_token() if cfg.grant == "refresh_token" else None
-        data = urllib.parse.urlencode(form(cfg, secret, refresh)).encode()
-        request = urllib.request.Request(
-            cfg.token_url,
-            data=data,
-            headers={"Accept": "application/json", "User-Agent": "mailgw"},
-        )
-        ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=ctx) as resp:
-                status, body = resp.status, resp.read(MAX_RESPONSE + 1)
-        except urllib.error.HTTPError as exc:  # 4xx and 5xx carry the RFC 6749 §5.2 error
-            status, body = exc.code, exc.read(MAX_RESPONSE + 1)
-            exc.close()
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            raise TokenUnavailable(
-                f"cannot reach the token endpoint {cfg.token_url}: {reason}"
-            ) from None
-        if len(body) > MAX_RESPONSE:
-            raise TokenUnavailable(f"the token endpoint's answer exceeds {MAX_RESPONSE} bytes")
+        status, body = post(cfg.token_url, form(cfg, secret, refresh), cfg.ca_file, self.timeout)
         token = parse(status, body, time.time())
         if token.refresh_token is not None and refresh is not None:
             self._rotated = (token.refresh_token, self._file_digest or "")
@@ -226,8 +246,9 @@ class TokenSource:
             return self._rotated[0]
         if current is None:
             raise TokenRefused(
-                'grant "refresh_token" needs a refresh token: set smtp.oauth.refresh_token_file '
-                "or the credential smtp-oauth-refresh-token"
+                'grant "refresh_token" has no refresh token yet: run `mailgw oauth login` '
+                "(with smtp.oauth.device_url), or set smtp.oauth.refresh_token_file or the "
+                "credential smtp-oauth-refresh-token"
             )
         return current
 

@@ -108,3 +108,37 @@ def test_a_mechanism_the_server_only_advertises_does_not_count_as_a_failure(
         gw.add(alert())
         server.wait_for(1)
         assert server.auth_attempts[:2] == ["CRAM-MD5", "PLAIN"]
+
+
+def test_the_daemon_shows_auth_failed_and_a_flush_delivers_after_the_fix(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The whole path: the daemon's status file, `mailgw status --json`, `mailgw flush`."""
+    import json
+
+    from tests.conftest import run_cli
+    from tests.parts import DaemonProcess, daemon_config
+
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = daemon_config(tmp_path, pki, smtp.port)
+        cfg.write_text(cfg.read_text().replace("[[route]]", 'auth_retry = "1h"\n[[route]]', 1))
+        pw = _bad_password(tmp_path / "pw")  # the file daemon_config wrote, now wrong
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        try:
+            gw.wait_ready()
+            run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "info", "waiting")
+            wait_for(lambda: (gw.status() or {}).get("uplink") == "auth_failed", what="held")
+            r = run_cli("status", "--json", "-c", str(cfg))
+            report = json.loads(r.stdout)
+            assert report["uplink"] == "auth_failed" and report["queued"] == 1
+            assert "refused the login" in report["relay_hold"] and report["dead"] == 0
+            assert "refused the login" in gw.log_text()
+            assert len(smtp.auth_attempts) == 1  # the next one would be in an hour
+
+            pw.write_text("s3cret\n")
+            assert run_cli("flush", "-c", str(cfg)).returncode == 0
+            smtp.wait_for(1, timeout=10)
+            wait_for(lambda: (gw.status() or {}).get("uplink") == "up", what="up again")
+            assert len(smtp.auth_attempts) == 2
+        finally:
+            gw.terminate()

@@ -114,6 +114,10 @@ def test_check_config_takes_client_credentials(tmp_path: Path) -> None:
         (("client_id", "grant = \"password\"\nclient_id"), "", "smtp.oauth.grant"),
         (("client_id", "mechanism = \"plain\"\nclient_id"), "", "smtp.oauth.mechanism"),
         (("client_id", "bogus = 1\nclient_id"), "", "smtp.oauth.bogus: unknown key"),
+        (("client_id", "device_url = \"https://x/devicecode\"\nclient_id"), "",
+         "smtp.oauth.device_url: needs grant"),
+        (("client_id", "device_url = \"http://x/devicecode\"\nclient_id"), "",
+         "smtp.oauth.device_url: 'http://x/devicecode' must be an https:// URL"),
         (("", ""), 'password_file = "{secret}"\n', "cannot be combined with [smtp.oauth]"),
     ],
 )  # fmt: skip

@@ -38,6 +38,10 @@ class TokenEndpoint:
         self.issued: dict[str, float] = {}  # token → monotonic expiry
         self.requests: list[dict[str, str]] = []  # the forms received, secrets and all
         self.refused: list[str] = []  # the RFC 6749 §5.2 error of each refusal
+        # RFC 8628: device code → "pending" | "approved" | "denied"; polls answered
+        self.devices: dict[str, str] = {}
+        self.polls = 0
+        self.slow_down_first = False  # answer the first poll with slow_down
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -46,6 +50,44 @@ class TokenEndpoint:
     def url(self) -> str:
         assert self._server is not None
         return f"https://127.0.0.1:{self._server.server_address[1]}/oauth2/v2.0/token"
+
+    @property
+    def device_url(self) -> str:
+        return self.url.replace("/token", "/devicecode")
+
+    def approve(self, state: str = "approved") -> None:
+        """The human signed in (or declined, "denied") on the verification page."""
+        with self._lock:
+            for code in self.devices:
+                self.devices[code] = state
+
+    def authorize_device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if form.get("client_id") != self.client_id:
+                return self._refuse(400, "invalid_client", "unknown client")
+            code = secrets.token_hex(8)
+            self.devices[code] = "pending"
+            return 200, {
+                "device_code": code,
+                "user_code": "WDJB-MJHT",
+                "verification_uri": "https://microsoft.com/devicelogin",
+                "expires_in": 900,
+                "interval": 1,
+            }
+
+    def _device_token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+        """A poll (RFC 8628 §3.4): None when approved (issue tokens), else the error."""
+        self.polls += 1
+        if self.slow_down_first and self.polls == 1:
+            return 400, {"error": "slow_down"}
+        state = self.devices.get(form.get("device_code", ""))
+        if state == "pending":
+            return 400, {"error": "authorization_pending"}
+        if state == "denied":
+            return self._refuse(400, "access_denied", "the user declined")
+        if state is None:
+            return self._refuse(400, "expired_token", "")
+        return None
 
     def check(self, user: str, token: str) -> bool:
         with self._lock:
@@ -67,6 +109,10 @@ class TokenEndpoint:
             if grant == "client_credentials":
                 if form.get("client_secret") != self.client_secret:
                     return self._refuse(401, "invalid_client", "AADSTS7000215: invalid secret")
+            elif grant == "urn:ietf:params:oauth:grant-type:device_code":
+                if (answer := self._device_token(form)) is not None:
+                    return answer
+                self.devices.pop(form["device_code"])
             elif grant == "refresh_token":
                 if form.get("refresh_token") not in self.refresh_tokens:
                     return self._refuse(
@@ -88,6 +134,10 @@ class TokenEndpoint:
                 new = "rt-" + secrets.token_hex(4)
                 self.refresh_tokens = {new}  # the old one is spent
                 body["refresh_token"] = new
+            elif grant and grant.startswith("urn:"):
+                new = "rt-dev-" + secrets.token_hex(4)
+                self.refresh_tokens.add(new)
+                body["refresh_token"] = new
             return 200, body
 
     def _refuse(self, status: int, error: str, description: str) -> tuple[int, dict[str, Any]]:
@@ -102,7 +152,10 @@ class TokenEndpoint:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length).decode()
                 form = dict(urllib.parse.parse_qsl(raw))
-                status, body = endpoint.answer(form)
+                if self.path.endswith("/devicecode"):
+                    status, body = endpoint.authorize_device(form)
+                else:
+                    status, body = endpoint.answer(form)
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

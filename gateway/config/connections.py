@@ -7,6 +7,7 @@ daemon will read them (checks.py), so a bad one stops check-config, not the daem
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,10 @@ def oauth_section(t: Table) -> OAuthSection:
     """[smtp.oauth]: what gateway/oauth.py needs to fetch and refresh access tokens."""
     grant = t.text("grant", "client_credentials", choices=("client_credentials", "refresh_token"))
     token_url = t.text("token_url")
-    if isinstance(token_url, str) and (why := _token_url_problem(token_url)):
-        t.loader.problem(t.name, "token_url", why)
+    device_url = t.text("device_url", None)
+    for key, url in (("token_url", token_url), ("device_url", device_url)):
+        if isinstance(url, str) and (why := _token_url_problem(url)):
+            t.loader.problem(t.name, key, why)
     section = OAuthSection(
         token_url=token_url or "",
         client_id=t.text("client_id") or "",
@@ -137,6 +140,7 @@ def oauth_section(t: Table) -> OAuthSection:
             t.text("mechanism", "xoauth2", choices=("xoauth2", "oauthbearer")) or "xoauth2"
         ).upper(),
         ca_file=t.path("ca_file", None, must_exist=True),
+        device_url=device_url,
     )
     t.done()
     for key in ("client_secret_file", "refresh_token_file"):
@@ -145,12 +149,21 @@ def oauth_section(t: Table) -> OAuthSection:
             t.loader.problem(t.name, key, why)
     for key, why in tls_files_problems(section.ca_file):
         t.loader.problem(t.name, key, why)
-    if section.grant == "refresh_token" and not section.refresh_token_file:
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    credential = bool(creds) and (Path(creds or "") / "smtp-oauth-refresh-token").exists()
+    if section.grant == "refresh_token" and not (
+        section.refresh_token_file or section.device_url or credential
+    ):
         t.loader.problem(
             t.name,
             "refresh_token_file",
-            'is required with grant = "refresh_token" (or use the systemd credential '
-            "smtp-oauth-refresh-token; see docs/OPERATIONS.md)",
+            'is required with grant = "refresh_token", unless device_url is set (then '
+            "`mailgw oauth login` gets one) or the service has the credential "
+            "smtp-oauth-refresh-token; see docs/OPERATIONS.md",
+        )
+    if section.device_url and section.grant != "refresh_token":
+        t.loader.problem(
+            t.name, "device_url", 'needs grant = "refresh_token" (what the login gives)'
         )
     if section.grant == "client_credentials" and not section.scope:
         t.loader.problem(

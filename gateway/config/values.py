@@ -60,6 +60,7 @@ class OAuthSection:
     scope: str | None = None
     mechanism: str = "XOAUTH2"  # XOAUTH2 | OAUTHBEARER
     ca_file: Path | None = None  # for the token endpoint; default: the system store
+    device_url: str | None = None  # RFC 8628 device authorization, for `mailgw oauth login`
 
 
 @dataclass(frozen=True, slots=True)
