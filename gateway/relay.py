@@ -345,7 +345,10 @@ class Relay:
         """The account was refused while sending `item`: it goes back due now and
         uncharged, and the relay pauses (raised by _deliver_batch once recorded)."""
         self._trouble = self.waits.refusal(kind, error)
-        self.streak.broken()
+        if kind != "repeated":
+            # Kept after a "repeated" pause: the same reply once more pauses again at once,
+            # instead of dead-lettering SAME_REFUSALS - 1 more messages every pause.
+            self.streak.broken()
         return Outcome(item.key, State.QUEUED, due=0.0, error=error, count_attempt=False)
 
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:

@@ -162,6 +162,9 @@ class SmtpSession:
                 "this mailbox (Microsoft 365: SMTP.SendAsApp and Add-MailboxPermission; "
                 'Google: scope "https://mail.google.com/")'
                 if self.cfg.oauth
+                else "the token in smtp.oauth_token_file is refused (it is never refreshed: "
+                "[smtp.oauth] refreshes tokens itself)"
+                if self.cfg.oauth_token_file
                 else "check smtp.username and the password (Gmail and Microsoft 365 need an "
                 "app password or OAuth2)"
             )

@@ -57,6 +57,8 @@ class Waits:
         outage = self.uplink.up(time.monotonic())
         if self.runtime.uplink == "auth_failed":
             log.warning("%s accepted the login again; draining the queue", where)
+        elif self.runtime.uplink == "paused":
+            log.info("the relay's pause is over; trying %s again", where)
         elif outage is not None:
             log.warning(
                 "the smarthost %s is reachable again after %.0f s; draining the queue",

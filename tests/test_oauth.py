@@ -299,3 +299,22 @@ def test_a_token_endpoint_with_an_untrusted_certificate_is_not_used(
         with pytest.raises(TokenUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             asyncio.run(TokenSource(cfg, 5).get())
         assert ep.requests == []
+
+
+def test_smtp_test_fetches_a_token_and_logs_in(pki: Pki, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    with TokenEndpoint(pki) as ep, SmtpServer(pki, "starttls") as server:
+        server.check_token = ep.check
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            f'[gateway]\nstate_dir = "{tmp_path}/s"\n[smtp]\n'
+            + oauth_conf(server, pki, ep, tmp_path)
+        )
+        r = run_cli("smtp-test", "-c", str(cfg))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "logged in as gw@example.com (XOAUTH2)" in r.stdout
+        ep.client_secret = "rotated-away"  # the secret on the device is no longer valid
+        r = run_cli("smtp-test", "-c", str(cfg))
+        assert r.returncode == 1 and "invalid_client" in r.stdout
+        assert "client-s3cret" not in r.stdout + r.stderr

@@ -73,14 +73,21 @@ def test_a_quota_pauses_until_its_window_then_delivers(
 def test_the_same_5xx_for_several_messages_in_a_row_pauses(
     pki: Pki, make_gateway: Callable[..., Gateway]
 ) -> None:
+    """auth_retry scaled down to 1 s: after each pause the same reply pauses again at
+    once; only the messages before the first pause are dead."""
     with SmtpServer(pki, "starttls") as server:
         server.script.data_refusal = "554 5.7.1 Service unavailable; Client host blocked"
-        gw = make_gateway(smtp_conf(server, pki, extra='auth_retry = "1h"\n'))
+        gw = make_gateway(smtp_conf(server, pki, extra='auth_retry = "1s"\n'))
         gw.add(*[alert(f"a{i}") for i in range(20)])
         wait_for(lambda: gw.runtime.uplink == "paused", what="paused")
-        wait_for(lambda: gw.counts()["queued"] == 20 - (uplink.SAME_REFUSALS - 1), what="kept")
-        assert gw.counts()["dead"] == uplink.SAME_REFUSALS - 1
         assert "different messages in a row" in (gw.runtime.relay_hold or "")
+        wait_for(lambda: gw.runtime.attempts["paused"] >= 3, what="three pauses")
+        kept = 20 - (uplink.SAME_REFUSALS - 1)
+        wait_for(lambda: gw.counts()["queued"] == kept, what="the rest kept")
+        assert gw.counts()["dead"] == uplink.SAME_REFUSALS - 1
+        server.script.data_refusal = None
+        server.wait_for(kept)
+        wait_for(lambda: gw.counts()["sent"] == kept, what="the rest sent")
 
 
 def test_replies_about_each_message_dead_letter_without_pausing(
