@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import ssl
 import time
@@ -33,6 +34,8 @@ from pathlib import Path
 
 from gateway.config import OAuthSection
 from gateway.errors import TemporaryFailure
+
+log = logging.getLogger(__name__)
 
 # A token endpoint's answer is a small JSON object; a bigger one is not an answer.
 MAX_RESPONSE = 64 * 1024
@@ -302,11 +305,13 @@ class TokenSource:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.cache)
-        except OSError:
+        except OSError as exc:
             # The token still works from memory; only a restart costs one more request.
             # A rotated refresh token is lost with it, which is why the error is raised.
             if self._rotated is not None:
                 raise TokenUnavailable(
-                    f"cannot write {self.cache} (a rotated refresh token must be kept): "
-                    "check that state_dir is writable by the service"
+                    f"cannot write {self.cache} ({exc.strerror or exc}), where the refresh "
+                    "token must be kept: state_dir must be writable by the service's user "
+                    "(run `mailgw oauth login` with sudo)"
                 ) from None
+            log.warning("cannot keep the OAuth2 token in %s: %s", self.cache, exc)
