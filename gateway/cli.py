@@ -151,6 +151,24 @@ def cmd_smtp_test(args: argparse.Namespace) -> int:
     return run_smtp_test(_config(args), args.send_to)
 
 
+def cmd_oauth(args: argparse.Namespace) -> int:
+    """`mailgw oauth login`: a refresh token by the device grant, kept where the daemon
+    reads it (state_dir, as its owner)."""
+    from gateway.oauth_device import login
+
+    cfg = _config(args)
+    oauth = cfg.smtp.oauth if cfg.smtp else None
+    if oauth is None or oauth.device_url is None:
+        print('mailgw: set [smtp.oauth] device_url (and grant = "refresh_token")', file=sys.stderr)
+        return 2
+    as_outbox_owner(cfg)
+    cache = cfg.gateway.state_dir / "oauth-token.json"
+    assert cfg.smtp is not None
+    login(oauth, cfg.smtp.timeout, cache, sys.stdout)
+    print(f"signed in; the token is kept in {cache}. If the daemon waits, run `mailgw flush`.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -263,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--boot", type=Path, default=Path("/boot/firmware"), metavar="DIR")
     sp.add_argument("--etc", type=Path, default=DEFAULT_PATH.parent, metavar="DIR")
     sp.set_defaults(func=cmd_firstboot)
+
+    sp = add("oauth", "OAuth2 for the smarthost: `login` signs in by a code (RFC 8628)")
+    sp.add_argument("action", choices=["login"])
+    sp.set_defaults(func=cmd_oauth)
 
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")

@@ -172,11 +172,31 @@ class Script:
         self.stall_in_data = 0.0  # seconds to sit on end of DATA (once)
         self.data_delay = 0.0  # seconds every end of DATA takes (a slow smarthost)
         self.drop_when: bytes | None = None  # close mid-DATA whenever the mail holds this
+        self.mail_reply: str | None = None  # reply to every MAIL FROM while set
+        self.data_refusal: str | None = None  # reply to every end of DATA while set
+        self.refused = 0  # MAIL FROMs and DATAs refused by the two above
+        self.close_every = 0  # close the session after every n-th accepted mail
 
 
 class _Handler:
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
+
+    async def handle_MAIL(
+        self,
+        smtp: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        script = self.server.script
+        if script.mail_reply:
+            script.refused += 1
+            return script.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -210,6 +230,9 @@ class _Handler:
             await asyncio.sleep(script.data_delay)
         if script.data_replies:
             return script.data_replies.pop(0)
+        if script.data_refusal:
+            script.refused += 1
+            return script.data_refusal
         raw = envelope.original_content or b""
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
@@ -228,10 +251,18 @@ class _Handler:
                 tls=smtp._tls_protocol is not None or self.server.tls == "implicit",
             )
         )
+        if script.close_every and len(self.server.received) % script.close_every == 0:
+            # A session that ends after this reply: the next mail needs a new login.
+            assert smtp.transport is not None
+            asyncio.get_running_loop().call_later(0.05, smtp.transport.close)
         return "250 2.0.0 OK queued"
 
     # CRAM-MD5 (RFC 2195) and XOAUTH2 are not built into aiosmtpd; handlers may add them.
     async def auth_CRAM__MD5(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        self.server.auth_attempts.append("CRAM-MD5")
+        if "CRAM-MD5" in self.server.broken_mechanisms:  # advertised, not supported
+            await smtp.push("504 5.5.4 Unrecognized authentication type")
+            return AuthResult(success=False, handled=True)
         challenge = f"<{secrets.token_hex(8)}@mailgw-test>".encode()
         response = await smtp.challenge_auth(challenge)
         if not isinstance(response, bytes):
@@ -245,12 +276,29 @@ class _Handler:
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     async def auth_XOAUTH2(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        return self._bearer("XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        return self._bearer("OAUTHBEARER", args)
+
+    def _bearer(self, mechanism: str, args: list[str]) -> AuthResult:
+        """XOAUTH2 and OAUTHBEARER (RFC 7628): the token checked by `check_token` (a
+        token endpoint's) or against `tokens`. A refusal is a plain 535."""
+        self.server.auth_attempts.append(mechanism)
         if len(args) < 2:
             return AuthResult(success=False, handled=False)
         parts = base64.b64decode(args[1]).decode().split("\x01")
-        fields = dict(p.split("=", 1) for p in parts if "=" in p)
-        user = fields.get("user", "")
-        ok = fields.get("auth") == f"Bearer {self.server.tokens.get(user, '-')}"
+        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        head = parts[0]
+        if mechanism == "OAUTHBEARER":  # "n,a=user," GS2 header
+            user = head.split(",")[1].removeprefix("a=").replace("=2C", ",").replace("=3D", "=")
+        else:
+            user = head.removeprefix("user=")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        check = self.server.check_token
+        ok = check(user, token) if check else token == self.server.tokens.get(user, "-")
+        if not ok:
+            self.server.auth_refused += 1
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
 
@@ -281,7 +329,11 @@ class SmtpServer:
         self.script = Script()
         self.received: list[Received] = []
         self.connections = 0
-        self.auth_attempts: list[str] = []
+        self.auth_attempts: list[str] = []  # one entry per AUTH command, its mechanism
+        self.broken_mechanisms: tuple[str, ...] = ()
+        self.auth_refused = 0  # bearer tokens refused
+        # (user, token) → valid? For tokens a test's token endpoint issued.
+        self.check_token: Callable[[str, str], bool] | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._controller: Controller | None = None

@@ -98,6 +98,15 @@ METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] =
         _flag("uplink", lambda v: v == "up"),
     ),
     (
+        "mailgw_relay_held",
+        "gauge",
+        "1 for the reason the relay waits: auth_failed (the login was refused) or paused "
+        "(an account or quota reply); the queue is kept.",
+        lambda r: [
+            ({"reason": s}, 1.0 if r.get("uplink") == s else 0.0) for s in ("auth_failed", "paused")
+        ],
+    ),
+    (
         "mailgw_last_success_timestamp_seconds",
         "gauge",
         "Unix time of the last accepted delivery.",

@@ -17,6 +17,10 @@ Queue discipline after Postfix's qmgr:
   uplink's fault, not the messages': the relay backs off *as a whole*, and the waiting
   messages are neither charged an attempt nor delayed. When a probe succeeds the
   backlog drains at full speed in priority order over one reused session.
+- A refused login, or a reply that refuses the account rather than the message (auth
+  required, send-as denied, a quota, the same 5xx for several messages in a row), stops
+  or pauses the relay as a whole (`gateway.waits`): the queue is kept, never
+  dead-lettered message after message (invariant 12).
 - A row becomes `sent` only after the 2xx reply to the end of DATA (invariant 2).
 Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 """
@@ -35,13 +39,15 @@ from gateway.clock import Stamp
 from gateway.compose import compose, compose_digest
 from gateway.config import Config
 from gateway.ledger import DISK_RETRY, Ledger
+from gateway.oauth import TokenSource
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.replies import Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
-from gateway.smtp import SmtpSession, UplinkDown, reachable
-from gateway.uplink import Blame, Breaks, Uplink, retry_delay
+from gateway.smtp import SmtpSession, UplinkDown
+from gateway.uplink import SAME_REFUSALS, Blame, Breaks, Streak, Uplink, retry_delay
+from gateway.waits import Waits
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,19 @@ class Relay:
         # that has not come round its loop for longer than that is stuck.
         self.stall_limit = self.smtp.timeout * 6 + 10
         self.uplink = Uplink(self.smtp.probe_max, self.rng)
+        self.waits = Waits(self.uplink, runtime, self.smtp)
+        # One token source for every session: a token outlives the session it came for.
+        self.tokens = (
+            TokenSource(
+                self.smtp.oauth,
+                self.smtp.timeout,
+                cache=config.gateway.state_dir / "oauth-token.json",
+            )
+            if self.smtp.oauth
+            else None
+        )
         self.breaks = Breaks()
+        self.streak = Streak()
         self._trouble: UplinkDown | None = None  # a broken session blamed on the uplink
         self.last_used = 0.0
         self.sent = 0
@@ -117,6 +135,11 @@ class Relay:
     def reload(self, config: Config, router: Router) -> None:
         self.config = config
         self.router = router
+        if self.uplink.held:
+            # The operator may have fixed the password (read at each login) or the
+            # account: try now rather than at the end of the hold.
+            log.info("reloaded: trying the smarthost now instead of at the end of the hold")
+            self.flush()
 
     def close(self) -> None:
         pass  # the session is closed by run()'s finally, inside the loop
@@ -160,7 +183,8 @@ class Relay:
             return
         if self.uplink.holding(now):
             if self.uplink.tcp_probe_due(now):
-                await self._tcp_probe()
+                self.heartbeat = time.monotonic()
+                await self.waits.tcp_probe()
             else:
                 await self._sleep(self.uplink.next_probe - now)
             return
@@ -195,6 +219,7 @@ class Relay:
                 pending.pop(0)
                 if self._trouble is not None:
                     trouble, self._trouble = self._trouble, None
+                    await self._close_session()
                     raise trouble
                 _raise_if_cancelling()
         except UplinkDown as exc:
@@ -231,58 +256,19 @@ class Relay:
         )
 
     async def _open_session(self) -> None:
-        session = SmtpSession(self.smtp, self.helo)
+        session = SmtpSession(self.smtp, self.helo, self.tokens)
         await session.open()  # raises UplinkDown
         self.session = session
-        outage = self.uplink.up(time.monotonic())
-        if outage is not None:
-            log.warning(
-                "the smarthost %s is reachable again after %.0f s; draining the queue",
-                session.where,
-                outage,
-            )
-        self.runtime.uplink = "up"
-        self.runtime.next_probe_at = None
+        self.waits.opened(session.where)
 
     async def _close_session(self, polite: bool = True) -> None:
         session, self.session = self.session, None
         if session is not None:
             await session.close(polite)
 
-    async def _tcp_probe(self) -> None:
-        self.heartbeat = time.monotonic()
-        timeout = self.uplink.tcp_probe_timeout()
-        connected = await reachable(self.smtp.host, self.smtp.port, timeout)
-        self.uplink.tcp_probed(connected, time.monotonic())
-        if connected:
-            log.info(
-                "the smarthost %s:%d accepts connections again; opening a session",
-                self.smtp.host,
-                self.smtp.port,
-            )
-            return
-        self.runtime.next_probe_at = time.time() + max(
-            0.0, self.uplink.next_probe - time.monotonic()
-        )
-
     def _uplink_down(self, exc: UplinkDown, waiting: int) -> None:
         self.session = None
-        first = self.uplink.down_since is None
-        delay = self.uplink.down(exc.unreachable, time.monotonic())
-        self.runtime.uplink = "down"
-        self.runtime.next_probe_at = time.time() + delay
-        self.runtime.error(str(exc))
-        self.runtime.attempts["uplink_down"] += 1
-        if first:
-            log.error(
-                "cannot deliver: %s; %d messages wait, none is charged an attempt; "
-                "probing again in %.0f s (`mailgw flush` probes now)",
-                exc,
-                waiting,
-                delay,
-            )
-        else:
-            log.debug("probe %d failed: %s; next in %.0f s", self.uplink.failures, exc, delay)
+        self.waits.failed(exc, waiting)
 
     async def _deliver(self, item: Claimed, now: Stamp) -> Outcome:
         assert self.session is not None
@@ -355,10 +341,26 @@ class Relay:
             item.key, State.QUEUED, due=time.monotonic(), error=v.error, count_attempt=False
         )
 
+    def _paused(self, item: Claimed, kind: str, error: str | None) -> Outcome:
+        """The account was refused while sending `item`: it goes back due now and
+        uncharged, and the relay pauses (raised by _deliver_batch once recorded)."""
+        self._trouble = self.waits.refusal(kind, error)
+        if kind != "repeated":
+            # Kept after a "repeated" pause: the same reply once more pauses again at once,
+            # instead of dead-lettering SAME_REFUSALS - 1 more messages every pause.
+            self.streak.broken()
+        return Outcome(item.key, State.QUEUED, due=0.0, error=error, count_attempt=False)
+
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:
         if v.broke and (uncharged := self._broken(item, v)) is not None:
             return uncharged
         self.breaks.settled(item.key)
+        if v.pause is not None:
+            return self._paused(item, v.pause, v.error)
+        if v.state != "dead" or v.same_as is None:
+            self.streak.broken()
+        elif self.streak.refused(v.same_as, item.key) >= SAME_REFUSALS:
+            return self._paused(item, "repeated", v.error)
         self.runtime.attempts[v.state if v.state != "queued" else "deferred"] += 1
         if v.state == "sent":
             self.sent += 1

@@ -15,10 +15,17 @@ yields a verdict, never a lost message:
   250 to DATA, where 354 was due, means no message was sent.
 - A session that dropped or stalled during the message says nothing about the message:
   `broke`, and the relay decides whom to blame (`gateway.uplink`).
+- A refusal of the account, not of the message (`account_refusal`: authentication
+  required, send-as denied, a sending quota, any 5xx to MAIL FROM, whose sender is the
+  same for every message) pauses the relay and keeps the message queued, uncharged:
+  dead-lettering it would dead-letter the whole queue, one message after the other
+  (invariant 12). Only replies about the message itself (an address, its size, its
+  content) dead-letter it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -49,9 +56,11 @@ class Accepted:
 @dataclass(frozen=True, slots=True)
 class Refused:
     """A reply ended the transaction before the message was accepted: to MAIL FROM, to
-    DATA, to the end of DATA, or a 421 at any point."""
+    DATA, to the end of DATA, or a 421 at any point. `at` is "mail" for a reply to
+    MAIL FROM, "" for the others."""
 
     reply: Reply
+    at: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +121,79 @@ class Verdict:
     rcpts: tuple[str, ...] | None = None  # queued: only these are left
     reconnect: bool = False  # the session is unusable after this
     broke: bool = False  # the session itself failed during this message
+    pause: str | None = None  # queued: the account was refused (ACCOUNT_KINDS); pause the relay
+    # dead: a permanent refusal that names nothing of the message; the relay pauses when
+    # several messages in a row get the same one (gateway.uplink.Streak)
+    same_as: str | None = None
 
 
 def _temporary(code: int) -> bool:
     return 400 <= code < 500
+
+
+# What an account-level refusal is about: the relay's status and pause length follow it.
+AUTH = "auth"  # not authenticated: configure or fix the login
+ACCOUNT = "account"  # authenticated, but this account may not send (as this sender)
+QUOTA = "quota"  # a sending quota: paused until its window (smtp.quota_retry)
+ACCOUNT_KINDS = (AUTH, ACCOUNT, QUOTA)
+
+# RFC 3463 enhanced status code at the start of the text: class.subject.detail.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+# Quota texts of the common smarthosts: Gmail "Daily user sending limit exceeded" (or
+# "quota"), Microsoft 365 "SubmissionQuotaExceededException", SES "Daily message quota
+# exceeded". A recipient's full mailbox is not among them (x.2.2: about the recipient).
+_QUOTA_TEXT = re.compile(
+    r"submission ?quota|sending (?:limit|quota)|daily (?:user |message )?(?:sending )?"
+    r"(?:limit|quota)",
+    re.IGNORECASE,
+)
+# Send-as refusals: Microsoft 365 (5.7.60 SendAsDenied), Postfix's
+# reject_sender_login_mismatch ("Sender address rejected: not owned by user").
+_SEND_AS_TEXT = re.compile(r"sendasdenied|send as|not owned by user", re.IGNORECASE)
+
+
+def enhanced(reply: Reply) -> tuple[int, int, int] | None:
+    m = _ENHANCED.match(reply.text.lstrip())
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def about_the_message(reply: Reply) -> bool:
+    """A refusal of this message alone: an address (x.1.x), a full mailbox (x.2.2), its
+    size (552, x.2.3, x.3.4) or its content (x.6.x)."""
+    status = enhanced(reply)
+    if reply.code == 552:
+        return True
+    if status is None:
+        return False
+    _, subject, detail = status
+    return subject in (1, 6) or (subject, detail) in ((2, 2), (2, 3), (3, 4))
+
+
+def account_refusal(reply: Reply, at: str = "") -> str | None:
+    """AUTH, ACCOUNT or QUOTA when `reply` refuses the account rather than the message;
+    None otherwise. `at` "mail": the reply was to MAIL FROM."""
+    status = enhanced(reply)
+    detail = status[1:] if status else None
+    if at == "mail":
+        # At MAIL FROM an address (x.1.x) is the sender's, the same for every message;
+        # only a size refused there (SIZE=, RFC 1870) is about the message.
+        if reply.code == 552 or detail in ((2, 3), (3, 4)):
+            return None
+    elif about_the_message(reply):
+        return None
+    if reply.code < 400:
+        return None
+    if reply.code == 530 or detail == (7, 57):
+        return AUTH  # RFC 4954 §6 "Authentication required"; M365 "not authenticated"
+    if (detail == (4, 5) and reply.code >= 500) or _QUOTA_TEXT.search(reply.text):
+        return QUOTA  # Gmail's 550 5.4.5; 4xx quotas too: retrying each message is no use
+    if reply.code < 500:
+        return None  # a temporary refusal: deferred as usual
+    if detail in ((7, 60), (7, 705), (7, 708)) or _SEND_AS_TEXT.search(reply.text):
+        return ACCOUNT  # send-as denied, tenant blocked
+    if at == "mail":
+        return ACCOUNT  # MAIL FROM names the same sender for every message
+    return None
 
 
 def judge_refusals(refused: RcptReplies, recipients: tuple[str, ...], accepted: bool) -> Verdict:
@@ -139,14 +217,21 @@ def judge(result: Result, recipients: tuple[str, ...]) -> Verdict:
         case Accepted(reply=reply, refused=refused) if 200 <= reply.code < 300:
             return judge_refusals(refused, recipients, accepted=True)
         case NoRecipients(refused=refused):
+            kinds = {account_refusal(reply) for _, reply in refused}
+            if len(kinds) == 1 and (kind := kinds.pop()) is not None:
+                # Every recipient refused for the account's sake (530 at RCPT).
+                return Verdict("queued", error=explain(result), pause=kind)
             return judge_refusals(refused, recipients, accepted=False)
+        case Refused(reply=reply, at=at) if (kind := account_refusal(reply, at)) is not None:
+            return Verdict("queued", error=str(reply), pause=kind)
         # An Accepted without a 2xx is judged by its reply: `sent` follows from the 2xx
         # alone (invariant 2), not from which value carried it.
         case Refused(reply=reply) | Accepted(reply=reply):
             if _temporary(reply.code):
                 return Verdict("queued", error=str(reply), reconnect=reply.code == 421)
             if reply.code >= 500:
-                return Verdict("dead", error=str(reply))
+                same = None if about_the_message(reply) else _same(reply)
+                return Verdict("dead", error=str(reply), same_as=same)
             return Verdict("queued", error=f"unexpected reply {reply}", reconnect=True)
         case Broken(reason=reason):
             return Verdict(
@@ -157,3 +242,10 @@ def judge(result: Result, recipients: tuple[str, ...]) -> Verdict:
             )
         case Unexpected(reason=reason):
             return Verdict("queued", error=f"unexpected error: {reason}", reconnect=True)
+
+
+def _same(reply: Reply) -> str:
+    """What makes two refusals "the same" for the streak: the code and enhanced status
+    (their texts often carry a queue id or the recipient)."""
+    status = enhanced(reply)
+    return f"{reply.code} {'.'.join(map(str, status))}" if status else str(reply.code)

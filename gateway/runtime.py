@@ -27,7 +27,8 @@ class Runtime:
     last_success: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
-    uplink: str = "unknown"  # unknown | up | down
+    uplink: str = "unknown"  # unknown | up | down | auth_failed | paused
+    relay_hold: str | None = None  # why the relay waits: a refused login or account reply
     next_probe_at: float | None = None  # wall time
     sources: dict[str, str] = field(default_factory=dict)
     outbox_full: bool = False
@@ -59,6 +60,7 @@ class Runtime:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "uplink": self.uplink,
+            "relay_hold": self.relay_hold,
             "next_probe_at": self.next_probe_at,
             "sources": dict(self.sources),
             "outbox_full": self.outbox_full,

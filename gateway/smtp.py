@@ -14,17 +14,15 @@ so what a reply means is decided there, without aiosmtplib's exception types.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
-from pathlib import Path
 
 import aiosmtplib
 
 from gateway.config import SmtpSection
-from gateway.errors import TemporaryFailure
+from gateway.oauth import TokenSource
 from gateway.replies import (
     Accepted,
     Broken,
@@ -35,72 +33,16 @@ from gateway.replies import (
     Result,
     Unexpected,
 )
-
-
-class UplinkDown(TemporaryFailure):
-    """The smarthost cannot be used right now: the uplink's fault, not a message's.
-
-    `unreachable`: no connection could be made at all (refused, timed out, no route, no
-    DNS): the network path is at fault, so a cheap TCP connect tells when it is back.
-    Otherwise the smarthost answered and refused us (TLS, AUTH, a reply), which only a
-    whole session can tell has changed.
-    """
-
-    def __init__(self, text: str, unreachable: bool = False) -> None:
-        super().__init__(text)
-        self.unreachable = unreachable
+from gateway.smtp_login import AuthRefused as AuthRefused
+from gateway.smtp_login import Login
+from gateway.smtp_login import UplinkDown as UplinkDown
+from gateway.smtp_login import read_secret as read_secret
 
 
 def tls_context(cfg: SmtpSection) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def read_secret(cfg: SmtpSection) -> tuple[str, str] | None:
-    """("password"|"token", secret) for AUTH, or None when no AUTH is configured."""
-    if not cfg.username:
-        return None
-    if cfg.oauth_token_file:
-        return "token", _read(Path(cfg.oauth_token_file), str(cfg.oauth_token_file)).strip()
-    if cfg.password_file:
-        return "password", _nonempty(Path(cfg.password_file), str(cfg.password_file))
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "smtp-password").exists():
-        # The unit falls back to an empty credential when /etc/mailgw/smtp-password is
-        # missing, so that this message is logged instead of a silent restart loop.
-        return "password", _nonempty(
-            Path(creds) / "smtp-password", "/etc/mailgw/smtp-password (credential smtp-password)"
-        )
-    raise UplinkDown(
-        "smtp.username is set but there is no password: set smtp.password_file, or give the "
-        "service the credential `smtp-password` (LoadCredential=smtp-password:/etc/mailgw/"
-        "smtp-password)"
-    )
-
-
-def _read(path: Path, where: str) -> str:
-    """The secret file as UTF-8 text, or UplinkDown saying what to fix (never the bytes:
-    they are the secret). check-config refuses the same files when it can read them."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UplinkDown(
-            f"the secret in {where} is not UTF-8 text: save it as UTF-8, then "
-            "systemctl restart mailgw"
-        ) from None
-    except OSError as exc:
-        raise UplinkDown(f"cannot read the secret in {where}: {exc.strerror or exc}") from None
-
-
-def _nonempty(path: Path, where: str) -> str:
-    secret = _read(path, where).rstrip("\r\n")
-    if not secret:
-        raise UplinkDown(
-            f"smtp.username is set but the password in {where} is empty or missing: write "
-            "the password there (one line, mode 0600), then systemctl restart mailgw"
-        )
-    return secret
 
 
 @dataclass
@@ -142,8 +84,14 @@ OPEN_ERRORS = (aiosmtplib.SMTPException, *CONNECTION_ERRORS)
 
 
 class SmtpSession:
-    def __init__(self, cfg: SmtpSection, helo_name: str | None = None) -> None:
+    def __init__(
+        self, cfg: SmtpSection, helo_name: str | None = None, tokens: TokenSource | None = None
+    ) -> None:
         self.cfg = cfg
+        # [smtp.oauth]: the relay passes its own source, whose token outlives a session.
+        if tokens is None and cfg.oauth is not None:
+            tokens = TokenSource(cfg.oauth, cfg.timeout)
+        self.tokens = tokens
         self.helo_name = cfg.helo_name or helo_name
         self.client: aiosmtplib.SMTP | None = None
         self.tls = TlsInfo()
@@ -192,35 +140,37 @@ class SmtpSession:
                     "downgrade attack, or the port is wrong: 587 is usual)"
                 )
             await client.starttls(tls_context=ctx)
+            # RFC 3207 §4.2: what the server offered in clear is void; ask again (the
+            # AUTH mechanisms are often offered only now).
+            await client.ehlo()
         self._read_tls(client)
         self.extensions = dict(client.esmtp_extensions)
 
     async def _login(self, client: aiosmtplib.SMTP) -> None:
-        cfg = self.cfg
-        secret = read_secret(cfg)
-        if secret is None:
-            return
-        if client.get_transport_info("sslcontext") is None:
-            # Defence in depth: config already forbids AUTH with tls = "none".
-            raise UplinkDown("refusing to send credentials over a connection without TLS")
-        kind, value = secret
-        assert cfg.username is not None
-        if kind == "token":
-            self.auth_mechanism = "XOAUTH2"
-            await client.auth_xoauth2(cfg.username, value)
-        else:
-            offered = client.supported_auth_methods
-            self.auth_mechanism = offered[0].upper() if offered else None
-            await client.login(cfg.username, value)
+        login = Login(self.cfg, self.tokens, self.where)
+        try:
+            await login.run(client)
+        finally:
+            self.auth_mechanism = login.mechanism
 
     def _down(self, exc: Exception, connected: bool) -> UplinkDown:
         """Why a session could not be opened. `unreachable` only when no connection was
         made at all and TLS played no part: then a TCP connect tells when it is back."""
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            return UplinkDown(
-                f"{self.where} refused the login for {self.cfg.username}: {describe(exc)}; "
-                "check smtp.username and the password (Gmail and Microsoft 365 need an app "
-                "password or XOAUTH2)"
+            hint = (
+                "a freshly fetched token was refused too: check that the app may send as "
+                "this mailbox (Microsoft 365: SMTP.SendAsApp and Add-MailboxPermission; "
+                'Google: scope "https://mail.google.com/")'
+                if self.cfg.oauth
+                else "the token in smtp.oauth_token_file is refused (it is never refreshed: "
+                "[smtp.oauth] refreshes tokens itself)"
+                if self.cfg.oauth_token_file
+                else "check smtp.username and the password (Gmail and Microsoft 365 need an "
+                "app password or OAuth2)"
+            )
+            return AuthRefused(
+                f"{self.where} refused the login for {self.cfg.username} "
+                f"({self.auth_mechanism}): {describe(exc)}; {hint}, then `mailgw flush`"
             )
         if isinstance(exc, aiosmtplib.SMTPException):
             # SMTPConnectError and its timeouts: no connection at all.
@@ -306,7 +256,8 @@ def failure(exc: Exception) -> Failed:
     if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(
         exc, aiosmtplib.SMTPServerDisconnected
     ):
-        return Refused(Reply(exc.code, exc.message))
+        at = "mail" if isinstance(exc, aiosmtplib.SMTPSenderRefused) else ""
+        return Refused(Reply(exc.code, exc.message), at=at)
     if isinstance(exc, CONNECTION_ERRORS):
         return Broken(describe(exc), timed_out=isinstance(exc, TimeoutError))
     return Unexpected(describe(exc))

@@ -67,6 +67,7 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
     sources = raw.get("sources")
     uplink = raw.get("uplink")
     last_error = raw.get("last_error")
+    relay_hold = raw.get("relay_hold")
     store_error = raw.get("store_error")
     threads = raw.get("threads")
     return {
@@ -81,6 +82,7 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         "last_error": last_error if isinstance(last_error, str) else None,
         "last_error_at": number("last_error_at"),
         "uplink": uplink if isinstance(uplink, str) else "unknown",
+        "relay_hold": relay_hold if isinstance(relay_hold, str) else None,
         "next_probe_at": number("next_probe_at"),
         "sources": {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
         if isinstance(sources, dict)
@@ -133,6 +135,7 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "last_error",
         "last_error_at",
         "uplink",
+        "relay_hold",
         "next_probe_at",
         "sources",
         "relay_attempts",
@@ -206,9 +209,14 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
-        if uplink == "down" and r.get("next_probe_at"):
-            uplink += f", next probe in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
+        if uplink in ("down", "auth_failed", "paused") and r.get("next_probe_at"):
+            uplink += f", next try in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
         lines.append(f"uplink     {uplink}")
+        if r.get("relay_hold") and uplink != "up":
+            lines.append(
+                f"HELD       {printable(r['relay_hold'])} (the queue is kept; `mailgw flush` "
+                "retries now)"
+            )
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")
         err_text = f"{printable(err)} at {_when(r.get('last_error_at'))}" if err else "none"

@@ -37,6 +37,11 @@ TCP_PROBE_SLOW_EVERY = 6
 POISON_BREAKS = 3
 # Bounds the memory of breaks: at worst a poison message is recognised later.
 MAX_REMEMBERED = 10_000
+# The same permanent refusal (code and enhanced status) for this many different messages
+# in a row, nothing accepted between them, is the account's or the smarthost's problem,
+# not theirs: the relay pauses instead of dead-lettering the queue one by one. Replies
+# about the message itself (an address, its size, its content) never count.
+SAME_REFUSALS = 3
 
 
 def retry_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -72,6 +77,7 @@ class Uplink:
         self.probe_at = 0.0
         self.tcp_probe_at = float("inf")
         self.tcp_probes = 0
+        self.held = False  # the account was refused: only time or `flush` ends the wait
 
     @property
     def next_probe(self) -> float:
@@ -90,8 +96,9 @@ class Uplink:
 
     def nudge(self) -> bool:
         """The network may be back (a link or route change, the broker reconnected):
-        probe now rather than when scheduled. False when the uplink is not down."""
-        if self.down_since is None:
+        probe now rather than when scheduled. False when the uplink is not down, or
+        when the account was refused (a new route does not fix a password)."""
+        if self.down_since is None or self.held:
             return False
         self.tcp_probe_at = 0.0
         return True
@@ -101,12 +108,14 @@ class Uplink:
         outage = None if self.down_since is None else now - self.down_since
         self.down_since = None
         self.failures = 0
+        self.held = False
         self.tcp_probe_at = float("inf")
         return outage
 
     def down(self, unreachable: bool, now: float) -> float:
         """A session could not be opened (or was given up); seconds to the next probe."""
         self.failures += 1
+        self.held = False
         delay = probe_delay(self.failures, self.probe_max, self.rng)
         if unreachable:
             # The path is down: cheap TCP probes tell when it is back (a session's first
@@ -122,6 +131,19 @@ class Uplink:
         if self.down_since is None:
             self.down_since = now
         return self.next_probe - now
+
+    def hold(self, delay: float, now: float) -> float:
+        """The smarthost refused the account, not the path (a refused login, an account
+        or quota reply): no session before `delay` has passed, whatever the failures so
+        far. Jitter only lengthens it: a login retried sooner than smtp.auth_retry could
+        take the account over its lockout threshold. `flush` ends the hold at once."""
+        self.failures += 1
+        self.held = True
+        self.probe_at = now + delay * self.rng.uniform(1.0, 1.05)
+        self.tcp_probe_at = float("inf")
+        if self.down_since is None:
+            self.down_since = now
+        return self.probe_at - now
 
     def tcp_probe_timeout(self) -> float:
         """How long the next TCP probe may take to connect."""
@@ -171,3 +193,22 @@ class Breaks:
     def settled(self, key: Hashable) -> None:
         """The message got an answer (or was charged): forget its breaks."""
         self._at.pop(key, None)
+
+
+class Streak:
+    """Different messages in a row refused with the same permanent reply."""
+
+    def __init__(self) -> None:
+        self.reply: str | None = None
+        self.messages: set[Hashable] = set()
+
+    def refused(self, reply: str, key: Hashable) -> int:
+        """Message `key` was refused with `reply`: how many different messages in a row."""
+        if reply != self.reply:
+            self.reply, self.messages = reply, set()
+        self.messages.add(key)
+        return len(self.messages)
+
+    def broken(self) -> None:
+        """Anything else happened (a message accepted, another reply): start again."""
+        self.reply, self.messages = None, set()

@@ -14,7 +14,7 @@ def documented() -> dict[str, set[str]]:
     sections: dict[str, set[str]] = {}
     current = None
     for line in DOC.read_text().splitlines():
-        if m := re.match(r"## \[+(\w+)\]+", line):
+        if m := re.match(r"## \[+([\w.]+)\]+", line):
             current = m.group(1)
             sections[current] = set()
         elif current and (m := re.match(r"\| `(\w+)` \|", line)):

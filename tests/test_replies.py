@@ -62,9 +62,27 @@ CASES: list[tuple[str, Result, Verdict]] = [
         Refused(rc(421, "4.3.2 bye")),
         Verdict("queued", "421 4.3.2 bye", reconnect=True),
     ),
-    ("5xx to MAIL FROM", Refused(rc(553, "bad sender")), Verdict("dead", "553 bad sender")),
-    ("5xx to end of DATA", Refused(rc(554, "5.7.1 no")), Verdict("dead", "554 5.7.1 no")),
-    ("a code above 5xx", Refused(rc(600, "what")), Verdict("dead", "600 what")),
+    (
+        "5xx to MAIL FROM: the sender, the same for every message",
+        Refused(rc(553, "5.1.8 bad sender domain"), at="mail"),
+        Verdict("queued", "553 5.1.8 bad sender domain", pause="account"),
+    ),
+    (
+        "size refused at MAIL FROM (SIZE=): about the message",
+        Refused(rc(552, "5.3.4 message too big"), at="mail"),
+        Verdict("dead", "552 5.3.4 message too big"),
+    ),
+    (
+        "5xx to end of DATA",
+        Refused(rc(554, "5.7.1 no")),
+        Verdict("dead", "554 5.7.1 no", same_as="554 5.7.1"),
+    ),
+    (
+        "5xx about the message's address",
+        Refused(rc(550, "5.1.1 unknown user")),
+        Verdict("dead", "550 5.1.1 unknown user"),
+    ),
+    ("a code above 5xx", Refused(rc(600, "what")), Verdict("dead", "600 what", same_as="600")),
     (
         "a 250 where 354 was due: not an acceptance",
         Refused(rc(250, "ok")),
@@ -103,9 +121,80 @@ CASES: list[tuple[str, Result, Verdict]] = [
     (
         "an Accepted without a 2xx is judged by its reply",
         Accepted(rc(554, "no"), ()),
-        Verdict("dead", "554 no"),
+        Verdict("dead", "554 no", same_as="554"),
     ),
 ]
+
+# Account-level replies seen at real smarthosts: each pauses the relay, none is dead.
+ACCOUNT_REPLIES = [
+    ("RFC 4954", 530, "5.7.0 Authentication required", "mail", "auth"),
+    ("RFC 4954, at RCPT", 530, "5.7.0 Authentication required", "rcpt", "auth"),
+    ("Microsoft 365", 530, "5.7.57 Client not authenticated to send mail", "mail", "auth"),
+    (
+        "Microsoft 365",
+        550,
+        "5.7.60 SMTP; Client does not have permissions to send as this sender",
+        "mail",
+        "account",
+    ),
+    (
+        "Microsoft 365, at DATA",
+        550,
+        "5.7.60 Client does not have permissions to send as this sender",
+        "",
+        "account",
+    ),
+    (
+        "Postfix",
+        553,
+        "5.7.1 <x@y>: Sender address rejected: not owned by user gw",
+        "rcpt",
+        "account",
+    ),
+    (
+        "Gmail",
+        550,
+        "5.4.5 Daily user sending limit exceeded. For more information, go to",
+        "",
+        "quota",
+    ),
+    ("Gmail", 550, "5.4.5 Daily user sending quota exceeded.", "mail", "quota"),
+    (
+        "Microsoft 365",
+        554,
+        "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process",
+        "",
+        "quota",
+    ),
+    ("SES", 454, "Throttling failure: Daily message quota exceeded.", "", "quota"),
+]
+
+
+@pytest.mark.parametrize(
+    ("who", "code", "text", "at", "kind"), ACCOUNT_REPLIES, ids=[r[0] for r in ACCOUNT_REPLIES]
+)
+def test_account_level_replies_pause_and_keep_the_message(
+    who: str, code: int, text: str, at: str, kind: str
+) -> None:
+    reply = rc(code, text)
+    rcpt = NoRecipients(tuple((r, reply) for r in R))
+    result: Result = rcpt if at == "rcpt" else Refused(reply, at=at)
+    v = judge(result, R)
+    assert v.state == "queued" and v.pause == kind and v.rcpts is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        rc(550, "5.1.1 The email account that you tried to reach does not exist"),
+        rc(552, "5.2.3 Your message exceeded Google's message size limits"),
+        rc(552, "5.2.2 The recipient's inbox is out of storage space (quota exceeded)"),
+        rc(554, "5.6.0 Message content rejected"),
+    ],
+)
+def test_replies_about_the_message_dead_letter_it(reply: Reply) -> None:
+    v = judge(Refused(reply), R)
+    assert v.state == "dead" and v.pause is None and v.same_as is None
 
 
 @pytest.mark.parametrize(("case", "result", "verdict"), CASES, ids=[c[0] for c in CASES])
@@ -144,7 +233,7 @@ def rcpt_replies(codes: st.SearchStrategy[int]) -> st.SearchStrategy[tuple[tuple
 def results(codes: st.SearchStrategy[int]) -> st.SearchStrategy[Result]:
     return st.one_of(
         st.builds(Accepted, replies(codes), rcpt_replies(codes)),
-        st.builds(Refused, replies(codes)),
+        st.builds(Refused, replies(codes), st.sampled_from(["", "mail"])),
         st.builds(NoRecipients, rcpt_replies(codes)),
         st.builds(Broken, texts, st.booleans()),
         st.builds(Unexpected, texts),
@@ -165,6 +254,8 @@ def test_any_reply_data_classifies(result: Result, rcpts: tuple[str, ...]) -> No
         assert v.state == "queued" and v.rcpts and set(v.rcpts) <= set(rcpts)
     if v.state == "sent":  # only ever from a 2xx to the end of DATA (invariant 2)
         assert isinstance(result, Accepted) and 200 <= result.reply.code < 300
+    if v.pause is not None:  # the account's fault: the message is kept whole
+        assert v.state == "queued" and v.rcpts is None and not v.broke
     explain(result)
 
 

@@ -112,7 +112,7 @@ def test_missing_starttls_is_refused_not_downgraded(
         assert server.received == [] and server.auth_attempts == []
 
 
-def test_wrong_password_is_an_uplink_problem(
+def test_wrong_password_stops_the_relay(
     pki: Pki, make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad-pw"
@@ -121,7 +121,7 @@ def test_wrong_password_is_an_uplink_problem(
     with SmtpServer(pki, "starttls") as server:
         gw = make_gateway(smtp_conf(server, pki) + f'password_file = "{bad}"\n')
         gw.add(alert())
-        wait_for(lambda: gw.runtime.uplink == "down", what="uplink down")
+        wait_for(lambda: gw.runtime.uplink == "auth_failed", what="auth_failed")
         assert "refused the login" in (gw.runtime.last_error or "")
         wait_for(lambda: gw.counts()["queued"] == 1, what="the row back in the queue")
 
@@ -220,7 +220,11 @@ R = ("a@x", "b@x")
     [
         (aiosmtplib.SMTPDataError(451, "later"), Refused(Reply(451, "later")), "queued"),
         (aiosmtplib.SMTPDataError(552, "too big"), Refused(Reply(552, "too big")), "dead"),
-        (aiosmtplib.SMTPSenderRefused(553, "bad", "s"), Refused(Reply(553, "bad")), "dead"),
+        (
+            aiosmtplib.SMTPSenderRefused(553, "bad", "s"),
+            Refused(Reply(553, "bad"), at="mail"),
+            "queued",  # the sender is every message's: the relay pauses
+        ),
         (aiosmtplib.SMTPDataError(421, "bye"), Refused(Reply(421, "bye")), "queued"),
         (
             aiosmtplib.SMTPRecipientsRefused(

@@ -7,6 +7,7 @@ daemon will read them (checks.py), so a bad one stops check-config, not the daem
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from gateway.config.checks import (
     tls_files_problems,
 )
 from gateway.config.loader import Table
-from gateway.config.values import MqttSection, SmtpSection
+from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
 
 def smtp_section(t: Table) -> SmtpSection:
@@ -32,6 +33,10 @@ def smtp_section(t: Table) -> SmtpSection:
     password_file = t.path("password_file", None)
     oauth_token_file = t.path("oauth_token_file", None)
     helo_name = t.text("helo_name", None)
+    t.seen.add("oauth")
+    oauth = (
+        oauth_section(t.loader.table("smtp.oauth", t.data["oauth"])) if "oauth" in t.data else None
+    )
     if isinstance(helo_name, str) and (why := check_helo_name(helo_name)):
         t.loader.problem(t.name, "helo_name", why)
     if isinstance(sender, str):
@@ -57,6 +62,14 @@ def smtp_section(t: Table) -> SmtpSection:
         max_backoff=t.duration("max_backoff", 3600.0, minimum=1),
         probe_max=t.duration("probe_max", 60.0, minimum=1),
         batch=t.integer("batch", 100, lo=1, hi=10_000),
+        # Each attempt with a wrong password counts toward the account's lockout: 15 min
+        # is 2 failures in any 30 min and 4 an hour, under AD's common 5-in-30-min and
+        # Microsoft 365 smart lockout's 10 (docs/CONFIG.md).
+        auth_retry=t.duration("auth_retry", 900.0, minimum=1),
+        # Quotas are counted over a rolling day (Gmail, Microsoft 365, SES) and the reply
+        # does not say when it ends: one message an hour finds the end within the hour.
+        quota_retry=t.duration("quota_retry", 3600.0, minimum=1),
+        oauth=oauth,
     )
     t.done()
     _check_smtp(t, section, host)
@@ -92,10 +105,88 @@ def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:
             t.loader.problem(t.name, key, why)
     for key, why in tls_files_problems(section.ca_file):
         t.loader.problem(t.name, key, why)
-    if (password_file or oauth_token_file) and not username:
-        t.loader.problem(t.name, "username", "is required when a password or token is configured")
+    if (password_file or oauth_token_file or section.oauth) and not username:
+        t.loader.problem(
+            t.name,
+            "username",
+            "is required when a password or token is configured (with [smtp.oauth]: the "
+            "mailbox to send as)",
+        )
+    if section.oauth and (password_file or oauth_token_file):
+        key = "password_file" if password_file else "oauth_token_file"
+        t.loader.problem(t.name, key, "cannot be combined with [smtp.oauth]; remove one")
+    if section.oauth and tls == "none":
+        t.loader.problem(t.name, "tls", '"none" cannot be combined with [smtp.oauth]')
     if section.min_backoff > section.max_backoff:
         t.loader.problem(t.name, "min_backoff", "must not exceed max_backoff")
+
+
+def oauth_section(t: Table) -> OAuthSection:
+    """[smtp.oauth]: what gateway/oauth.py needs to fetch and refresh access tokens."""
+    grant = t.text("grant", "client_credentials", choices=("client_credentials", "refresh_token"))
+    token_url = t.text("token_url")
+    device_url = t.text("device_url", None)
+    for key, url in (("token_url", token_url), ("device_url", device_url)):
+        if isinstance(url, str) and (why := _token_url_problem(url)):
+            t.loader.problem(t.name, key, why)
+    section = OAuthSection(
+        token_url=token_url or "",
+        client_id=t.text("client_id") or "",
+        grant=grant or "client_credentials",
+        client_secret_file=t.path("client_secret_file", None),
+        refresh_token_file=t.path("refresh_token_file", None),
+        scope=t.text("scope", None),
+        mechanism=(
+            t.text("mechanism", "xoauth2", choices=("xoauth2", "oauthbearer")) or "xoauth2"
+        ).upper(),
+        ca_file=t.path("ca_file", None, must_exist=True),
+        device_url=device_url,
+    )
+    t.done()
+    for key in ("client_secret_file", "refresh_token_file"):
+        p = getattr(section, key)
+        if isinstance(p, Path) and (why := secret_file_problem(p)):
+            t.loader.problem(t.name, key, why)
+    for key, why in tls_files_problems(section.ca_file):
+        t.loader.problem(t.name, key, why)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    credential = bool(creds) and (Path(creds or "") / "smtp-oauth-refresh-token").exists()
+    if section.grant == "refresh_token" and not (
+        section.refresh_token_file or section.device_url or credential
+    ):
+        t.loader.problem(
+            t.name,
+            "refresh_token_file",
+            'is required with grant = "refresh_token", unless device_url is set (then '
+            "`mailgw oauth login` gets one) or the service has the credential "
+            "smtp-oauth-refresh-token; see docs/OPERATIONS.md",
+        )
+    if section.device_url and section.grant != "refresh_token":
+        t.loader.problem(
+            t.name, "device_url", 'needs grant = "refresh_token" (what the login gives)'
+        )
+    if section.grant == "client_credentials" and not section.scope:
+        t.loader.problem(
+            t.name,
+            "scope",
+            'is required with grant = "client_credentials" (Microsoft 365: '
+            '"https://outlook.office365.com/.default")',
+        )
+    return section
+
+
+def _token_url_problem(url: str) -> str | None:
+    """The token endpoint gets the client secret or refresh token: HTTPS only."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if parts.scheme != "https" or not host:
+        return f"{url!r} must be an https:// URL (the secret must not travel in clear)"
+    return check_host(host) if not host.startswith("[") else None
 
 
 def mqtt_section(t: Table) -> MqttSection:

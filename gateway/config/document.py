@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from gateway.config.connections import mqtt_section, smtp_section
+from gateway.config.connections import mqtt_section, oauth_section, smtp_section
 from gateway.config.loader import Loader
 from gateway.config.sections import (
     gateway_section,
@@ -87,6 +87,7 @@ def known_keys() -> dict[str, set[str]]:
     gateway_section(loader.table("gateway", {}))
     outbox_section(loader.table("outbox", {}))
     smtp_section(loader.table("smtp", {}))
+    oauth_section(loader.table("smtp.oauth", {}))
     mqtt_section(loader.table("mqtt", {}))
     serial_section(loader.table("serial", {}))
     route_section(loader.table("route", {}), 0)

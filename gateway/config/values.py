@@ -49,6 +49,21 @@ class OutboxSection:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthSection:
+    """[smtp.oauth]: access tokens fetched and refreshed by the gateway (gateway/oauth.py)."""
+
+    token_url: str
+    client_id: str
+    grant: str = "client_credentials"  # client_credentials | refresh_token
+    client_secret_file: Path | None = None
+    refresh_token_file: Path | None = None
+    scope: str | None = None
+    mechanism: str = "XOAUTH2"  # XOAUTH2 | OAUTHBEARER
+    ca_file: Path | None = None  # for the token endpoint; default: the system store
+    device_url: str | None = None  # RFC 8628 device authorization, for `mailgw oauth login`
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpSection:
     host: str
     port: int
@@ -64,6 +79,11 @@ class SmtpSection:
     max_backoff: float = 3600.0
     probe_max: float = 60.0
     batch: int = 100
+    # After the smarthost refused our login, or the account (auth required, send-as),
+    # no session is tried again before this: see docs/CONFIG.md for the lockout sums.
+    auth_retry: float = 900.0
+    quota_retry: float = 3600.0  # after a quota reply: one message tries again after this
+    oauth: OAuthSection | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,317 @@
+"""OAuth2 access tokens for SMTP AUTH (XOAUTH2, OAUTHBEARER), fetched and refreshed here.
+
+Microsoft 365 and Google access tokens live about an hour; the gateway gets its own from
+the token endpoint (RFC 6749) with what the config names:
+- grant "client_credentials" (§4.4): a client id and secret, no human per device (the
+  fleet case: a Microsoft Entra app with the SMTP.SendAsApp permission);
+- grant "refresh_token" (§6): a refresh token a human obtained once (Google, single
+  devices). A rotated refresh token is kept in the cache and used from then on, until
+  the operator writes a new one to refresh_token_file (its digest tells).
+
+The current token is cached in `state_dir/oauth-token.json` (mode 0600: it is a
+credential) and refreshed before it expires (`due`), and once more when the smarthost
+refuses it (a clock that was wrong when it was fetched, a token revoked early).
+
+Pure parts (`form`, `parse`, `due`) take values; `TokenSource` does the I/O: the secret
+files, the cache, and one HTTPS POST with a verified certificate (urllib, in a thread,
+so the event loop never blocks). No token or secret ever reaches a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import OAuthSection
+from gateway.errors import TemporaryFailure
+
+log = logging.getLogger(__name__)
+
+# A token endpoint's answer is a small JSON object; a bigger one is not an answer.
+MAX_RESPONSE = 64 * 1024
+# Refresh this long before expiry at most (5 min), and at the latest when a fifth of the
+# lifetime is left: a session opened just before expiry still logs in.
+REFRESH_MARGIN = 300.0
+# RFC 6749 §5.2 errors that only the operator can fix: waiting will not help.
+_REFUSALS = {
+    "invalid_grant": "the refresh token or authorisation was refused: consent was revoked, "
+    "the token expired or the account's password changed; get a new refresh token and "
+    "write it to the refresh token file",
+    "invalid_client": "the client id or secret was refused (client secrets expire: Microsoft "
+    "Entra after at most 2 years); write the current secret to the client secret file",
+    "unauthorized_client": "this client may not use this grant; check the app registration",
+    "invalid_scope": "the scope was refused; check smtp.oauth.scope",
+    "unsupported_grant_type": "the endpoint does not support this grant; check smtp.oauth.grant",
+}
+# systemd credentials (LoadCredential=) read when the config names no file.
+CREDENTIALS = {"client_secret": "smtp-oauth-secret", "refresh_token": "smtp-oauth-refresh-token"}
+
+
+class TokenRefused(TemporaryFailure):
+    """The token endpoint refused the grant: an operator must act (a login problem)."""
+
+
+class TokenUnavailable(TemporaryFailure):
+    """No token now (the endpoint unreachable, 5xx, a garbled answer): retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    access_token: str
+    expires_at: float  # wall time, as the endpoint's expires_in made it
+    lifetime: float  # expires_in as given
+    refresh_token: str | None = None  # a rotated one, when the endpoint sent it
+
+
+def form(cfg: OAuthSection, secret: str | None, refresh_token: str | None) -> dict[str, str]:
+    """The POST body (RFC 6749 §4.4.2 / §6), client authentication in the body (§2.3.1)."""
+    body = {"grant_type": cfg.grant, "client_id": cfg.client_id}
+    if cfg.grant == "refresh_token":
+        assert refresh_token is not None
+        body["refresh_token"] = refresh_token
+    if secret is not None:
+        body["client_secret"] = secret
+    if cfg.scope:
+        body["scope"] = cfg.scope
+    return body
+
+
+def parse(status: int, body: bytes, now: float) -> Token:
+    """The endpoint's answer as a Token, or TokenRefused / TokenUnavailable saying why."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise TokenUnavailable(f"the token endpoint answered HTTP {status} without a JSON object")
+    error = data.get("error")
+    if status != 200 or error is not None:
+        code = error if isinstance(error, str) else f"HTTP {status}"
+        desc = data.get("error_description")
+        # The description is the server's (Entra's AADSTS codes are what to look up); it
+        # holds no secret of ours, but it is text from the network: one short line.
+        detail = " ".join(str(desc).split())[:300] if isinstance(desc, str) else ""
+        why = _REFUSALS.get(code)
+        text = f"the token endpoint refused: {code}" + (f" ({detail})" if detail else "")
+        if why is not None:
+            raise TokenRefused(f"{text}; {why}")
+        raise TokenUnavailable(text)
+    token = data.get("access_token")
+    kind = data.get("token_type", "Bearer")
+    expires_in = data.get("expires_in", 3600)
+    if isinstance(expires_in, str) and expires_in.isdigit():
+        expires_in = int(expires_in)  # some endpoints send it as a string
+    if (
+        not isinstance(token, str)
+        or not token
+        or not token.isprintable()
+        or not isinstance(kind, str)
+        or kind.lower() != "bearer"
+        or type(expires_in) is not int
+        or expires_in <= 0
+    ):
+        raise TokenUnavailable("the token endpoint's answer holds no usable bearer token")
+    refresh = data.get("refresh_token")
+    return Token(
+        token,
+        now + expires_in,
+        float(expires_in),
+        refresh if isinstance(refresh, str) and refresh else None,
+    )
+
+
+def due(token: Token | None, now: float) -> bool:
+    """Is it time to fetch a new token (none yet, or expiry within the margin)?"""
+    if token is None:
+        return True
+    return now >= token.expires_at - min(REFRESH_MARGIN, token.lifetime / 5)
+
+
+def post(
+    url: str, fields: dict[str, str], ca_file: Path | None, timeout: float
+) -> tuple[int, bytes]:
+    """One form POST over HTTPS with a verified certificate (TLS >= 1.2): the status and
+    body, for a 4xx or 5xx too (they carry the RFC 6749 §5.2 error). Blocking."""
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(fields).encode(),
+        headers={"Accept": "application/json", "User-Agent": "mailgw"},
+    )
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=ctx) as resp:
+            status, body = resp.status, resp.read(MAX_RESPONSE + 1)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(MAX_RESPONSE + 1)
+        exc.close()
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise TokenUnavailable(f"cannot reach the token endpoint {url}: {reason}") from None
+    if len(body) > MAX_RESPONSE:
+        raise TokenUnavailable(f"the token endpoint's answer exceeds {MAX_RESPONSE} bytes")
+    return status, body
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class TokenSource:
+    """The current access token for the relay's sessions; `cache`: where it is kept."""
+
+    def __init__(self, cfg: OAuthSection, timeout: float, cache: Path | None = None) -> None:
+        self.cfg = cfg
+        self.timeout = timeout
+        self.cache = cache
+        self.token: Token | None = None
+        self._rotated: tuple[str, str] | None = None  # (refresh token, digest of the file's)
+        self._file_digest: str | None = None  # of the refresh token file, when last read
+        self._loaded = False
+
+    async def get(self, force: bool = False) -> Token:
+        """A token valid for a while yet; `force`: a new one whatever the old one's expiry
+        (the smarthost refused it). Raises TokenRefused or TokenUnavailable."""
+        if not self._loaded or force or due(self.token, time.time()):
+            # Read again: `mailgw oauth login` may have left a new refresh token there.
+            self._loaded = True
+            self._load()
+        if force or due(self.token, time.time()):
+            self.token = await asyncio.to_thread(self._fetch)
+            self._save()
+        assert self.token is not None
+        return self.token
+
+    def client_secret(self) -> str | None:
+        """The client secret, if one is configured (a public client has none)."""
+        return self._secret("client_secret", self.cfg.client_secret_file)
+
+    def adopt(self, token: Token) -> None:
+        """Keep `token` and its refresh token (from `mailgw oauth login`) in the cache; a
+        refresh token written to refresh_token_file later wins over it."""
+        assert token.refresh_token is not None
+        current = self._secret("refresh_token", self.cfg.refresh_token_file)
+        self.token = token
+        self._rotated = (token.refresh_token, _digest(current) if current else "")
+        self._save()
+
+    # --- the secrets, the endpoint, the cache --------------------------------------
+
+    def _fetch(self) -> Token:
+        cfg = self.cfg
+        secret = self.client_secret()
+        if cfg.grant == "client_credentials" and secret is None:
+            raise TokenRefused(
+                "[smtp.oauth] grant client_credentials needs the client secret: set "
+                "smtp.oauth.client_secret_file or the credential smtp-oauth-secret"
+            )
+        refresh = self._refresh_token() if cfg.grant == "refresh_token" else None
+        status, body = post(cfg.token_url, form(cfg, secret, refresh), cfg.ca_file, self.timeout)
+        token = parse(status, body, time.time())
+        if token.refresh_token is not None and refresh is not None:
+            self._rotated = (token.refresh_token, self._file_digest or "")
+        return token
+
+    def _secret(self, name: str, path: Path | None) -> str | None:
+        """A secret from its file or systemd credential, stripped; None if neither."""
+        if path is None:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds or not (Path(creds) / CREDENTIALS[name]).exists():
+                return None
+            path = Path(creds) / CREDENTIALS[name]
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise TokenRefused(
+                f"the secret in {path} is not UTF-8 text; save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise TokenRefused(f"cannot read the secret in {path}: {exc.strerror or exc}") from None
+        if not text:
+            raise TokenRefused(f"{path} is empty; write the secret there on one line")
+        return text
+
+    def _refresh_token(self) -> str:
+        """The refresh token: the rotated one, unless the file changed since it came."""
+        current = self._secret("refresh_token", self.cfg.refresh_token_file)
+        self._file_digest = _digest(current) if current else None
+        if self._rotated is not None and self._rotated[1] == (self._file_digest or ""):
+            return self._rotated[0]
+        if current is None:
+            raise TokenRefused(
+                'grant "refresh_token" has no refresh token yet: run `mailgw oauth login` '
+                "(with smtp.oauth.device_url), or set smtp.oauth.refresh_token_file or the "
+                "credential smtp-oauth-refresh-token"
+            )
+        return current
+
+    def _load(self) -> None:
+        """The cached token, if it is for this endpoint and client. A corrupt or foreign
+        cache is ignored: a new token is one request away."""
+        if self.cache is None:
+            return
+        try:
+            data = json.loads(self.cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return
+        if not isinstance(data, dict):
+            return
+        if data.get("token_url") != self.cfg.token_url or data.get("client_id") != (
+            self.cfg.client_id
+        ):
+            return
+        access, expires = data.get("access_token"), data.get("expires_at")
+        lifetime = data.get("lifetime")
+        if (
+            isinstance(access, str)
+            and isinstance(expires, int | float)
+            and isinstance(lifetime, int | float)
+        ):
+            self.token = Token(access, float(expires), float(lifetime))
+        rotated, source = data.get("refresh_token"), data.get("refresh_token_source")
+        if isinstance(rotated, str) and isinstance(source, str):
+            self._rotated = (rotated, source)
+
+    def _save(self) -> None:
+        """Write the cache: 0600 from its creation (it holds credentials), then renamed
+        over the old one, so a power cut leaves the old or the new, never half a file."""
+        if self.cache is None or self.token is None:
+            return
+        data: dict[str, object] = {
+            "token_url": self.cfg.token_url,
+            "client_id": self.cfg.client_id,
+            "access_token": self.token.access_token,
+            "expires_at": self.token.expires_at,
+            "lifetime": self.token.lifetime,
+        }
+        if self._rotated is not None:
+            data["refresh_token"], data["refresh_token_source"] = self._rotated
+        tmp = self.cache.with_name(f".{self.cache.name}.tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.cache)
+        except OSError as exc:
+            # The token still works from memory; only a restart costs one more request.
+            # A rotated refresh token is lost with it, which is why the error is raised.
+            if self._rotated is not None:
+                raise TokenUnavailable(
+                    f"cannot write {self.cache} ({exc.strerror or exc}), where the refresh "
+                    "token must be kept: state_dir must be writable by the service's user "
+                    "(run `mailgw oauth login` with sudo)"
+                ) from None
+            log.warning("cannot keep the OAuth2 token in %s: %s", self.cache, exc)

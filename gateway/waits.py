@@ -1,0 +1,131 @@
+"""The relay's waits, as the journal, status and metrics tell them (invariants 4 and 12).
+
+`gateway.uplink` decides when to try the smarthost again; this room carries that out and
+says it: a smarthost that cannot be reached (`down`: TCP probes, then a session), a
+refused login (`auth_failed`: one login per smtp.auth_retry, never more, so that a wrong
+password cannot lock the account), an account refused while sending (`paused`: auth
+required, send-as denied, a quota, the same 5xx again and again). In every case the
+queue is kept whole and no message is charged; `mailgw flush` or a reload tries at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gateway.config import SmtpSection
+from gateway.replies import AUTH, QUOTA
+from gateway.runtime import Runtime
+from gateway.smtp import AuthRefused, UplinkDown, reachable
+from gateway.uplink import SAME_REFUSALS, Uplink
+
+log = logging.getLogger(__name__)
+
+# What the relay says when the account, not a message, was refused.
+_PAUSED = {
+    AUTH: "the smarthost requires authentication for this account (set smtp.username and "
+    "the password, or [smtp.oauth])",
+    "account": "the smarthost refused this account or its sender (may it send as smtp.from?)",
+    QUOTA: "the account's sending quota is used up (one message tries again every "
+    "smtp.quota_retry)",
+    "repeated": f"the smarthost refused {SAME_REFUSALS} different messages in a row with the "
+    "same reply (an account or server problem, not theirs)",
+}
+
+
+class AccountRefused(UplinkDown):
+    """The smarthost refused the account, not a message: the relay pauses for `delay`."""
+
+    def __init__(self, text: str, delay: float) -> None:
+        super().__init__(text)
+        self.delay = delay
+
+
+class Waits:
+    def __init__(self, uplink: Uplink, runtime: Runtime, smtp: SmtpSection) -> None:
+        self.uplink = uplink
+        self.runtime = runtime
+        self.smtp = smtp
+
+    def refusal(self, kind: str, error: str | None) -> AccountRefused:
+        """What to raise once the message's outcome is recorded: pause the relay."""
+        delay = self.smtp.quota_retry if kind == QUOTA else self.smtp.auth_retry
+        return AccountRefused(f"{_PAUSED[kind]}: {error}", delay)
+
+    def opened(self, where: str) -> None:
+        """A session opened (and logged in): whatever the relay waited for is over."""
+        outage = self.uplink.up(time.monotonic())
+        if self.runtime.uplink == "auth_failed":
+            log.warning("%s accepted the login again; draining the queue", where)
+        elif self.runtime.uplink == "paused":
+            log.info("the relay's pause is over; trying %s again", where)
+        elif outage is not None:
+            log.warning(
+                "the smarthost %s is reachable again after %.0f s; draining the queue",
+                where,
+                outage,
+            )
+        self.runtime.uplink = "up"
+        self.runtime.relay_hold = None
+        self.runtime.next_probe_at = None
+
+    async def tcp_probe(self) -> None:
+        timeout = self.uplink.tcp_probe_timeout()
+        connected = await reachable(self.smtp.host, self.smtp.port, timeout)
+        self.uplink.tcp_probed(connected, time.monotonic())
+        if connected:
+            log.info(
+                "the smarthost %s:%d accepts connections again; opening a session",
+                self.smtp.host,
+                self.smtp.port,
+            )
+            return
+        self.runtime.next_probe_at = time.time() + max(
+            0.0, self.uplink.next_probe - time.monotonic()
+        )
+
+    def failed(self, exc: UplinkDown, waiting: int) -> None:
+        """No session could be opened, or the account was refused during one."""
+        if isinstance(exc, AuthRefused):
+            # One refused login per smtp.auth_retry, never a probe a minute: a wrong
+            # password must not walk the account into a lockout.
+            self._hold("auth_failed", str(exc), self.smtp.auth_retry, waiting)
+            return
+        if isinstance(exc, AccountRefused):
+            self._hold("paused", str(exc), exc.delay, waiting)
+            return
+        first = self.uplink.down_since is None
+        delay = self.uplink.down(exc.unreachable, time.monotonic())
+        self.runtime.uplink = "down"
+        self.runtime.next_probe_at = time.time() + delay
+        self.runtime.error(str(exc))
+        self.runtime.attempts["uplink_down"] += 1
+        if first:
+            log.error(
+                "cannot deliver: %s; %d messages wait, none is charged an attempt; "
+                "probing again in %.0f s (`mailgw flush` probes now)",
+                exc,
+                waiting,
+                delay,
+            )
+        else:
+            log.debug("probe %d failed: %s; next in %.0f s", self.uplink.failures, exc, delay)
+
+    def _hold(self, state: str, reason: str, delay: float, waiting: int) -> None:
+        """`state` auth_failed or paused: no session for `delay` (jittered longer)."""
+        first = self.runtime.uplink != state
+        delay = self.uplink.hold(delay, time.monotonic())
+        self.runtime.uplink = state
+        self.runtime.relay_hold = reason
+        self.runtime.next_probe_at = time.time() + delay
+        self.runtime.error(reason)
+        self.runtime.attempts[state] += 1
+        log.log(
+            logging.ERROR if first else logging.WARNING,
+            "relay %s: %s; %d messages wait, none is charged an attempt; next try in %.0f s "
+            "(`mailgw flush` or `systemctl reload mailgw` tries now)",
+            "paused" if state == "paused" else "stopped",
+            reason,
+            waiting,
+            delay,
+        )
