@@ -14,6 +14,7 @@ every part may depend on config and config on none of them.
     checks       hosts, MQTT strings and topic filters, secret and TLS files
     loader       typed access to TOML tables, problems with key and line
     sections     [gateway], [outbox], [[serial]], [[route]], [metrics]
+    watches      [[silence]], [selfalerts]: the gateway's own alerts
     connections  [smtp], [mqtt]: credentials and TLS
     document     parse, load, known_keys: the file as a whole
 """
@@ -51,7 +52,9 @@ from gateway.config.values import (
     OutboxSection,
     Policy,
     RouteSection,
+    SelfAlertsSection,
     SerialSection,
+    SilenceSection,
     SmtpSection,
 )
 from gateway.errors import ConfigError
@@ -72,7 +75,9 @@ __all__ = [
     "OutboxSection",
     "Policy",
     "RouteSection",
+    "SelfAlertsSection",
     "SerialSection",
+    "SilenceSection",
     "SmtpSection",
     "ascii_domain",
     "check_address",
