@@ -86,4 +86,6 @@ class SelfWatch:
         if now - c.clear_since < bounds.clear_after:
             return None
         c.raised, c.clear_since = False, None
-        return Change("resolved", name, c.detail, lasted=max(0.0, wall - c.raised_wall))
+        # Said as it is now ("connected", "holds 3 of 20"), not as it was while it held.
+        now_detail = detail or c.detail
+        return Change("resolved", name, now_detail, lasted=max(0.0, wall - c.raised_wall))

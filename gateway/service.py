@@ -239,6 +239,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         start = time.monotonic()
+        if self.watches is not None:
+            self.watches.save_now()  # queued before the writer's stop: it is drained
         if self.writer is not None:
             # Drains everything already submitted: those alerts commit and get acked.
             await asyncio.to_thread(self.writer.stop)

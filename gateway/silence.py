@@ -130,14 +130,14 @@ def describe(event: Event) -> str:
     """The alert's message, as an operator reads it in a subject line."""
     topic, sensor = split_key(event.key)
     name = topic if topic.rsplit("/", 1)[-1] == sensor else f"{topic} ({sensor})"
-    since = f"last seen {_clock(event.last_wall)}"
     down = (
         f", of which the gateway itself was down {human(event.down_for)}"
         if event.down_for >= 1
         else ""
     )
     if event.kind == "silent":
-        return f"{name}: nothing for {human(event.quiet_for)} ({since}{down})"
+        last = _clock(event.last_wall)
+        return f"{name}: nothing for {human(event.quiet_for)}{down} (last seen {last})"
     return f"{name}: reporting again after {human(event.quiet_for)} of silence{down}"
 
 

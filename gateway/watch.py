@@ -88,6 +88,21 @@ class Watches:
 
     def tick(self, outbox_live: int) -> None:
         now_wall, now_mono = time.time(), time.monotonic()
+        self._judge_silence(now_wall, now_mono, due=True)
+        if self.config.selfalerts.enabled:
+            self._check_self(outbox_live, now_wall, now_mono)
+        if now_mono - self._last_save >= SAVE_EVERY:
+            self._last_save = now_mono
+            self._save(now_wall)
+
+    def save_now(self) -> None:
+        """At an orderly stop: the next start then knows exactly how long we were down,
+        and every source that spoke since the last tick."""
+        now_wall = time.time()
+        self._judge_silence(now_wall, time.monotonic(), due=False)
+        self._save(now_wall)
+
+    def _judge_silence(self, now_wall: float, now_mono: float, due: bool) -> None:
         with self._lock:
             seen, self._seen = self._seen, {}
             events: list[Event] = []
@@ -96,16 +111,12 @@ class Watches:
                 events += self.silence.observe(topic, sensor, wall, now_mono)
             if len(self.silence.sources) != known:
                 self._last_save = -1e9  # a new source: remember it at once, not in 10 s
-            events += self.silence.due(now_wall, now_mono)
+            if due:
+                events += self.silence.due(now_wall, now_mono)
             for e in events:
                 self._pending.add(e.key)
         for e in events:
             self._send_silence(e)
-        if self.config.selfalerts.enabled:
-            self._check_self(outbox_live, now_wall, now_mono)
-        if now_mono - self._last_save >= SAVE_EVERY:
-            self._last_save = now_mono
-            self._save(now_wall)
 
     def _save(self, now_wall: float) -> None:
         with self._lock:
@@ -192,18 +203,17 @@ class Watches:
             )
         )
         found.append(_disk(self.config.gateway.state_dir, sa.disk_free_percent))
-        found.append(("clock", not clock_synced(), "the clock is not synchronised", sa.clock_after))
+        # Each text says how things are now: a resolve mail quotes the clear state.
+        synced = clock_synced()
+        clock = "the clock is " + ("synchronised" if synced else "not synchronised (NTP)")
+        found.append(("clock", not synced, clock, sa.clock_after))
+        # `auth_failed`: the relay's state when the smarthost refuses the account.
         auth = rt.uplink == "auth_failed"
-        found.append(("auth", auth, f"the smarthost refuses our login: {rt.last_error}", 0.0))
+        login = f"refuses our login: {rt.last_error}" if auth else "accepts our login"
+        found.append(("auth", auth, f"the smarthost {login}", 0.0))
         failing = writer.failing_since is not None
-        found.append(
-            (
-                "store",
-                failing,
-                f"the outbox cannot store alerts: {writer.last_failure}",
-                sa.store_after,
-            )
-        )
+        store = f"cannot store alerts: {writer.last_failure}" if failing else "stores alerts"
+        found.append(("store", failing, f"the outbox {store}", sa.store_after))
         return found
 
     def _send_self(self, change: Change, before: Condition) -> None:

@@ -73,3 +73,11 @@ def test_raises_and_resolves_alternate(plan: list[tuple[bool, float]]) -> None:
         if c is not None:
             kinds.append(c.kind)
     assert all(k == ("raised" if i % 2 == 0 else "resolved") for i, k in enumerate(kinds))
+
+
+def test_a_resolve_says_how_things_are_now() -> None:
+    w = SelfWatch()
+    q = Bounds(0.0, 0.0, 0.0)
+    w.update("outbox", True, 0.0, 0.0, q, "the outbox holds 90 of 100")
+    c = w.update("outbox", False, 1.0, 1.0, q, "the outbox holds 3 of 100")
+    assert c is not None and c.detail == "the outbox holds 3 of 100"
