@@ -71,13 +71,15 @@ class Watcher:
         self.sources: dict[str, Source] = {}
         self.dropped = 0  # observations of new sources refused past MAX_SOURCES
 
-    def restore(self, key: str, src: Source, down_for: float, now_mono: float) -> None:
-        """A source as persisted before the gateway stopped; its window restarts now."""
+    def restore(self, key: str, src: Source, down_for: float, now_mono: float) -> bool:
+        """A source as persisted before the gateway stopped; its window restarts now.
+        False if no rule watches it any more (the caller forgets it)."""
         if src.rule not in self.by_name:
-            return  # its rule is gone from the config: stop watching it
+            return False
         src.last_mono = now_mono
         src.down += max(0.0, down_for)
         self.sources[key] = src
+        return True
 
     def observe(self, topic: str, sensor: str, now_wall: float, now_mono: float) -> list[Event]:
         """The source spoke; an "again" event if it had been declared silent."""

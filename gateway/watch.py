@@ -50,6 +50,8 @@ class Watches:
         self._seen: dict[tuple[str, str], float] = {}  # (topic, sensor) → wall, from commits
         self._pending: set[str] = set()  # sources whose change is not yet committed
         self._last_save = -1e9
+        self._forget: list[tuple[str, str]] = []  # watch rows to delete with the next save
+        self._unstored: set[str] = set()  # changes whose alert failed: logged once each
         self.started_mono = time.monotonic()
 
     @property
@@ -69,7 +71,8 @@ class Watches:
             try:
                 state = json.loads(text)
                 if kind == "silence":
-                    self.silence.restore(key, Source(**state), down, now_mono)
+                    if not self.silence.restore(key, Source(**state), down, now_mono):
+                        self._forget.append((kind, key))  # its rule is gone from the config
                 elif kind == "self":
                     self.selfwatch.restore(key, bool(state["raised"]), float(state["since"]))
             except (ValueError, TypeError, KeyError) as exc:
@@ -91,9 +94,25 @@ class Watches:
         self._judge_silence(now_wall, now_mono, due=True)
         if self.config.selfalerts.enabled:
             self._check_self(outbox_live, now_wall, now_mono)
+        self._show()
         if now_mono - self._last_save >= SAVE_EVERY:
             self._last_save = now_mono
             self._save(now_wall)
+
+    def _show(self) -> None:
+        """What `mailgw status` shows: silent sources, raised conditions, since when."""
+        with self._lock:
+            shown = {
+                f"silent {split_key(k)[0]}": f"since {_hhmm(src.last_wall)}"
+                for k, src in self.silence.sources.items()
+                if src.fired
+            }
+            shown.update(
+                (f"raised {name}", f"since {_hhmm(c.raised_wall)}")
+                for name, c in self.selfwatch.conditions.items()
+                if c.raised
+            )
+        self.runtime.watch = shown
 
     def save_now(self) -> None:
         """At an orderly stop: the next start then knows exactly how long we were down,
@@ -125,9 +144,10 @@ class Watches:
                 for key, src in self.silence.sources.items()
                 if key not in self._pending
             ]
+            forget, self._forget = self._forget, []
 
         def save(outbox: Outbox) -> None:
-            watch_state.save(outbox, rows, now_wall)
+            watch_state.save(outbox, rows, now_wall, forget)
 
         def logged(fut: concurrent.futures.Future[None]) -> None:
             if (exc := fut.exception()) is not None:
@@ -163,8 +183,7 @@ class Watches:
                 self._pending.discard(e.key)
                 if not isinstance(result, Stored) and e.kind == "silent":
                     self.silence.unfire(e.key)
-            if not isinstance(result, Stored):
-                log.error("could not store the silence alert for %s: %s", e.key, result)
+            self._failed(f"silence {e.key}", result)
 
         self._submit(alert, e.rule.route, mark, done)
 
@@ -241,12 +260,23 @@ class Watches:
         log.warning("self-alert: %s", text)
 
         def done(result: Stored | BaseException) -> None:
+            self._failed(f"self-alert {change.name}", result)
             if not isinstance(result, Stored):
-                log.error("could not store the self-alert %s: %s", change.name, result)
                 with self._lock:
                     self.selfwatch.put_back(change.name, before)
 
         self._submit(alert, sa.route, mark, done)
+
+    def _failed(self, what: str, result: Stored | BaseException) -> None:
+        """Log a change whose alert could not be stored once, not at every retry: while
+        the outbox fails, the tick tries again each second."""
+        if isinstance(result, Stored):
+            if what in self._unstored:
+                self._unstored.discard(what)
+                log.warning("the alert for %s is stored after all", what)
+        elif what not in self._unstored:
+            self._unstored.add(what)
+            log.error("could not store the alert for %s (%s); trying again", what, result)
 
     # --- the one door ---------------------------------------------------------------------
 
@@ -289,6 +319,10 @@ def _disk(state_dir: Path, free_percent: int) -> tuple[str, bool, str, float]:
         f"the disk holding {state_dir} has {free:.1f} % free ({usage.free // 2**20} MiB)",
         0.0,
     )
+
+
+def _hhmm(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(wall))
 
 
 def _source_json(src: Source) -> str:

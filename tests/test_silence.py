@@ -186,3 +186,18 @@ def test_migration_7_adds_the_watch_table_and_keeps_data(tmp_path: Path) -> None
     assert ob.live == 1
     ob.close()
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_status_reads_the_watch_back_and_drops_what_is_not_text(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from gateway.status import read_runtime, render, report
+
+    path = tmp_path / "status.json"
+    watch = {"silent alerts/cold/t": "since 2026-01-01 00:00 UTC", "bad": 3, "raised x": None}
+    path.write_text(json.dumps({"pid": os.getpid(), "started_at": time.time(), "watch": watch}))
+    rt = read_runtime(path)
+    assert rt is not None and rt["watch"] == {"silent alerts/cold/t": "since 2026-01-01 00:00 UTC"}
+    text = render(report(tmp_path / "none.db", path))
+    assert "watch      silent alerts/cold/t since 2026-01-01 00:00 UTC" in text

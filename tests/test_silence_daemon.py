@@ -45,6 +45,10 @@ def test_a_sensor_that_stops_is_reported_once_across_a_kill_9_and_again_when_it_
         wait_for(lambda: subjects(smtp, "temp1: nothing for"), what="the silence mail")
         [silent] = subjects(smtp, "temp1: nothing for")
         assert "[warning] temp1: alerts/cold-room-3/temp1: nothing for" in silent
+        wait_for(
+            lambda: "silent alerts/cold-room-3/temp1" in ((gw.status() or {}).get("watch") or {}),
+            what="the silence in status",
+        )
 
         gw.kill9()
         gw.start()
