@@ -83,3 +83,26 @@ def test_route_test_shows_the_silence_rule(write_config: Callable[..., Path]) ->
         "route-test", "-c", str(cfg), "gateway/test-gw/silence/alerts/cold-room-3/t"
     ).stdout
     assert "→ route ops" in out
+
+
+def _examples() -> list[str]:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = []
+    for doc in (root / "README.md", root / "docs" / "CONFIG.md"):
+        for block in re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S):
+            if "[[silence]]" in block or "[selfalerts]" in block:
+                blocks.append(block)
+    return blocks
+
+
+@pytest.mark.parametrize("block", _examples())
+def test_the_documented_examples_can_be_pasted(block: str) -> None:
+    text = block if 'name = "ops"' in block else ROUTE + block
+    cfg = parse(text)
+    assert cfg.silence or cfg.selfalerts.enabled
+
+
+def test_there_are_examples_to_paste() -> None:
+    assert len(_examples()) >= 3
