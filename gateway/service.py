@@ -199,15 +199,15 @@ class Daemon:
         return self.exit_code
 
     async def _start_watches(self) -> None:
-        """Silence rules and self-alerts, if configured: their state is read back from the
+        """Silence rules, self-alerts, heartbeat, if configured: their state is read from the
         outbox before any source runs, so a restart neither forgets nor re-fires."""
         assert self.writer is not None and self.ingest is not None
         cfg = self.config
-        if not (cfg.silence or cfg.selfalerts.enabled):
-            return
         from gateway.watch import Watches
 
         watches = Watches(cfg, self.ingest, self.runtime)
+        if not watches.active:
+            return
         try:
             await self.writer.run(watches.restore)
         except Exception as exc:  # the watches start afresh; intake matters more

@@ -1,5 +1,6 @@
-"""The daemon's own alerts: silences (gateway/silence.py) and self-alerts
-(gateway/selfwatch.py), fed from the housekeeping tick and sent through the one door.
+"""The daemon's own alerts: silences (gateway/silence.py), self-alerts
+(gateway/selfwatch.py) and the heartbeat (gateway/heartbeat.py), fed from the
+housekeeping tick and sent through the one door.
 
 Every alert raised here goes through `Ingest` like a sensor's (routing, storm control,
 the outbox), with source `gateway` and a topic under `gateway/<device_id>/`, so routes
@@ -23,9 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gateway import __version__
 from gateway.alert import Alert, Draft, normalize, parse_severity
 from gateway.clock import clock_synced
 from gateway.config import Config
+from gateway.heartbeat import Beat, is_due, summary
 from gateway.ingest import Ingest, storm_keys
 from gateway.outbox import Outbox, watch_state
 from gateway.outbox.writer import Stored
@@ -53,10 +56,14 @@ class Watches:
         self._forget: list[tuple[str, str]] = []  # watch rows to delete with the next save
         self._unstored: set[str] = set()  # changes whose alert failed: logged once each
         self.started_mono = time.monotonic()
+        self._last_tick: float | None = None
+        self.beat = Beat(time.time()) if config.heartbeat.every else None
+        self._beat_pending = False
 
     @property
     def active(self) -> bool:
-        return bool(self.config.silence) or self.config.selfalerts.enabled
+        cfg = self.config
+        return bool(cfg.silence) or cfg.selfalerts.enabled or cfg.heartbeat.every is not None
 
     # --- start: what the outbox remembers --------------------------------------------
 
@@ -75,6 +82,9 @@ class Watches:
                         self._forget.append((kind, key))  # its rule is gone from the config
                 elif kind == "self":
                     self.selfwatch.restore(key, bool(state["raised"]), float(state["since"]))
+                elif kind == "heartbeat" and self.beat is not None:
+                    self.beat = Beat(**state)
+                    self.beat.down += down
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("ignoring an unreadable watch state %s/%s: %s", kind, key, exc)
 
@@ -95,6 +105,9 @@ class Watches:
         if self.config.selfalerts.enabled:
             self._check_self(outbox_live, now_wall, now_mono)
         self._show()
+        if self.beat is not None:
+            self._heartbeat(now_wall, now_mono)
+        self._last_tick = now_mono
         if now_mono - self._last_save >= SAVE_EVERY:
             self._last_save = now_mono
             self._save(now_wall)
@@ -145,6 +158,8 @@ class Watches:
                 if key not in self._pending
             ]
             forget, self._forget = self._forget, []
+            if self.beat is not None and not self._beat_pending:
+                rows.append(("heartbeat", "heartbeat", json.dumps(dataclasses.asdict(self.beat))))
 
         def save(outbox: Outbox) -> None:
             watch_state.save(outbox, rows, now_wall, forget)
@@ -277,6 +292,54 @@ class Watches:
         elif what not in self._unstored:
             self._unstored.add(what)
             log.error("could not store the alert for %s (%s); trying again", what, result)
+
+    # --- the heartbeat ---------------------------------------------------------------------
+
+    def _heartbeat(self, now_wall: float, now_mono: float) -> None:
+        beat, every = self.beat, self.config.heartbeat.every
+        assert beat is not None and every is not None
+        uplink_down = self.config.smtp is not None and self.runtime.uplink in (
+            "down",
+            "auth_failed",
+        )
+        with self._lock:
+            if uplink_down and self._last_tick is not None:
+                beat.offline += now_mono - self._last_tick
+            if self._beat_pending or not is_due(beat, now_wall, every):
+                return
+            self._beat_pending = True
+            since = Beat(beat.last, beat.offline, beat.down)  # what this heartbeat covers
+        uptime = now_wall - self.runtime.started_at
+
+        def counted(outbox: Outbox) -> dict[str, dict[str, int]]:
+            return watch_state.activity(outbox, since.last)
+
+        def ready(fut: concurrent.futures.Future[dict[str, dict[str, int]]]) -> None:
+            if (exc := fut.exception()) is not None:  # the writer's thread
+                self._beat_done(since, now_wall, exc)
+                return
+            message, fields = summary(since, fut.result(), uptime, __version__, now_wall)
+            after = Beat(now_wall)
+            mark = ("heartbeat", "heartbeat", json.dumps(dataclasses.asdict(after)))
+            hb = self.config.heartbeat
+            alert = self._alert(
+                f"gateway/{self.device}/heartbeat", "heartbeat", hb.severity, message, dict(fields)
+            )
+            self._submit(alert, hb.route, mark, lambda r: self._beat_done(since, now_wall, r))
+
+        self.ingest.writer.call(counted).add_done_callback(ready)
+
+    def _beat_done(self, since: Beat, now_wall: float, result: Stored | BaseException) -> None:
+        self._failed("heartbeat", result)
+        with self._lock:
+            self._beat_pending = False
+            if isinstance(result, Stored) and self.beat is not None:
+                # What accrued while the heartbeat was on its way belongs to the next one.
+                self.beat = Beat(
+                    now_wall,
+                    max(0.0, self.beat.offline - since.offline),
+                    max(0.0, self.beat.down - since.down),
+                )
 
     # --- the one door ---------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ every part may depend on config and config on none of them.
     checks       hosts, MQTT strings and topic filters, secret and TLS files
     loader       typed access to TOML tables, problems with key and line
     sections     [gateway], [outbox], [[serial]], [[route]], [metrics]
-    watches      [[silence]], [selfalerts]: the gateway's own alerts
+    watches      [[silence]], [selfalerts], [heartbeat]: the gateway's own alerts
     connections  [smtp], [mqtt]: credentials and TLS
     document     parse, load, known_keys: the file as a whole
 """
@@ -47,6 +47,7 @@ from gateway.config.values import (
     SEVERITIES,
     Config,
     GatewaySection,
+    HeartbeatSection,
     MetricsSection,
     MqttSection,
     OutboxSection,
@@ -70,6 +71,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "GatewaySection",
+    "HeartbeatSection",
     "MetricsSection",
     "MqttSection",
     "OutboxSection",

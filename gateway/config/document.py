@@ -21,12 +21,13 @@ from gateway.config.sections import (
 from gateway.config.values import (
     Config,
     GatewaySection,
+    HeartbeatSection,
     RouteSection,
     SelfAlertsSection,
     SerialSection,
     SilenceSection,
 )
-from gateway.config.watches import selfalerts_section, silence_section
+from gateway.config.watches import heartbeat_section, selfalerts_section, silence_section
 from gateway.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/mailgw/gateway.toml")
@@ -41,6 +42,7 @@ _SECTIONS = {
     "metrics",
     "silence",
     "selfalerts",
+    "heartbeat",
 }
 
 
@@ -67,8 +69,9 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
         silence_section(t, i) for i, t in enumerate(loader.tables("silence", data.get("silence")))
     )
     selfalerts = selfalerts_section(loader.table("selfalerts", data.get("selfalerts", {})))
+    heartbeat = heartbeat_section(loader.table("heartbeat", data.get("heartbeat", {})))
     _check_names(loader, gateway, serial, routes)
-    _check_watches(loader, routes, silence, selfalerts)
+    _check_watches(loader, routes, silence, selfalerts, heartbeat)
     if loader.problems:
         raise ConfigError(loader.problems)
     return Config(
@@ -82,6 +85,7 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
         path=path,
         silence=silence,
         selfalerts=selfalerts,
+        heartbeat=heartbeat,
     )
 
 
@@ -111,6 +115,7 @@ def _check_watches(
     routes: tuple[RouteSection, ...],
     silence: tuple[SilenceSection, ...],
     selfalerts: SelfAlertsSection,
+    heartbeat: HeartbeatSection,
 ) -> None:
     """The routes that silence rules and self-alerts name must exist; rule names are
     unique (the outbox keeps each source's state under its rule's name)."""
@@ -122,8 +127,9 @@ def _check_watches(
     names = [r.name for r in silence]
     for dup in {n for n in names if names.count(n) > 1}:
         loader.problem("silence", "name", f"two rules are named {dup!r}; give each a unique name")
-    if selfalerts.route is not None and selfalerts.route not in route_names:
-        loader.problem("selfalerts", "route", f"names no route; known routes: {known}")
+    for name, route in (("selfalerts", selfalerts.route), ("heartbeat", heartbeat.route)):
+        if route is not None and route not in route_names:
+            loader.problem(name, "route", f"names no route; known routes: {known}")
 
 
 def known_keys() -> dict[str, set[str]]:
@@ -138,6 +144,7 @@ def known_keys() -> dict[str, set[str]]:
     metrics_section(loader.table("metrics", {}))
     silence_section(loader.table("silence", {}), 0)
     selfalerts_section(loader.table("selfalerts", {}))
+    heartbeat_section(loader.table("heartbeat", {}))
     return {t.name: set(t.seen) for t in loader.opened}
 
 

@@ -145,6 +145,15 @@ class SelfAlertsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HeartbeatSection:
+    """A periodic summary of the device (gateway/heartbeat.py); off without `every`."""
+
+    every: float | None = None
+    route: str | None = None
+    severity: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection
     outbox: OutboxSection
@@ -156,6 +165,7 @@ class Config:
     path: Path | None = None
     silence: tuple[SilenceSection, ...] = ()
     selfalerts: SelfAlertsSection = field(default_factory=SelfAlertsSection)
+    heartbeat: HeartbeatSection = field(default_factory=HeartbeatSection)
 
     @property
     def outbox_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""Builders of the watch sections: [[silence]] (the dead man's switch) and [selfalerts].
+"""Builders of the watch sections: [[silence]] (the dead man's switch), [selfalerts] and
+[heartbeat].
 
 Both raise alerts of the gateway's own, which route like any other alert; a `route`
 they name must exist (checked across sections in document.py).
@@ -10,7 +11,12 @@ import re
 
 from gateway.config.checks import check_topic_filter, mqtt_string_problem
 from gateway.config.loader import Table
-from gateway.config.values import SEVERITIES, SelfAlertsSection, SilenceSection
+from gateway.config.values import (
+    SEVERITIES,
+    HeartbeatSection,
+    SelfAlertsSection,
+    SilenceSection,
+)
 
 # A silence shorter than this is a sensor's jitter, not its death; the daemon checks
 # every second or two, so a shorter window would not be kept anyway.
@@ -68,3 +74,14 @@ def _span(t: Table, key: str, default: float) -> float:
     # At most a week: a bound longer than that is a condition nobody would hear of.
     value = t.duration(key, default, minimum=0, maximum=7 * 86400)
     return default if value is None else float(value)
+
+
+def heartbeat_section(t: Table) -> HeartbeatSection:
+    section = HeartbeatSection(
+        # More often than hourly it is noise in an inbox, not a summary.
+        every=t.duration("every", None, minimum=3600, maximum=31 * 86400),
+        route=t.text("route", None),
+        severity=t.text("severity", "info", choices=SEVERITIES) or "info",
+    )
+    t.done()
+    return section

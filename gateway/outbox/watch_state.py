@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gateway.outbox.queries import counts
+from gateway.outbox.rows import alert_tables
 from gateway.outbox.store import Outbox
 
 
@@ -46,3 +48,27 @@ def save(
             )
     finally:
         c.execute("PRAGMA synchronous=FULL")
+
+
+def activity(outbox: Outbox, since: float) -> dict[str, dict[str, int]]:
+    """For the heartbeat: alerts taken (received since `since`, wall) and mails sent
+    since then, each by route ('' for unrouted), and the queue by state."""
+    c = outbox.conn
+    taken: dict[str, int] = {}
+    for table in alert_tables(c):
+        for route, n in c.execute(
+            f"SELECT d.route, count(*) FROM {table} a JOIN delivery d ON d.alert_seq = a.seq"
+            " WHERE a.received_at >= ? GROUP BY d.route",
+            (since,),
+        ):
+            taken[route] = taken.get(route, 0) + n
+    mailed = {
+        str(route): int(n)
+        for route, n in c.execute(
+            "SELECT route, count(*) FROM delivery WHERE state = 'sent' AND updated_at >= ?"
+            " GROUP BY route",
+            (since,),
+        )
+    }
+    queue = {k: v for k, v in counts(c).items() if isinstance(v, int)}
+    return {"taken": taken, "mailed": mailed, "queue": queue}
