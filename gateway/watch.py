@@ -34,7 +34,7 @@ from gateway.outbox import Outbox, watch_state
 from gateway.outbox.writer import Stored
 from gateway.runtime import Runtime
 from gateway.selfwatch import Bounds, Change, Condition, SelfWatch
-from gateway.silence import Event, Source, Watcher, describe, human, split_key
+from gateway.silence import MAX_SOURCES, Event, Source, Watcher, describe, human, split_key
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class Watches:
         """A source spoke (its alerts were stored, or refused by a full outbox)."""
         with self._lock:
             for a in alerts:
-                if a.source != "gateway" and len(self._seen) < 4096:
+                # Bounded like the watcher's table: a flood of invented topics costs
+                # legitimate sources at most one tick's observation.
+                if a.source != "gateway" and len(self._seen) < MAX_SOURCES:
                     self._seen[(a.topic, a.sensor)] = a.received.wall
 
     # --- the tick (the loop) -------------------------------------------------------------
