@@ -59,6 +59,14 @@ def test_a_sensor_that_stops_is_reported_once_across_a_kill_9_and_again_when_it_
         wait_for(lambda: subjects(smtp, "temp2: nothing for"), what="temp2's silence")
         assert len(subjects(smtp, "temp1: nothing for")) == 1  # not re-fired after kill -9
 
+        assert gw.terminate() == 0  # and an orderly restart
+        gw.start()
+        gw.wait_ready(("mqtt",))
+        pub.publish("alerts/cold-room-3/temp3", "5.1 C")
+        wait_for(lambda: subjects(smtp, "temp3: nothing for"), what="temp3's silence")
+        assert len(subjects(smtp, "temp1: nothing for")) == 1
+        assert len(subjects(smtp, "temp2: nothing for")) == 1
+
         pub.publish("alerts/cold-room-3/temp1", "4.3 C")
         wait_for(lambda: subjects(smtp, "temp1: reporting again"), what="the again mail")
         assert gw.terminate() == 0
@@ -105,7 +113,7 @@ def test_serial_unplugged_broker_stopped_outbox_filling_through_a_smarthost_outa
             + f'[[serial]]\nport = "{pty.link}"\nname = "cold"\n'
             + "[outbox]\nmax_messages = 20\n"
             + '[selfalerts]\nenabled = true\nserial_after = "1s"\nmqtt_after = "1s"\n'
-            'clear_after = "1s"\noutbox_percent = 50\nclock_after = "7d"\n'
+            'clear_after = "1s"\nclock_after = "7d"\n'
         )
         db = tmp_path / "state/outbox.db"
 
@@ -123,7 +131,7 @@ def test_serial_unplugged_broker_stopped_outbox_filling_through_a_smarthost_outa
         broker.start()
         wait_for(lambda: stored("gateway/gw-d/mqtt", "resolved"), what="mqtt resolved")
         pub = Publisher(broker.port)
-        for i in range(8):  # 4 self-alerts + 8 readings > 50 % of 20
+        for i in range(14):  # 4 self-alerts + 14 readings: past 80 % of 20
             pub.publish("alerts/truck/door", f"door open {i}")
         wait_for(lambda: stored("gateway/gw-d/outbox", "the outbox holds"), what="outbox raised")
         smtp.start()  # the uplink returns: the queue drains, the outbox clears
