@@ -57,9 +57,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             )
             if r.storm.active:
                 print(f"    storm control: {describe_storm(r.storm, sev)}")
+        if cfg.silence:
+            _show_silence(cfg, args.topic, getattr(args, "sensor", None))
         return 0
     print(f"ok: {cfg.path}: {cfg.summary()}")
     return 0
+
+
+def _show_silence(cfg: Config, topic: str, sensor: str | None) -> None:
+    from gateway.config import format_duration
+    from gateway.silence import rule_for
+
+    sensor = sensor or topic.rsplit("/", 1)[-1]
+    rule = rule_for(cfg.silence, topic, sensor)
+    if rule is None:
+        print(f"{topic} (sensor {sensor}): no silence rule watches it")
+        return
+    where = f"route {rule.route}" if rule.route else "routed by its topic"
+    print(
+        f"{topic} (sensor {sensor}) → silence rule {rule.name}: a report expected every "
+        f"{format_duration(rule.expect_every)}; else a {rule.severity} alert on "
+        f"gateway/{cfg.gateway.device_id}/silence/{topic}, {where}"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -208,6 +227,7 @@ def _add_daemon_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> 
     sp = add("route-test", "show which routes an alert on TOPIC would take")
     sp.add_argument("topic")
     sp.add_argument("--severity", default="warning")
+    sp.add_argument("--sensor", help="for silence rules (default: the topic's last level)")
     sp.set_defaults(func=cmd_check_config)
 
     sp = add("send", "store an alert durably (like sendmail); reads stdin without MESSAGE")

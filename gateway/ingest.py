@@ -62,6 +62,9 @@ class Ingest:
         self.router = router
         self.policies: Mapping[str, Policy] = policies or {}
         self.runtime = runtime
+        # Told in the writer's thread of every batch a source handed in, stored or not:
+        # a source that spoke is alive (the silence watch, gateway/watch.py).
+        self.observers: list[Callable[[Sequence[Alert]], None]] = []
 
     def prepare(
         self, alert: Alert, seen_key: str | None = None, mqtt: MqttKey | None = None
@@ -81,6 +84,8 @@ class Ingest:
         def counted(result: Stored | BaseException) -> None:  # the writer's thread
             self._count(batch, result)
             done(result)
+            for observe in self.observers:
+                observe([r.alert for r in batch])
 
         self.writer.submit(batch, counted, linger)
 

@@ -38,6 +38,8 @@ class Runtime:
     store_error: str | None = None  # why storing fails now; None while it works
     store_failing_since: float | None = None  # wall time
     threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
+    # silent sources and raised self-alert conditions (gateway/watch.py) → since when
+    watch: dict[str, str] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -69,6 +71,7 @@ class Runtime:
             "store_error": self.store_error,
             "store_failing_since": self.store_failing_since,
             "threads": dict(self.threads),
+            "watch": dict(self.watch),
         }
 
     def write(self, path: Path) -> None:

@@ -31,6 +31,7 @@ from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
     from gateway.relay import Relay
+    from gateway.watch import Watches
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Daemon:
         self.writer: Writer | None = None
         self.ingest: Ingest | None = None
         self.relay: Relay | None = None
+        self.watches: Watches | None = None
         self.status_path = config.gateway.runtime_dir / "status.json"
         self.exit_code = 0
 
@@ -170,6 +172,7 @@ class Daemon:
             if outbox is None:
                 return 0
             self.open(outbox)
+            await self._start_watches()
         except GatewayError as exc:
             log.critical("%s", exc)
             return 1
@@ -195,6 +198,23 @@ class Daemon:
             await self._shutdown()
         return self.exit_code
 
+    async def _start_watches(self) -> None:
+        """Silence rules, self-alerts, heartbeat, if configured: their state is read from the
+        outbox before any source runs, so a restart neither forgets nor re-fires."""
+        assert self.writer is not None and self.ingest is not None
+        cfg = self.config
+        from gateway.watch import Watches
+
+        watches = Watches(cfg, self.ingest, self.runtime)
+        if not watches.active:
+            return
+        try:
+            await self.writer.run(watches.restore)
+        except Exception as exc:  # the watches start afresh; intake matters more
+            log.error("could not read the silence and self-alert state back: %s", exc)
+        self.ingest.observers.append(watches.observed)
+        self.watches = watches
+
     async def _watch_writer(self) -> None:
         """The writer thread is owned here: if it ends before we stop, so does the daemon."""
         assert self.writer is not None
@@ -219,6 +239,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         start = time.monotonic()
+        if self.watches is not None:
+            self.watches.save_now()  # queued before the writer's stop: it is drained
         if self.writer is not None:
             # Drains everything already submitted: those alerts commit and get acked.
             await asyncio.to_thread(self.writer.stop)
@@ -303,6 +325,11 @@ class Daemon:
             )
             with contextlib.suppress(OSError):
                 self.runtime.write(self.status_path)
+            if self.watches is not None and self.outbox is not None:
+                try:
+                    self.watches.tick(self.outbox.live)
+                except Exception:  # a bug in a watch must not end housekeeping
+                    log.exception("the silence and self-alert watch failed")
             systemd.notify(f"STATUS={self._status_line()}")
             if self.config.metrics.textfile and time.monotonic() - last_metrics >= 10:
                 last_metrics = time.monotonic()
@@ -311,7 +338,8 @@ class Daemon:
                 last_prune = time.monotonic()
                 await self._prune()
                 await self._call(lambda ob: ob.refresh_live())
-            await asyncio.sleep(2.0)
+            # Silence and self-alerts are judged on this tick: finer when they are on.
+            await asyncio.sleep(1.0 if self.watches is not None else 2.0)
 
     async def _write_metrics(self, path: Path) -> None:
         from gateway import metrics, status

@@ -70,6 +70,7 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
     relay_hold = raw.get("relay_hold")
     store_error = raw.get("store_error")
     threads = raw.get("threads")
+    watch = raw.get("watch")
     return {
         "pid": pid,
         "started_at": float(started_at),
@@ -97,6 +98,9 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         "store_failing_since": number("store_failing_since"),
         "threads": {k: v for k, v in threads.items() if isinstance(k, str) and isinstance(v, str)}
         if isinstance(threads, dict)
+        else {},
+        "watch": {k: v for k, v in watch.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(watch, dict)
         else {},
     }
 
@@ -147,6 +151,7 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "store_error",
         "store_failing_since",
         "threads",
+        "watch",
     ):
         result[key] = rt.get(key) if rt else None
     result["rejected"] = rt.get("rejected", {}) if rt else {}
@@ -240,6 +245,11 @@ def render(r: dict[str, Any]) -> str:
                 "sources    "
                 + ", ".join(f"{printable(k)} {printable(v)}" for k, v in sorted(sources.items()))
             )
+        watch = sorted((r.get("watch") or {}).items())
+        if watch:  # silent sources, raised self-alerts (gateway/watch.py)
+            shown = ", ".join(f"{printable(k)} {printable(v)}" for k, v in watch[:10])
+            more = f" and {len(watch) - 10} more" if len(watch) > 10 else ""
+            lines.append(f"watch      {shown}{more}")
     rejected = r.get("rejected") or {}
     lines.append(
         "rejected   "

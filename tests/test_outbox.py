@@ -337,10 +337,10 @@ def test_migration_6_adds_mqtt_pending_and_keeps_data(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     ob = Outbox(db)
     ob.add([alert("before the upgrade")])
-    ob.conn.executescript("DROP TABLE mqtt_pending; PRAGMA user_version = 5;")
+    ob.conn.executescript("DROP TABLE mqtt_pending; DROP TABLE watch; PRAGMA user_version = 5;")
     ob.close()
     ob = Outbox(db)
-    assert ob.conn.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert ob.conn.execute("PRAGMA user_version").fetchone()[0] == ob_mod.SCHEMA_VERSION
     assert ob.conn.execute("SELECT count(*) FROM mqtt_pending").fetchone()[0] == 0
     assert ob.live == 1
 

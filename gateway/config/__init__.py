@@ -14,6 +14,7 @@ every part may depend on config and config on none of them.
     checks       hosts, MQTT strings and topic filters, secret and TLS files
     loader       typed access to TOML tables, problems with key and line
     sections     [gateway], [outbox], [[serial]], [[route]], [metrics]
+    watches      [[silence]], [selfalerts], [heartbeat]: the gateway's own alerts
     connections  [smtp], [mqtt]: credentials and TLS
     document     parse, load, known_keys: the file as a whole
 """
@@ -46,13 +47,16 @@ from gateway.config.values import (
     SEVERITIES,
     Config,
     GatewaySection,
+    HeartbeatSection,
     MetricsSection,
     MqttSection,
     OAuthSection,
     OutboxSection,
     Policy,
     RouteSection,
+    SelfAlertsSection,
     SerialSection,
+    SilenceSection,
     SmtpSection,
 )
 from gateway.errors import ConfigError
@@ -68,13 +72,16 @@ __all__ = [
     "Config",
     "ConfigError",
     "GatewaySection",
+    "HeartbeatSection",
     "MetricsSection",
     "MqttSection",
     "OAuthSection",
     "OutboxSection",
     "Policy",
     "RouteSection",
+    "SelfAlertsSection",
     "SerialSection",
+    "SilenceSection",
     "SmtpSection",
     "ascii_domain",
     "check_address",

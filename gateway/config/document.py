@@ -18,12 +18,32 @@ from gateway.config.sections import (
     route_section,
     serial_section,
 )
-from gateway.config.values import Config, GatewaySection, RouteSection, SerialSection
+from gateway.config.values import (
+    Config,
+    GatewaySection,
+    HeartbeatSection,
+    RouteSection,
+    SelfAlertsSection,
+    SerialSection,
+    SilenceSection,
+)
+from gateway.config.watches import heartbeat_section, selfalerts_section, silence_section
 from gateway.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/mailgw/gateway.toml")
 
-_SECTIONS = {"gateway", "outbox", "smtp", "mqtt", "serial", "route", "metrics"}
+_SECTIONS = {
+    "gateway",
+    "outbox",
+    "smtp",
+    "mqtt",
+    "serial",
+    "route",
+    "metrics",
+    "silence",
+    "selfalerts",
+    "heartbeat",
+}
 
 
 def parse(text: str, source: str = "<config>", path: Path | None = None) -> Config:
@@ -45,7 +65,13 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
         route_section(t, i) for i, t in enumerate(loader.tables("route", data.get("route")))
     )
     metrics = metrics_section(loader.table("metrics", data.get("metrics", {})))
+    silence = tuple(
+        silence_section(t, i) for i, t in enumerate(loader.tables("silence", data.get("silence")))
+    )
+    selfalerts = selfalerts_section(loader.table("selfalerts", data.get("selfalerts", {})))
+    heartbeat = heartbeat_section(loader.table("heartbeat", data.get("heartbeat", {})))
     _check_names(loader, gateway, serial, routes)
+    _check_watches(loader, routes, silence, selfalerts, heartbeat)
     if loader.problems:
         raise ConfigError(loader.problems)
     return Config(
@@ -57,6 +83,9 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
         routes=routes,
         metrics=metrics,
         path=path,
+        silence=silence,
+        selfalerts=selfalerts,
+        heartbeat=heartbeat,
     )
 
 
@@ -81,6 +110,28 @@ def _check_names(
         )
 
 
+def _check_watches(
+    loader: Loader,
+    routes: tuple[RouteSection, ...],
+    silence: tuple[SilenceSection, ...],
+    selfalerts: SelfAlertsSection,
+    heartbeat: HeartbeatSection,
+) -> None:
+    """The routes that silence rules and self-alerts name must exist; rule names are
+    unique (the outbox keeps each source's state under its rule's name)."""
+    route_names = {r.name for r in routes}
+    known = ", ".join(sorted(route_names)) or "none"
+    for i, rule in enumerate(silence):
+        if rule.route is not None and rule.route not in route_names:
+            loader.problem(f"silence[{i}]", "route", f"names no route; known routes: {known}")
+    names = [r.name for r in silence]
+    for dup in {n for n in names if names.count(n) > 1}:
+        loader.problem("silence", "name", f"two rules are named {dup!r}; give each a unique name")
+    for name, route in (("selfalerts", selfalerts.route), ("heartbeat", heartbeat.route)):
+        if route is not None and route not in route_names:
+            loader.problem(name, "route", f"names no route; known routes: {known}")
+
+
 def known_keys() -> dict[str, set[str]]:
     """Every key each section accepts, read off the loader itself (for the docs test)."""
     loader = Loader("", "<schema>")
@@ -92,6 +143,9 @@ def known_keys() -> dict[str, set[str]]:
     serial_section(loader.table("serial", {}))
     route_section(loader.table("route", {}), 0)
     metrics_section(loader.table("metrics", {}))
+    silence_section(loader.table("silence", {}), 0)
+    selfalerts_section(loader.table("selfalerts", {}))
+    heartbeat_section(loader.table("heartbeat", {}))
     return {t.name: set(t.seen) for t in loader.opened}
 
 

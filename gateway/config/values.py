@@ -136,6 +136,44 @@ class MetricsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SilenceSection:
+    """A dead man's switch rule (gateway/silence.py): who must speak how often."""
+
+    name: str
+    match: str = "#"
+    sensor: str | None = None  # only this sensor; None: every sensor on the topics
+    expect_every: float = 900.0
+    severity: str = "warning"
+    route: str | None = None  # None: routed by the alert's topic like any other
+
+
+@dataclass(frozen=True, slots=True)
+class SelfAlertsSection:
+    """The gateway's own troubles as alerts (gateway/selfwatch.py)."""
+
+    enabled: bool = False
+    route: str | None = None
+    severity: str = "warning"
+    min_interval: float = 900.0  # at most one raise per condition per interval
+    clear_after: float = 30.0  # a condition must stay clear this long to be resolved
+    serial_after: float = 60.0
+    mqtt_after: float = 120.0
+    store_after: float = 30.0
+    clock_after: float = 900.0
+    outbox_percent: int = 80
+    disk_free_percent: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSection:
+    """A periodic summary of the device (gateway/heartbeat.py); off without `every`."""
+
+    every: float | None = None
+    route: str | None = None
+    severity: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection
     outbox: OutboxSection
@@ -145,6 +183,9 @@ class Config:
     routes: tuple[RouteSection, ...]
     metrics: MetricsSection = field(default_factory=MetricsSection)
     path: Path | None = None
+    silence: tuple[SilenceSection, ...] = ()
+    selfalerts: SelfAlertsSection = field(default_factory=SelfAlertsSection)
+    heartbeat: HeartbeatSection = field(default_factory=HeartbeatSection)
 
     @property
     def outbox_path(self) -> Path:

@@ -57,6 +57,9 @@ class Routed:
     # route → the alert's dedupe key there (gateway/ingest.py), for routes that dedupe
     storm_keys: tuple[tuple[str, str], ...] = ()
     mqtt: MqttKey | None = None
+    # (kind, key, state): rows of the `watch` table written in the alert's transaction
+    # (gateway/outbox/watch_state.py), so a silence alert and "it fired" land together.
+    marks: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

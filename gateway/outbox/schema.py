@@ -102,5 +102,16 @@ MIGRATIONS: tuple[str, ...] = (
         conn     INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 6 → 7: the state of the gateway's own watches (gateway/outbox/watch_state.py):
+    # silence per source, raised self-alert conditions. A row changes in the same
+    # transaction as the alert that reports the change, so neither outlives the other.
+    """
+    CREATE TABLE watch (
+        kind  TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

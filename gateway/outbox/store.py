@@ -43,6 +43,7 @@ class _BatchRows:
     alerts: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)  # shard → rows
     deliveries: list[tuple[Any, ...]] = field(default_factory=list)
     pending: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # mid → mqtt row
+    marks: list[tuple[str, str, str]] = field(default_factory=list)  # watch rows
     duplicates: list[str] = field(default_factory=list)
     added: int = 0  # live deliveries added (storm control's included)
     next_seq: int = 1
@@ -322,6 +323,7 @@ class Outbox:
                     continue
                 out.pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
             out.alerts.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
+            out.marks.extend(r.marks)
             storm_keys = dict(r.storm_keys) if r.storm_keys else _NO_KEYS
             for rt, p in r.deliveries:
                 policy = policies.get(rt)
@@ -349,6 +351,10 @@ class Outbox:
             c, "delivery (alert_seq, route, state, priority, updated_at)", 5, rows.deliveries
         )
         _insert_rows(c, "mqtt_pending", 4, list(rows.pending.values()), "INSERT OR REPLACE")
+        if rows.marks:
+            c.executemany(
+                "INSERT OR REPLACE INTO watch (kind, key, state) VALUES (?, ?, ?)", rows.marks
+            )
         c.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
             (str(rows.next_seq),),
