@@ -121,7 +121,12 @@ def test_the_daemon_shows_auth_failed_and_a_flush_delivers_after_the_fix(
 
     with SmtpServer(pki, "starttls") as smtp:
         cfg = daemon_config(tmp_path, pki, smtp.port)
-        cfg.write_text(cfg.read_text().replace("[[route]]", 'auth_retry = "1h"\n[[route]]', 1))
+        # No self-alerts: the queue is to hold just the one alert this test sends.
+        cfg.write_text(
+            cfg.read_text().replace(
+                "[[route]]", 'auth_retry = "1h"\n[selfalerts]\nenabled = false\n[[route]]', 1
+            )
+        )
         pw = _bad_password(tmp_path / "pw")  # the file daemon_config wrote, now wrong
         gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
         try:

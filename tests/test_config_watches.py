@@ -36,7 +36,7 @@ def test_a_cold_room_example_parses() -> None:
         "ops",
     )
     assert cfg.selfalerts.enabled and cfg.selfalerts.min_interval == 3600.0
-    assert parse(ROUTE).selfalerts.enabled is False  # opt-in: an upgrade sends no new mail
+    assert parse(ROUTE).selfalerts.enabled is True  # on unless turned off
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,9 @@ class SilenceSection:
 class SelfAlertsSection:
     """The gateway's own troubles as alerts (gateway/selfwatch.py)."""
 
-    enabled: bool = False
+    # On: nobody reads a truck's journal, and a device whose port or broker is gone is
+    # exactly what its owner wants mailed. Rate-limited per condition, so few mails.
+    enabled: bool = True
     route: str | None = None
     severity: str = "warning"
     min_interval: float = 900.0  # at most one raise per condition per interval

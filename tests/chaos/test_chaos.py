@@ -125,6 +125,10 @@ def _chaos(
         gateway_toml(tmp_path, "chaos")
         # A low bound, so that outages fill the outbox; tmpfs only for the disk-full fault.
         + f"[outbox]\nmax_messages = {MAX_MESSAGES}\nallow_volatile = {str(small).lower()}\n"
+        # The faults here (a full disk, a full outbox) raise self-alerts by design; this
+        # suite accounts for the sensors' alerts only (tests/test_silence_daemon.py
+        # covers the self-alerts).
+        + "[selfalerts]\nenabled = false\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "gw@example.com"\n'
         f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
         'timeout = "2s"\nmin_backoff = "1s"\nmax_backoff = "2s"\nprobe_max = "2s"\n'

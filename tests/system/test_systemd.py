@@ -348,6 +348,9 @@ def test_purge_keeps_a_nonempty_outbox_and_says_so(box: Machine) -> None:
     box.run("systemctl stop mailgw")
     box.run("runuser -u mailgw -- mailgw send --severity warning --sensor door 'left behind'")
     purge = box.run("apt-get purge -y mailgw 2>&1")
-    assert "mailgw: kept /var/lib/mailgw: it holds 1 undelivered alerts" in purge.stdout, purge
+    # At least the one just sent (a self-alert may be waiting beside it).
+    assert re.search(
+        r"mailgw: kept /var/lib/mailgw: it holds [1-9]\d* undelivered", purge.stdout
+    ), purge
     assert "outbox.db" in box.run("ls /var/lib/mailgw").stdout
     assert "could not be found" in box.run("systemctl status mailgw 2>&1", check=False).stdout
