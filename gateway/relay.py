@@ -42,6 +42,7 @@ from gateway.ledger import DISK_RETRY, Ledger
 from gateway.oauth import TokenSource
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
+from gateway.pace import Bucket, describe
 from gateway.replies import Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
@@ -105,6 +106,12 @@ class Relay:
         self.last_used = 0.0
         self.sent = 0
         self.ledger = Ledger(writer, runtime)
+        # smtp.rate_limit: one token per transaction, for every route (gateway.pace).
+        rate = self.smtp.rate_limit
+        self.pace = Bucket(*rate, time.monotonic()) if rate else None
+        if rate:
+            runtime.pace = {"rate_limit": describe(*rate), "waits": 0, "next_send_at": None}
+        self._backlog = False  # the last claim found work: a wait for a token is pacing
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.helo = socket.getfqdn()
@@ -188,7 +195,16 @@ class Relay:
             else:
                 await self._sleep(self.uplink.next_probe - now)
             return
-        batch = await self.ledger.claim(self.smtp.batch)
+        limit = self.smtp.batch
+        if self.pace is not None:
+            if (wait := self.pace.wait(now)) > 0:
+                await self._pace_wait(wait)
+                return
+            # No more rows than tokens: what waits stays in the outbox, in priority
+            # order, so a critical alert that comes in meanwhile is sent next.
+            limit = max(1, min(limit, int(self.pace.tokens(now))))
+        batch = await self.ledger.claim(limit)
+        self._backlog = bool(batch)
         if batch is None:
             await self._sleep(DISK_RETRY)
             return
@@ -215,6 +231,8 @@ class Relay:
                     continue
                 if self.session is None or not self.session.usable:
                     await self._open_session()
+                if self.pace is not None:
+                    self.pace.take(time.monotonic())
                 self.ledger.record([await self._deliver(item, now_stamp)])
                 pending.pop(0)
                 if self._trouble is not None:
@@ -236,6 +254,19 @@ class Relay:
                 self.ledger.settle_at_shutdown()
             else:
                 await self.ledger.settle()
+
+    async def _pace_wait(self, wait: float) -> None:
+        """No token yet (smtp.rate_limit): wait for one, or for new work to claim."""
+        assert self.pace is not None
+        if self._backlog:
+            self._backlog = False
+            self.runtime.pace["waits"] += 1
+            log.debug("pacing: next mail in %.1f s (smtp.rate_limit)", wait)
+        if self.session is not None and wait > IDLE_QUIT:
+            await self._close_session()  # not held open idle between slow sends
+        self.runtime.pace["next_send_at"] = time.time() + wait
+        await self._sleep(wait)
+        self.runtime.pace["next_send_at"] = None
 
     def _expired(self, item: Claimed, now: Stamp) -> Outcome | None:
         received, _ = item.alert.received.corrected(now)

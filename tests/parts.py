@@ -143,6 +143,11 @@ def smtp_conf(
     ]
     if auth:
         lines += ['username = "gw@example.com"']
+    # Slow-down pauses and the return after an outage, scaled down (30 s and more
+    # by default) unless the test sets its own.
+    for key, value in (("throttle_max", '"1s"'), ("return_jitter", '"0s"')):
+        if key not in extra:
+            lines += [f"{key} = {value}"]
     return "\n".join(lines) + "\n" + extra
 
 
