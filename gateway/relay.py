@@ -43,7 +43,7 @@ from gateway.oauth import TokenSource
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.pace import Bucket, describe
-from gateway.replies import Verdict, judge
+from gateway.replies import THROTTLE, Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
 from gateway.smtp import SmtpSession, UplinkDown
@@ -101,6 +101,9 @@ class Relay:
             else None
         )
         self.breaks = Breaks()
+        # The same message throttled again and again while others went through is the
+        # message's problem (a per-message 4xx that reads like a rate): it is charged.
+        self.throttles = Breaks()
         self.streak = Streak()
         self._trouble: UplinkDown | None = None  # a broken session blamed on the uplink
         self.last_used = 0.0
@@ -380,14 +383,35 @@ class Relay:
             # Kept after a "repeated" pause: the same reply once more pauses again at once,
             # instead of dead-lettering SAME_REFUSALS - 1 more messages every pause.
             self.streak.broken()
-        return Outcome(item.key, State.QUEUED, due=0.0, error=error, count_attempt=False)
+        # A throttled message goes behind the others of its priority: should the reply
+        # be about it after all, the others still go through (see self.throttles).
+        due = time.monotonic() if kind == THROTTLE else 0.0
+        return Outcome(item.key, State.QUEUED, due=due, error=error, count_attempt=False)
+
+    def _throttled(self, item: Claimed, v: Verdict) -> Outcome | None:
+        """A "slow down" reply: pause the relay, uncharged (None: it is the message's)."""
+        blame, count = self.throttles.broke(item.key, self.sent)
+        if blame is not Blame.MESSAGE:
+            return self._paused(item, THROTTLE, v.error)
+        log.warning(
+            "alert %s: throttled %d times while other mails went through; deferred like "
+            "any failing message",
+            item.alert.id,
+            count,
+        )
+        return None
 
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:
         if v.broke and (uncharged := self._broken(item, v)) is not None:
             return uncharged
         self.breaks.settled(item.key)
-        if v.pause is not None:
+        if v.pause == THROTTLE:
+            if (uncharged := self._throttled(item, v)) is not None:
+                return uncharged
+        elif v.pause is not None:
             return self._paused(item, v.pause, v.error)
+        else:
+            self.throttles.settled(item.key)
         if v.state != "dead" or v.same_as is None:
             self.streak.broken()
         elif self.streak.refused(v.same_as, item.key) >= SAME_REFUSALS:
@@ -395,6 +419,7 @@ class Relay:
         self.runtime.attempts[v.state if v.state != "queued" else "deferred"] += 1
         if v.state == "sent":
             self.sent += 1
+            self.waits.accepted()
             self.runtime.last_success = time.time()
             if v.error:
                 log.warning("alert %s delivered, but %s", item.alert.id, v.error)

@@ -42,6 +42,10 @@ MAX_REMEMBERED = 10_000
 # not theirs: the relay pauses instead of dead-lettering the queue one by one. Replies
 # about the message itself (an address, its size, its content) never count.
 SAME_REFUSALS = 3
+# After a "slow down" reply (421, 451 4.7.x, a rate text) the relay pauses this long,
+# doubling while the replies go on, up to smtp.throttle_max: a per-minute window (the
+# usual unit of a smarthost's rate limit) passes within the first two pauses.
+THROTTLE_FIRST = 30.0
 
 
 def retry_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -60,6 +64,12 @@ def probe_delay(failures: int, cap: float, rng: random.Random) -> float:
     does not come back in step)."""
     base = min(cap, FIRST_PROBE * 2.0 ** max(0, failures - 1))
     return base * rng.uniform(0.9, 1.0)
+
+
+def throttle_delay(times: int, cap: float) -> float:
+    """The pause after the `times`-th "slow down" in a row: THROTTLE_FIRST doubling,
+    never more than `cap` (nor the first pause more than `cap`)."""
+    return min(cap, THROTTLE_FIRST * 2.0 ** max(0, min(times, 64) - 1))
 
 
 class Uplink:
