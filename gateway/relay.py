@@ -88,7 +88,7 @@ class Relay:
         # One message is at most ~6 SMTP commands, each bounded by smtp.timeout; a relay
         # that has not come round its loop for longer than that is stuck.
         self.stall_limit = self.smtp.timeout * 6 + 10
-        self.uplink = Uplink(self.smtp.probe_max, self.rng)
+        self.uplink = Uplink(self.smtp.probe_max, self.rng, self.smtp.return_jitter)
         self.waits = Waits(self.uplink, runtime, self.smtp)
         # One token source for every session: a token outlives the session it came for.
         self.tokens = (

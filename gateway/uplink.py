@@ -79,9 +79,13 @@ class Uplink:
     connect probe while the path is down (inf: none). Times are monotonic.
     """
 
-    def __init__(self, probe_max: float, rng: random.Random) -> None:
+    def __init__(self, probe_max: float, rng: random.Random, return_jitter: float = 0.0) -> None:
         self.probe_max = probe_max
         self.rng = rng
+        # smtp.return_jitter: devices that lost the same uplink see it return at the same
+        # moment; each waits a random [0, return_jitter] before its session, so that a
+        # shared smarthost sees them spread out rather than as one burst of logins.
+        self.return_jitter = return_jitter
         self.failures = 0  # session attempts failed in a row
         self.down_since: float | None = None
         self.probe_at = 0.0
@@ -101,8 +105,12 @@ class Uplink:
         return self.tcp_probe_at <= now
 
     def flush(self) -> None:
-        """An operator asked for a retry now (`mailgw flush`)."""
+        """An operator asked for a retry now (`mailgw flush`): no jitter, no TCP probe."""
         self.probe_at = 0.0
+
+    def jitter(self) -> float:
+        """The random wait before a session after an outage, in [0, return_jitter]."""
+        return self.rng.uniform(0.0, self.return_jitter) if self.return_jitter > 0 else 0.0
 
     def nudge(self) -> bool:
         """The network may be back (a link or route change, the broker reconnected):
@@ -136,7 +144,7 @@ class Uplink:
         else:
             # The smarthost answered and refused (TLS, AUTH, a reply): only a session
             # tells when that changes, so sessions back off.
-            self.probe_at = now + delay
+            self.probe_at = now + delay + self.jitter()
             self.tcp_probe_at = float("inf")
         if self.down_since is None:
             self.down_since = now
@@ -165,7 +173,7 @@ class Uplink:
         """A TCP probe connected (open a session now) or did not (probe again later)."""
         self.tcp_probes += 1
         if connected:
-            self.probe_at = 0.0
+            self.probe_at = now + self.jitter()
             self.tcp_probe_at = float("inf")
         else:
             self.tcp_probe_at = now + TCP_PROBE_EVERY * self.rng.uniform(0.9, 1.0)

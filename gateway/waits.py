@@ -87,11 +87,22 @@ class Waits:
         connected = await reachable(self.smtp.host, self.smtp.port, timeout)
         self.uplink.tcp_probed(connected, time.monotonic())
         if connected:
+            wait = max(0.0, self.uplink.probe_at - time.monotonic())
+            if wait < 1:
+                log.info(
+                    "the smarthost %s:%d accepts connections again; opening a session",
+                    self.smtp.host,
+                    self.smtp.port,
+                )
+                return
             log.info(
-                "the smarthost %s:%d accepts connections again; opening a session",
+                "the smarthost %s:%d accepts connections again; opening a session in %.0f s "
+                "(smtp.return_jitter spreads a fleet's return; `mailgw flush` sends now)",
                 self.smtp.host,
                 self.smtp.port,
+                wait,
             )
+            self.runtime.next_probe_at = time.time() + wait
             return
         self.runtime.next_probe_at = time.time() + max(
             0.0, self.uplink.next_probe - time.monotonic()
