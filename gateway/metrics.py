@@ -111,7 +111,7 @@ METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] =
     (
         "mailgw_relay_paced_total",
         "counter",
-        "Times a backlog waited for smtp.rate_limit before its next mail (absent: no limit).",
+        "Waits between mails for smtp.rate_limit, at most one per mail (absent: no limit).",
         lambda r: [({}, float(p["waits"]))] if (p := r.get("pace")) else [],
     ),
     (

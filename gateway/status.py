@@ -239,10 +239,11 @@ def render(r: dict[str, Any]) -> str:
             )
         if pace := r.get("pace"):
             at = pace.get("next_send_at")
-            when = "now" if at is None else f"in {_age(max(0.0, at - time.time()))}"
+            left = 0.0 if at is None else at - time.time()
+            when = f"in {_age(left)}" if left >= 0.5 else "now"
             lines.append(
                 f"pace       {printable(pace['rate_limit'])} (smtp.rate_limit), next send {when}"
-                f"; waited for it {pace.get('waits', 0)} times"
+                f"; {pace.get('waits', 0)} waits for it"
             )
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from gateway import metrics, status
 from gateway.alert import Severity
 from tests.parts import Gateway, Pki, SmtpServer, alert, smtp_conf, wait_for
 
 
 def test_a_backlog_drains_at_the_rate_limit_criticals_first(
-    pki: Pki, make_gateway: Callable[..., Gateway]
+    pki: Pki, make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     """ "30/min" scaled to "5/s": 30 alerts, 6 of them critical, queued at once."""
     with SmtpServer(pki, "starttls") as server:
@@ -37,6 +39,11 @@ def test_a_backlog_drains_at_the_rate_limit_criticals_first(
         assert all("crit" in s for s in subjects[:6]), subjects[:8]
         assert gw.runtime.pace["rate_limit"] == "5/s"
         assert gw.runtime.pace["waits"] >= 1
+        # Through the status file, as `mailgw status` and the metrics read it.
+        gw.runtime.write(tmp_path / "status.json")
+        report = status.report(gw.config.outbox_path, tmp_path / "status.json")
+        assert "pace       5/s (smtp.rate_limit), next send " in status.render(report)
+        assert "mailgw_relay_paced_total " in metrics.render(report)
 
 
 def test_a_critical_alert_that_arrives_during_the_backlog_is_next(

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from gateway import metrics, status
 from gateway import outbox as ob_mod
 from tests.parts import Gateway, Pki, SmtpServer, alert, smtp_conf, wait_for
 
@@ -42,7 +44,7 @@ def test_a_throttle_then_recovery_charges_no_message(
 
 
 def test_a_throttle_that_goes_on_pauses_instead_of_hammering(
-    pki: Pki, make_gateway: Callable[..., Gateway]
+    pki: Pki, make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     with SmtpServer(pki, "starttls") as server:
         server.script.mail_reply = "421 4.7.0 Too many connections, try again later"
@@ -50,6 +52,12 @@ def test_a_throttle_that_goes_on_pauses_instead_of_hammering(
         gw.add(*[alert(f"a{i}") for i in range(20)])
         wait_for(lambda: gw.runtime.uplink == "throttled", what="throttled")
         assert "slow down" in (gw.runtime.relay_hold or "")
+        snap = gw.runtime.snapshot()
+        report = status.report(gw.config.outbox_path, tmp_path / "none.json", live=snap)
+        text = status.render(report)
+        assert "uplink     throttled, next try in" in text
+        assert "HELD       the smarthost asked the gateway to slow down" in text
+        assert 'mailgw_relay_held{reason="throttled"} 1.0' in metrics.render(report)
         time.sleep(3)
         # One message asks per pause (1 s here): a handful, never the queue.
         assert 2 <= server.script.refused <= 5
