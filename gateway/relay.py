@@ -227,7 +227,7 @@ class Relay:
             while pending:
                 item = pending[0]
                 self.heartbeat = time.monotonic()
-                expired = self._expired(item, now_stamp)
+                expired = self.ledger.expired(item, now_stamp, self.config.outbox.max_age)
                 if expired is not None:
                     self.ledger.record([expired])
                     pending.pop(0)
@@ -270,24 +270,6 @@ class Relay:
         self.runtime.pace["next_send_at"] = time.time() + wait
         await self._sleep(wait)
         self.runtime.pace["next_send_at"] = None
-
-    def _expired(self, item: Claimed, now: Stamp) -> Outcome | None:
-        received, _ = item.alert.received.corrected(now)
-        age = now.wall - received
-        if age <= self.config.outbox.max_age:
-            return None
-        self.runtime.attempts["expired"] += 1
-        log.warning(
-            "alert %s expired undelivered after %.1f days; dead-lettered (see `mailgw queue dead`)",
-            item.alert.id,
-            age / 86400,
-        )
-        return Outcome(
-            item.key,
-            State.DEAD,
-            error=f"expired: undelivered after {age / 86400:.1f} days (outbox.max_age)",
-            count_attempt=False,
-        )
 
     async def _open_session(self) -> None:
         session = SmtpSession(self.smtp, self.helo, self.tokens)
