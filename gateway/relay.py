@@ -21,6 +21,10 @@ Queue discipline after Postfix's qmgr:
   required, send-as denied, a quota, the same 5xx for several messages in a row), stops
   or pauses the relay as a whole (`gateway.waits`): the queue is kept, never
   dead-lettered message after message (invariant 12).
+- The smarthost's sending limits are the whole gateway's: smtp.rate_limit spaces the
+  transactions (`gateway.pace`, one row claimed per token, so priority order holds), a
+  "slow down" reply pauses the relay without charging the message, and after an outage
+  the first session waits a random smtp.return_jitter (`Uplink.jitter`).
 - A row becomes `sent` only after the 2xx reply to the end of DATA (invariant 2).
 Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 """

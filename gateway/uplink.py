@@ -10,6 +10,9 @@ wall-clock jump at NTP sync changes nothing.
   messages': the relay backs off *as a whole* (`Uplink`), and no message is charged.
 - A session that breaks during a message is the uplink's fault too, until that message
   has broken sessions while others went through between the breaks (`Breaks`).
+- After an outage, a fleet that lost the same uplink would come back in step: each
+  device waits a random [0, smtp.return_jitter] before its session (`Uplink.jitter`).
+- A "slow down" reply pauses the relay for `throttle_delay`, growing while they go on.
 """
 
 from __future__ import annotations

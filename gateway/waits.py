@@ -5,8 +5,9 @@ says it: a smarthost that cannot be reached (`down`: TCP probes, then a session)
 refused login (`auth_failed`: one login per smtp.auth_retry, never more, so that a wrong
 password cannot lock the account), an account refused while sending (`paused`: auth
 required, send-as denied, a quota, the same 5xx again and again), a smarthost that asked
-to slow down (`throttled`: 30 s, doubling to smtp.throttle_max while it goes on). In every case the
-queue is kept whole and no message is charged; `mailgw flush` or a reload tries at once.
+to slow down (`throttled`: 30 s, doubling to smtp.throttle_max while it goes on). In
+every case the queue is kept whole and no message is charged; `mailgw flush` or a reload
+tries at once.
 """
 
 from __future__ import annotations
