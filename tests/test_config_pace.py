@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from gateway.config import ConfigError, parse
+from gateway.config import ConfigError, SmtpSection, parse
+from tests.conftest import run_cli
 
 BASE = """
 [gateway]
@@ -21,7 +24,7 @@ to = ["ops@example.com"]
 """
 
 
-def smtp(extra: str = ""):  # type: ignore[no-untyped-def]
+def smtp(extra: str = "") -> SmtpSection:
     cfg = parse(BASE.format(extra=extra))
     assert cfg.smtp is not None
     return cfg.smtp
@@ -74,3 +77,14 @@ def test_nonsense_durations_are_refused(line: str) -> None:
 
 def test_return_jitter_zero_disables_it() -> None:
     assert smtp('return_jitter = "0s"').return_jitter == 0.0
+
+
+def test_check_config_refuses_an_absurd_rate_limit_with_its_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(BASE.format(extra='rate_limit = "0/min"\n'))
+    line = cfg.read_text().splitlines().index('rate_limit = "0/min"') + 1
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout
+    assert f"{cfg}:{line}: smtp.rate_limit: " in r.stderr, r.stderr
+    cfg.write_text(BASE.format(extra='rate_limit = "30/min"\n'))
+    assert run_cli("check-config", "-c", str(cfg)).returncode == 0

@@ -148,3 +148,19 @@ def test_throttle_pauses_double_from_thirty_seconds_to_the_cap() -> None:
 def test_a_throttle_pause_is_bounded_and_grows(times: int, cap: float) -> None:
     d = throttle_delay(times, cap)
     assert 0 < d <= cap and d <= throttle_delay(times + 1, cap)
+
+
+def test_the_relay_throttle_pause_grows_then_starts_afresh_after_an_accepted_mail() -> None:
+    from gateway.config import SmtpSection
+    from gateway.runtime import Runtime
+    from gateway.waits import Waits
+
+    smtp = SmtpSection(host="h", port=587, tls="starttls", sender="a@b", throttle_max=100.0)
+    waits = Waits(Uplink(60.0, random.Random(1)), Runtime(), smtp)
+    delays = [waits.refusal("throttle", "421 4.7.0 slow down").delay for _ in range(4)]
+    assert delays == [30.0, 60.0, 100.0, 100.0]
+    refused = waits.refusal("throttle", "x")
+    assert refused.state == "throttled" and "slow down" in str(refused)
+    waits.accepted()
+    assert waits.refusal("throttle", "x").delay == 30.0
+    assert waits.refusal("quota", "x").state == "paused"  # the other pauses are unchanged
