@@ -30,11 +30,11 @@ def test_a_backlog_drains_at_the_rate_limit_criticals_first(
         wait_for(lambda: gw.counts()["sent"] == 30, what="all sent")
         at = [r.at for r in got]
         # Any window of t seconds holds at most 1 + 5·t arrivals (a burst of one token);
-        # a little slack for the scheduler on a busy machine.
+        # one mail of slack: on a busy machine one reply can come late and the next on time.
         for i in range(len(at)):
             for j in range(i, len(at)):
-                assert j - i + 1 <= 1 + 5 * (at[j] - at[i]) + 0.5, (i, j, at[j] - at[i])
-        assert at[-1] - at[0] >= 29 / 5 - 0.3  # the cap held, not just the first mails
+                assert j - i + 1 <= 1 + 5 * (at[j] - at[i]) + 1, (i, j, at[j] - at[i])
+        assert at[-1] - at[0] >= 29 / 5 - 0.5  # the cap held, not just the first mails
         subjects = [str(r.message["Subject"]) for r in got]
         assert all("crit" in s for s in subjects[:6]), subjects[:8]
         assert gw.runtime.pace["rate_limit"] == "5/s"

@@ -76,7 +76,7 @@ def test_a_real_return_is_delayed_within_bounds(
         wait_for(lambda: server.connections > started, timeout=15, what="a TCP probe")
         probed = time.monotonic()
         (got,) = server.wait_for(1, timeout=15)
-        assert 2.8 <= got.at - probed <= 3.0 + 1.5
+        assert 2.5 <= got.at - probed <= 3.0 + 1.5  # the probe was seen a little late
     finally:
         server.stop()
 
