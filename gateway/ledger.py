@@ -15,7 +15,8 @@ import logging
 import sqlite3
 from functools import partial
 
-from gateway.outbox import Claimed, Outbox, Outcome
+from gateway.clock import Stamp
+from gateway.outbox import Claimed, Outbox, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
 
@@ -109,3 +110,22 @@ class Ledger:
         if self._trouble:
             self._trouble = False
             log.warning("the relay can write to the outbox again")
+
+    def expired(self, item: Claimed, now: Stamp, max_age: float) -> Outcome | None:
+        """A dead outcome for `item` when it waited past outbox.max_age; None otherwise."""
+        received, _ = item.alert.received.corrected(now)
+        age = now.wall - received
+        if age <= max_age:
+            return None
+        self.runtime.attempts["expired"] += 1
+        log.warning(
+            "alert %s expired undelivered after %.1f days; dead-lettered (see `mailgw queue dead`)",
+            item.alert.id,
+            age / 86400,
+        )
+        return Outcome(
+            item.key,
+            State.DEAD,
+            error=f"expired: undelivered after {age / 86400:.1f} days (outbox.max_age)",
+            count_attempt=False,
+        )

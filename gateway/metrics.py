@@ -101,10 +101,18 @@ METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] =
         "mailgw_relay_held",
         "gauge",
         "1 for the reason the relay waits: auth_failed (the login was refused) or paused "
-        "(an account or quota reply); the queue is kept.",
+        "(an account or quota reply) or throttled (the smarthost said slow down); the queue is "
+        "kept.",
         lambda r: [
-            ({"reason": s}, 1.0 if r.get("uplink") == s else 0.0) for s in ("auth_failed", "paused")
+            ({"reason": s}, 1.0 if r.get("uplink") == s else 0.0)
+            for s in ("auth_failed", "paused", "throttled")
         ],
+    ),
+    (
+        "mailgw_relay_paced_total",
+        "counter",
+        "Waits between mails for smtp.rate_limit, at most one per mail (absent: no limit).",
+        lambda r: [({}, float(p["waits"]))] if (p := r.get("pace")) else [],
     ),
     (
         "mailgw_last_success_timestamp_seconds",

@@ -21,6 +21,10 @@ Queue discipline after Postfix's qmgr:
   required, send-as denied, a quota, the same 5xx for several messages in a row), stops
   or pauses the relay as a whole (`gateway.waits`): the queue is kept, never
   dead-lettered message after message (invariant 12).
+- The smarthost's sending limits are the whole gateway's: smtp.rate_limit spaces the
+  transactions (`gateway.pace`, one row claimed per token, so priority order holds), a
+  "slow down" reply pauses the relay without charging the message, and after an outage
+  the first session waits a random smtp.return_jitter (`Uplink.jitter`).
 - A row becomes `sent` only after the 2xx reply to the end of DATA (invariant 2).
 Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 """
@@ -42,7 +46,8 @@ from gateway.ledger import DISK_RETRY, Ledger
 from gateway.oauth import TokenSource
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
-from gateway.replies import Verdict, judge
+from gateway.pace import Bucket, describe
+from gateway.replies import THROTTLE, Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
 from gateway.smtp import SmtpSession, UplinkDown
@@ -87,7 +92,7 @@ class Relay:
         # One message is at most ~6 SMTP commands, each bounded by smtp.timeout; a relay
         # that has not come round its loop for longer than that is stuck.
         self.stall_limit = self.smtp.timeout * 6 + 10
-        self.uplink = Uplink(self.smtp.probe_max, self.rng)
+        self.uplink = Uplink(self.smtp.probe_max, self.rng, self.smtp.return_jitter)
         self.waits = Waits(self.uplink, runtime, self.smtp)
         # One token source for every session: a token outlives the session it came for.
         self.tokens = (
@@ -100,11 +105,20 @@ class Relay:
             else None
         )
         self.breaks = Breaks()
+        # The same message throttled again and again while others went through is the
+        # message's problem (a per-message 4xx that reads like a rate): it is charged.
+        self.throttles = Breaks()
         self.streak = Streak()
         self._trouble: UplinkDown | None = None  # a broken session blamed on the uplink
         self.last_used = 0.0
         self.sent = 0
         self.ledger = Ledger(writer, runtime)
+        # smtp.rate_limit: one token per transaction, for every route (gateway.pace).
+        rate = self.smtp.rate_limit
+        self.pace = Bucket(*rate, time.monotonic()) if rate else None
+        if rate:
+            runtime.pace = {"rate_limit": describe(*rate), "waits": 0, "next_send_at": None}
+        self._backlog = False  # the last claim found work: a wait for a token is pacing
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.helo = socket.getfqdn()
@@ -188,7 +202,16 @@ class Relay:
             else:
                 await self._sleep(self.uplink.next_probe - now)
             return
-        batch = await self.ledger.claim(self.smtp.batch)
+        limit = self.smtp.batch
+        if self.pace is not None:
+            if (wait := self.pace.wait(now)) > 0:
+                await self._pace_wait(wait)
+                return
+            # No more rows than tokens: what waits stays in the outbox, in priority
+            # order, so a critical alert that comes in meanwhile is sent next.
+            limit = max(1, min(limit, int(self.pace.tokens(now))))
+        batch = await self.ledger.claim(limit)
+        self._backlog = bool(batch)
         if batch is None:
             await self._sleep(DISK_RETRY)
             return
@@ -208,13 +231,15 @@ class Relay:
             while pending:
                 item = pending[0]
                 self.heartbeat = time.monotonic()
-                expired = self._expired(item, now_stamp)
+                expired = self.ledger.expired(item, now_stamp, self.config.outbox.max_age)
                 if expired is not None:
                     self.ledger.record([expired])
                     pending.pop(0)
                     continue
                 if self.session is None or not self.session.usable:
                     await self._open_session()
+                if self.pace is not None:
+                    self.pace.take(time.monotonic())
                 self.ledger.record([await self._deliver(item, now_stamp)])
                 pending.pop(0)
                 if self._trouble is not None:
@@ -237,23 +262,18 @@ class Relay:
             else:
                 await self.ledger.settle()
 
-    def _expired(self, item: Claimed, now: Stamp) -> Outcome | None:
-        received, _ = item.alert.received.corrected(now)
-        age = now.wall - received
-        if age <= self.config.outbox.max_age:
-            return None
-        self.runtime.attempts["expired"] += 1
-        log.warning(
-            "alert %s expired undelivered after %.1f days; dead-lettered (see `mailgw queue dead`)",
-            item.alert.id,
-            age / 86400,
-        )
-        return Outcome(
-            item.key,
-            State.DEAD,
-            error=f"expired: undelivered after {age / 86400:.1f} days (outbox.max_age)",
-            count_attempt=False,
-        )
+    async def _pace_wait(self, wait: float) -> None:
+        """No token yet (smtp.rate_limit): wait for one, or for new work to claim."""
+        assert self.pace is not None
+        if self._backlog:
+            self._backlog = False
+            self.runtime.pace["waits"] += 1
+            log.debug("pacing: next mail in %.1f s (smtp.rate_limit)", wait)
+        if self.session is not None and wait > IDLE_QUIT:
+            await self._close_session()  # not held open idle between slow sends
+        self.runtime.pace["next_send_at"] = time.time() + wait
+        await self._sleep(wait)
+        self.runtime.pace["next_send_at"] = None
 
     async def _open_session(self) -> None:
         session = SmtpSession(self.smtp, self.helo, self.tokens)
@@ -349,14 +369,35 @@ class Relay:
             # Kept after a "repeated" pause: the same reply once more pauses again at once,
             # instead of dead-lettering SAME_REFUSALS - 1 more messages every pause.
             self.streak.broken()
-        return Outcome(item.key, State.QUEUED, due=0.0, error=error, count_attempt=False)
+        # A throttled message goes behind the others of its priority: should the reply
+        # be about it after all, the others still go through (see self.throttles).
+        due = time.monotonic() if kind == THROTTLE else 0.0
+        return Outcome(item.key, State.QUEUED, due=due, error=error, count_attempt=False)
+
+    def _throttled(self, item: Claimed, v: Verdict) -> Outcome | None:
+        """A "slow down" reply: pause the relay, uncharged (None: it is the message's)."""
+        blame, count = self.throttles.broke(item.key, self.sent)
+        if blame is not Blame.MESSAGE:
+            return self._paused(item, THROTTLE, v.error)
+        log.warning(
+            "alert %s: throttled %d times while other mails went through; deferred like "
+            "any failing message",
+            item.alert.id,
+            count,
+        )
+        return None
 
     def _outcome(self, item: Claimed, v: Verdict) -> Outcome:
         if v.broke and (uncharged := self._broken(item, v)) is not None:
             return uncharged
         self.breaks.settled(item.key)
-        if v.pause is not None:
+        if v.pause == THROTTLE:
+            if (uncharged := self._throttled(item, v)) is not None:
+                return uncharged
+        elif v.pause is not None:
             return self._paused(item, v.pause, v.error)
+        else:
+            self.throttles.settled(item.key)
         if v.state != "dead" or v.same_as is None:
             self.streak.broken()
         elif self.streak.refused(v.same_as, item.key) >= SAME_REFUSALS:
@@ -364,6 +405,7 @@ class Relay:
         self.runtime.attempts[v.state if v.state != "queued" else "deferred"] += 1
         if v.state == "sent":
             self.sent += 1
+            self.waits.accepted()
             self.runtime.last_success = time.time()
             if v.error:
                 log.warning("alert %s delivered, but %s", item.alert.id, v.error)

@@ -135,7 +135,8 @@ def _temporary(code: int) -> bool:
 AUTH = "auth"  # not authenticated: configure or fix the login
 ACCOUNT = "account"  # authenticated, but this account may not send (as this sender)
 QUOTA = "quota"  # a sending quota: paused until its window (smtp.quota_retry)
-ACCOUNT_KINDS = (AUTH, ACCOUNT, QUOTA)
+THROTTLE = "throttle"  # "slow down": paused 30 s, doubling up to smtp.throttle_max
+ACCOUNT_KINDS = (AUTH, ACCOUNT, QUOTA, THROTTLE)
 
 # RFC 3463 enhanced status code at the start of the text: class.subject.detail.
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
@@ -149,6 +150,17 @@ _QUOTA_TEXT = re.compile(
 )
 # Send-as refusals: Microsoft 365 (5.7.60 SendAsDenied), Postfix's
 # reject_sender_login_mismatch ("Sender address rejected: not owned by user").
+# "Slow down" texts: Microsoft 365 "451 4.7.500 Server busy. Please try again later",
+# "421 4.7.0 ... too many connections", Gmail "421 4.7.28 ... unusual rate", SES
+# "454 Throttling failure: Maximum sending rate exceeded", Postfix "421 4.7.0 Error: too
+# many errors", "try again later" from most. "Too many recipients" (x.5.3) is about the
+# message; greylisting ("451 4.7.1 Greylisted", x.7.1) is per message by design.
+_THROTTLE_TEXT = re.compile(
+    r"too many (?!recipients)|\brate\b|rate[- ]?limit|throttl|slow(?:ing)? down|"
+    r"try again later|server busy",
+    re.IGNORECASE,
+)
+_PER_MESSAGE_TEXT = re.compile(r"grey ?list|gray ?list|too many recipients", re.IGNORECASE)
 _SEND_AS_TEXT = re.compile(r"sendasdenied|send as|not owned by user", re.IGNORECASE)
 
 
@@ -188,12 +200,28 @@ def account_refusal(reply: Reply, at: str = "") -> str | None:
     if (detail == (4, 5) and reply.code >= 500) or _QUOTA_TEXT.search(reply.text):
         return QUOTA  # Gmail's 550 5.4.5; 4xx quotas too: retrying each message is no use
     if reply.code < 500:
-        return None  # a temporary refusal: deferred as usual
+        # A temporary refusal: deferred as usual, unless it asks the gateway to slow down.
+        return THROTTLE if _throttle(reply, detail) else None
     if detail in ((7, 60), (7, 705), (7, 708)) or _SEND_AS_TEXT.search(reply.text):
         return ACCOUNT  # send-as denied, tenant blocked
     if at == "mail":
         return ACCOUNT  # MAIL FROM names the same sender for every message
     return None
+
+
+def _throttle(reply: Reply, detail: tuple[int, int] | None) -> bool:
+    """A 4xx that asks the whole gateway to slow down (`THROTTLE`): any 421 (RFC 5321
+    §3.8: the service is closing the channel), a 451 4.7.x (a policy: Microsoft 365's
+    4.7.500 "server busy") or a rate-ish text; never greylisting or too many recipients,
+    which are about one message. A 450 4.7.1 is often one recipient's access rule, so
+    4.7.x alone counts only with 451."""
+    if _PER_MESSAGE_TEXT.search(reply.text):
+        return False
+    return (
+        reply.code == 421
+        or (reply.code == 451 and detail is not None and detail[0] == 7)
+        or _THROTTLE_TEXT.search(reply.text) is not None
+    )
 
 
 def judge_refusals(refused: RcptReplies, recipients: tuple[str, ...], accepted: bool) -> Verdict:
@@ -223,7 +251,7 @@ def judge(result: Result, recipients: tuple[str, ...]) -> Verdict:
                 return Verdict("queued", error=explain(result), pause=kind)
             return judge_refusals(refused, recipients, accepted=False)
         case Refused(reply=reply, at=at) if (kind := account_refusal(reply, at)) is not None:
-            return Verdict("queued", error=str(reply), pause=kind)
+            return Verdict("queued", error=str(reply), pause=kind, reconnect=reply.code == 421)
         # An Accepted without a 2xx is judged by its reply: `sent` follows from the 2xx
         # alone (invariant 2), not from which value carried it.
         case Refused(reply=reply) | Accepted(reply=reply):

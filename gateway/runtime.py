@@ -40,6 +40,9 @@ class Runtime:
     threads: dict[str, str] = field(default_factory=dict)  # name → alive | dead: why
     # silent sources and raised self-alert conditions (gateway/watch.py) → since when
     watch: dict[str, str] = field(default_factory=dict)
+    # smtp.rate_limit as the relay applies it: rate_limit, tokens, next_send_at (wall
+    # time, None when a send may start now), waits (times a backlog waited for a token)
+    pace: dict[str, Any] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -72,6 +75,7 @@ class Runtime:
             "store_failing_since": self.store_failing_since,
             "threads": dict(self.threads),
             "watch": dict(self.watch),
+            "pace": dict(self.pace),
         }
 
     def write(self, path: Path) -> None:

@@ -102,6 +102,20 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         "watch": {k: v for k, v in watch.items() if isinstance(k, str) and isinstance(v, str)}
         if isinstance(watch, dict)
         else {},
+        "pace": _pace(raw.get("pace")),
+    }
+
+
+def _pace(raw: object) -> dict[str, Any]:
+    """The relay's smtp.rate_limit state, keeping only well-typed values."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("rate_limit"), str):
+        return {}
+    at = raw.get("next_send_at")
+    waits = raw.get("waits")
+    return {
+        "rate_limit": raw["rate_limit"],
+        "next_send_at": float(at) if _is_number(at) else None,
+        "waits": waits if type(waits) is int else 0,
     }
 
 
@@ -152,6 +166,7 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "store_failing_since",
         "threads",
         "watch",
+        "pace",
     ):
         result[key] = rt.get(key) if rt else None
     result["rejected"] = rt.get("rejected", {}) if rt else {}
@@ -214,13 +229,21 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
-        if uplink in ("down", "auth_failed", "paused") and r.get("next_probe_at"):
+        if uplink in ("down", "auth_failed", "paused", "throttled") and r.get("next_probe_at"):
             uplink += f", next try in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
         lines.append(f"uplink     {uplink}")
         if r.get("relay_hold") and uplink != "up":
             lines.append(
                 f"HELD       {printable(r['relay_hold'])} (the queue is kept; `mailgw flush` "
                 "retries now)"
+            )
+        if pace := r.get("pace"):
+            at = pace.get("next_send_at")
+            left = 0.0 if at is None else at - time.time()
+            when = f"in {_age(left)}" if left >= 0.5 else "now"
+            lines.append(
+                f"pace       {printable(pace['rate_limit'])} (smtp.rate_limit), next send {when}"
+                f"; {pace.get('waits', 0)} waits for it"
             )
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")

@@ -10,6 +10,9 @@ wall-clock jump at NTP sync changes nothing.
   messages': the relay backs off *as a whole* (`Uplink`), and no message is charged.
 - A session that breaks during a message is the uplink's fault too, until that message
   has broken sessions while others went through between the breaks (`Breaks`).
+- After an outage, a fleet that lost the same uplink would come back in step: each
+  device waits a random [0, smtp.return_jitter] before its session (`Uplink.jitter`).
+- A "slow down" reply pauses the relay for `throttle_delay`, growing while they go on.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ MAX_REMEMBERED = 10_000
 # not theirs: the relay pauses instead of dead-lettering the queue one by one. Replies
 # about the message itself (an address, its size, its content) never count.
 SAME_REFUSALS = 3
+# After a "slow down" reply (421, 451 4.7.x, a rate text) the relay pauses this long,
+# doubling while the replies go on, up to smtp.throttle_max: a per-minute window (the
+# usual unit of a smarthost's rate limit) passes within the first two pauses.
+THROTTLE_FIRST = 30.0
 
 
 def retry_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -62,6 +69,12 @@ def probe_delay(failures: int, cap: float, rng: random.Random) -> float:
     return base * rng.uniform(0.9, 1.0)
 
 
+def throttle_delay(times: int, cap: float) -> float:
+    """The pause after the `times`-th "slow down" in a row: THROTTLE_FIRST doubling,
+    never more than `cap` (nor the first pause more than `cap`)."""
+    return min(cap, THROTTLE_FIRST * 2.0 ** max(0, min(times, 64) - 1))
+
+
 class Uplink:
     """Whether the smarthost is usable, and when to try it next.
 
@@ -69,9 +82,13 @@ class Uplink:
     connect probe while the path is down (inf: none). Times are monotonic.
     """
 
-    def __init__(self, probe_max: float, rng: random.Random) -> None:
+    def __init__(self, probe_max: float, rng: random.Random, return_jitter: float = 0.0) -> None:
         self.probe_max = probe_max
         self.rng = rng
+        # smtp.return_jitter: devices that lost the same uplink see it return at the same
+        # moment; each waits a random [0, return_jitter] before its session, so that a
+        # shared smarthost sees them spread out rather than as one burst of logins.
+        self.return_jitter = return_jitter
         self.failures = 0  # session attempts failed in a row
         self.down_since: float | None = None
         self.probe_at = 0.0
@@ -91,8 +108,12 @@ class Uplink:
         return self.tcp_probe_at <= now
 
     def flush(self) -> None:
-        """An operator asked for a retry now (`mailgw flush`)."""
+        """An operator asked for a retry now (`mailgw flush`): no jitter, no TCP probe."""
         self.probe_at = 0.0
+
+    def jitter(self) -> float:
+        """The random wait before a session after an outage, in [0, return_jitter]."""
+        return self.rng.uniform(0.0, self.return_jitter) if self.return_jitter > 0 else 0.0
 
     def nudge(self) -> bool:
         """The network may be back (a link or route change, the broker reconnected):
@@ -126,7 +147,7 @@ class Uplink:
         else:
             # The smarthost answered and refused (TLS, AUTH, a reply): only a session
             # tells when that changes, so sessions back off.
-            self.probe_at = now + delay
+            self.probe_at = now + delay + self.jitter()
             self.tcp_probe_at = float("inf")
         if self.down_since is None:
             self.down_since = now
@@ -155,7 +176,7 @@ class Uplink:
         """A TCP probe connected (open a session now) or did not (probe again later)."""
         self.tcp_probes += 1
         if connected:
-            self.probe_at = 0.0
+            self.probe_at = now + self.jitter()
             self.tcp_probe_at = float("inf")
         else:
             self.tcp_probe_at = now + TCP_PROBE_EVERY * self.rng.uniform(0.9, 1.0)

@@ -4,8 +4,10 @@
 says it: a smarthost that cannot be reached (`down`: TCP probes, then a session), a
 refused login (`auth_failed`: one login per smtp.auth_retry, never more, so that a wrong
 password cannot lock the account), an account refused while sending (`paused`: auth
-required, send-as denied, a quota, the same 5xx again and again). In every case the
-queue is kept whole and no message is charged; `mailgw flush` or a reload tries at once.
+required, send-as denied, a quota, the same 5xx again and again), a smarthost that asked
+to slow down (`throttled`: 30 s, doubling to smtp.throttle_max while it goes on). In
+every case the queue is kept whole and no message is charged; `mailgw flush` or a reload
+tries at once.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import logging
 import time
 
 from gateway.config import SmtpSection
-from gateway.replies import AUTH, QUOTA
+from gateway.replies import AUTH, QUOTA, THROTTLE
 from gateway.runtime import Runtime
 from gateway.smtp import AuthRefused, UplinkDown, reachable
-from gateway.uplink import SAME_REFUSALS, Uplink
+from gateway.uplink import SAME_REFUSALS, Uplink, throttle_delay
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ _PAUSED = {
     "account": "the smarthost refused this account or its sender (may it send as smtp.from?)",
     QUOTA: "the account's sending quota is used up (one message tries again every "
     "smtp.quota_retry)",
+    THROTTLE: "the smarthost asked the gateway to slow down (smtp.rate_limit may keep it "
+    "under the account's limit)",
     "repeated": f"the smarthost refused {SAME_REFUSALS} different messages in a row with the "
     "same reply (an account or server problem, not theirs)",
 }
@@ -36,9 +40,10 @@ _PAUSED = {
 class AccountRefused(UplinkDown):
     """The smarthost refused the account, not a message: the relay pauses for `delay`."""
 
-    def __init__(self, text: str, delay: float) -> None:
+    def __init__(self, text: str, delay: float, state: str = "paused") -> None:
         super().__init__(text)
         self.delay = delay
+        self.state = state  # paused | throttled, as status shows it
 
 
 class Waits:
@@ -46,18 +51,27 @@ class Waits:
         self.uplink = uplink
         self.runtime = runtime
         self.smtp = smtp
+        self.throttles = 0  # "slow down" replies since a mail was last accepted
 
     def refusal(self, kind: str, error: str | None) -> AccountRefused:
         """What to raise once the message's outcome is recorded: pause the relay."""
+        if kind == THROTTLE:
+            self.throttles += 1
+            delay = throttle_delay(self.throttles, self.smtp.throttle_max)
+            return AccountRefused(f"{_PAUSED[kind]}: {error}", delay, "throttled")
         delay = self.smtp.quota_retry if kind == QUOTA else self.smtp.auth_retry
         return AccountRefused(f"{_PAUSED[kind]}: {error}", delay)
+
+    def accepted(self) -> None:
+        """A mail went through: the next "slow down" starts the backoff afresh."""
+        self.throttles = 0
 
     def opened(self, where: str) -> None:
         """A session opened (and logged in): whatever the relay waited for is over."""
         outage = self.uplink.up(time.monotonic())
         if self.runtime.uplink == "auth_failed":
             log.warning("%s accepted the login again; draining the queue", where)
-        elif self.runtime.uplink == "paused":
+        elif self.runtime.uplink in ("paused", "throttled"):
             log.info("the relay's pause is over; trying %s again", where)
         elif outage is not None:
             log.warning(
@@ -74,11 +88,22 @@ class Waits:
         connected = await reachable(self.smtp.host, self.smtp.port, timeout)
         self.uplink.tcp_probed(connected, time.monotonic())
         if connected:
+            wait = max(0.0, self.uplink.probe_at - time.monotonic())
+            if wait < 1:
+                log.info(
+                    "the smarthost %s:%d accepts connections again; opening a session",
+                    self.smtp.host,
+                    self.smtp.port,
+                )
+                return
             log.info(
-                "the smarthost %s:%d accepts connections again; opening a session",
+                "the smarthost %s:%d accepts connections again; opening a session in %.0f s "
+                "(smtp.return_jitter spreads a fleet's return; `mailgw flush` sends now)",
                 self.smtp.host,
                 self.smtp.port,
+                wait,
             )
+            self.runtime.next_probe_at = time.time() + wait
             return
         self.runtime.next_probe_at = time.time() + max(
             0.0, self.uplink.next_probe - time.monotonic()
@@ -92,7 +117,7 @@ class Waits:
             self._hold("auth_failed", str(exc), self.smtp.auth_retry, waiting)
             return
         if isinstance(exc, AccountRefused):
-            self._hold("paused", str(exc), exc.delay, waiting)
+            self._hold(exc.state, str(exc), exc.delay, waiting)
             return
         first = self.uplink.down_since is None
         delay = self.uplink.down(exc.unreachable, time.monotonic())
@@ -112,8 +137,9 @@ class Waits:
             log.debug("probe %d failed: %s; next in %.0f s", self.uplink.failures, exc, delay)
 
     def _hold(self, state: str, reason: str, delay: float, waiting: int) -> None:
-        """`state` auth_failed or paused: no session for `delay` (jittered longer)."""
-        first = self.runtime.uplink != state
+        """`state` auth_failed, paused or throttled: no session for `delay` (jittered
+        longer). A throttle is the smarthost's normal flow control: a warning, not an error."""
+        first = self.runtime.uplink != state and state != "throttled"
         delay = self.uplink.hold(delay, time.monotonic())
         self.runtime.uplink = state
         self.runtime.relay_hold = reason
@@ -124,7 +150,7 @@ class Waits:
             logging.ERROR if first else logging.WARNING,
             "relay %s: %s; %d messages wait, none is charged an attempt; next try in %.0f s "
             "(`mailgw flush` or `systemctl reload mailgw` tries now)",
-            "paused" if state == "paused" else "stopped",
+            {"paused": "paused", "throttled": "throttled"}.get(state, "stopped"),
             reason,
             waiting,
             delay,

@@ -143,6 +143,11 @@ def smtp_conf(
     ]
     if auth:
         lines += ['username = "gw@example.com"']
+    # Slow-down pauses and the return after an outage, scaled down (30 s and more
+    # by default) unless the test sets its own.
+    for key, value in (("throttle_max", '"1s"'), ("return_jitter", '"0s"')):
+        if key not in extra:
+            lines += [f"{key} = {value}"]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -181,6 +186,8 @@ def daemon_config(
         + f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_port}\nfrom = "gw@example.com"\n'
         f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
         'timeout = "1s"\nmin_backoff = "1s"\nprobe_max = "2s"\n'
+        # scaled down like smtp_conf's: a test's outage ends without a 30 s jitter
+        'throttle_max = "1s"\nreturn_jitter = "0s"\n'
         f"{mqtt_toml}"
         f'[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\nsubject = "{subject}"\n'
     )

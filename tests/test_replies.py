@@ -60,7 +60,7 @@ CASES: list[tuple[str, Result, Verdict]] = [
     (
         "421: the server closes the session",
         Refused(rc(421, "4.3.2 bye")),
-        Verdict("queued", "421 4.3.2 bye", reconnect=True),
+        Verdict("queued", "421 4.3.2 bye", reconnect=True, pause="throttle"),
     ),
     (
         "5xx to MAIL FROM: the sender, the same for every message",
@@ -168,6 +168,62 @@ ACCOUNT_REPLIES = [
     ),
     ("SES", 454, "Throttling failure: Daily message quota exceeded.", "", "quota"),
 ]
+
+
+# "Slow down": the whole relay pauses (30 s, doubling), no message is charged.
+THROTTLE_REPLIES = [
+    ("RFC 5321 §3.8", 421, "4.3.2 Service shutting down", ""),
+    ("Microsoft 365", 421, "4.7.0 Too many connections from this IP", "mail"),
+    ("Gmail", 421, "4.7.28 Our system has detected an unusual rate of mail", ""),
+    ("Microsoft 365", 451, "4.7.500 Server busy. Please try again later", ""),
+    ("any", 451, "4.7.0 Temporary policy failure", ""),
+    ("Postfix", 450, "4.7.1 Error: too many messages, slow down", "mail"),
+    ("SES", 454, "Throttling failure: Maximum sending rate exceeded.", ""),
+    ("any", 452, "4.3.1 Rate limit exceeded", "rcpt"),
+    ("any", 451, "Try again later", ""),
+]
+
+# A 4xx about one message stays that message's: deferred, charged, no pause.
+PER_MESSAGE_4XX = [
+    rc(451, "4.3.0 Temporary local problem"),
+    rc(450, "4.7.1 Greylisted, try again later"),
+    rc(451, "4.7.1 Greylisting in action, please come back later"),
+    rc(452, "4.5.3 Too many recipients"),
+    rc(450, "4.7.1 <a@x>: Recipient address rejected: Access denied"),
+    rc(452, "4.2.2 Mailbox full"),
+    rc(450, "4.1.1 Recipient unknown, try again later"),
+]
+
+
+@pytest.mark.parametrize(
+    ("who", "code", "text", "at"),
+    THROTTLE_REPLIES,
+    ids=[f"{r[0]} {r[1]}" for r in THROTTLE_REPLIES],
+)
+def test_slow_down_replies_throttle_the_relay(who: str, code: int, text: str, at: str) -> None:
+    reply = rc(code, text)
+    rcpt = NoRecipients(tuple((r, reply) for r in R))
+    result: Result = rcpt if at == "rcpt" else Refused(reply, at=at)
+    v = judge(result, R)
+    assert v.state == "queued" and v.pause == "throttle" and v.rcpts is None
+    assert v.reconnect == (code == 421 and at != "rcpt")
+
+
+@pytest.mark.parametrize("reply", PER_MESSAGE_4XX, ids=str)
+def test_a_4xx_about_one_message_stays_per_message(reply: Reply) -> None:
+    v = judge(Refused(reply), R)
+    assert v.state == "queued" and v.pause is None
+
+
+@given(st.integers(400, 499), st.text(max_size=40), st.sampled_from(["", "mail"]))
+def test_a_4xx_never_dead_letters_and_only_pauses_as_throttle_or_quota(
+    code: int, text: str, at: str
+) -> None:
+    v = judge(Refused(Reply(code, text), at=at), R)
+    assert v.state == "queued"
+    assert v.pause in (None, "throttle", "quota", "auth")
+    if code == 421 and "grey" not in text.lower() and "gray" not in text.lower():
+        assert v.pause in ("throttle", "quota", "auth") and v.reconnect
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from gateway.uplink import (
     Uplink,
     probe_delay,
     retry_delay,
+    throttle_delay,
 )
 
 
@@ -135,3 +136,31 @@ def test_every_sixth_tcp_probe_waits_for_a_slow_link() -> None:
         up.tcp_probed(False, now=float(i))
     assert timeouts.count(TCP_PROBE_SLOW_TIMEOUT) == 2
     assert timeouts.count(TCP_PROBE_TIMEOUT) == 10 and TCP_PROBE_TIMEOUT < 1.0
+
+
+def test_throttle_pauses_double_from_thirty_seconds_to_the_cap() -> None:
+    assert [throttle_delay(n, 600.0) for n in range(1, 8)] == [30, 60, 120, 240, 480, 600, 600]
+    assert throttle_delay(1, 1.0) == 1.0  # a cap below the first pause bounds it too
+    assert throttle_delay(10**9, 600.0) == 600.0  # no float overflow after a long siege
+
+
+@given(st.integers(1, 10_000), st.floats(1.0, 86400.0))
+def test_a_throttle_pause_is_bounded_and_grows(times: int, cap: float) -> None:
+    d = throttle_delay(times, cap)
+    assert 0 < d <= cap and d <= throttle_delay(times + 1, cap)
+
+
+def test_the_relay_throttle_pause_grows_then_starts_afresh_after_an_accepted_mail() -> None:
+    from gateway.config import SmtpSection
+    from gateway.runtime import Runtime
+    from gateway.waits import Waits
+
+    smtp = SmtpSection(host="h", port=587, tls="starttls", sender="a@b", throttle_max=100.0)
+    waits = Waits(Uplink(60.0, random.Random(1)), Runtime(), smtp)
+    delays = [waits.refusal("throttle", "421 4.7.0 slow down").delay for _ in range(4)]
+    assert delays == [30.0, 60.0, 100.0, 100.0]
+    refused = waits.refusal("throttle", "x")
+    assert refused.state == "throttled" and "slow down" in str(refused)
+    waits.accepted()
+    assert waits.refusal("throttle", "x").delay == 30.0
+    assert waits.refusal("quota", "x").state == "paused"  # the other pauses are unchanged

@@ -21,6 +21,7 @@ from gateway.config.checks import (
     tls_files_problems,
 )
 from gateway.config.loader import Table
+from gateway.config.units import parse_rate
 from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
 
@@ -70,10 +71,53 @@ def smtp_section(t: Table) -> SmtpSection:
         # does not say when it ends: one message an hour finds the end within the hour.
         quota_retry=t.duration("quota_retry", 3600.0, minimum=1),
         oauth=oauth,
+        rate_limit=_rate_limit(t),
+        # "Slow down" pauses double from 30 s up to this: long enough for a smarthost's
+        # per-minute window to pass, short enough that the queue moves within minutes.
+        throttle_max=t.duration("throttle_max", 600.0, minimum=1, maximum=86400),
+        # A fleet that lost the same uplink comes back in step; 30 s spreads 100 devices
+        # to about 3 sessions a second, and delays an alert after an outage by at most
+        # half a minute (docs/CONFIG.md).
+        return_jitter=t.duration("return_jitter", 30.0, maximum=3600),
     )
     t.done()
     _check_smtp(t, section, host)
     return section
+
+
+# Past these a rate limit is a mistake, not a limit: over 100 mails a second no smarthost
+# account is allowed and the relay could not send them; under one a day holds alerts
+# back for days.
+MAX_SEND_RATE = 100.0
+MIN_SEND_RATE = 1 / 86400
+
+
+def _rate_limit(t: Table) -> tuple[int, float] | None:
+    text = t.text("rate_limit", None)
+    if text is None:
+        return None
+    try:
+        count, period = parse_rate(text)
+    except ValueError as exc:
+        t.loader.problem(t.name, "rate_limit", str(exc))
+        return None
+    if count / period > MAX_SEND_RATE:
+        t.loader.problem(
+            t.name,
+            "rate_limit",
+            f"{text!r} is over {MAX_SEND_RATE:g} mails a second, more than any smarthost "
+            'account allows; write the account\'s limit (Microsoft 365: "30/min") or remove '
+            "the key",
+        )
+        return None
+    if count / period < MIN_SEND_RATE:
+        t.loader.problem(
+            t.name,
+            "rate_limit",
+            f'{text!r} is under one mail a day: alerts would wait days; write at least "1/d"',
+        )
+        return None
+    return count, period
 
 
 def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:

@@ -65,8 +65,9 @@ def parse_size(value: object) -> int:
     raise ValueError(f'not a size: {value!r} (use bytes or e.g. "64KiB")')
 
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
-_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# "min" too: smarthosts publish their limits per minute ("30/min", Microsoft 365).
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(min|[smhd])\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_RATE_COUNT = 1_000_000
 MAX_RATE_PERIOD = 365 * 86400.0
 

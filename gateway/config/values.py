@@ -84,6 +84,9 @@ class SmtpSection:
     auth_retry: float = 900.0
     quota_retry: float = 3600.0  # after a quota reply: one message tries again after this
     oauth: OAuthSection | None = None
+    rate_limit: tuple[int, float] | None = None  # (mails, per seconds) for the whole gateway
+    throttle_max: float = 600.0  # the longest pause after "slow down" replies (421, 451 4.7.x)
+    return_jitter: float = 30.0  # a random wait of up to this before returning after an outage
 
 
 @dataclass(frozen=True, slots=True)
