@@ -191,7 +191,10 @@ def test_broker_restart_while_running(
 def test_full_outbox_stops_acking_and_resumes(
     tmp_path: Path, broker: Mosquitto, gateway_factory: Callable[..., DaemonProcess]
 ) -> None:
-    gw = gateway_factory(extra="[outbox]\nmax_messages = 50\n").start()
+    # No self-alerts: the "outbox past 80 %" one would take a place this test counts.
+    gw = gateway_factory(
+        extra="[outbox]\nmax_messages = 50\n[selfalerts]\nenabled = false\n"
+    ).start()
     gw.wait_ready(("mqtt",))
     pub = Publisher(broker.port)
     sent = [f"full {i}" for i in range(80)]
@@ -403,7 +406,11 @@ def test_the_gateway_reads_no_further_than_its_window(tmp_path: Path, protocol: 
         pub.publish("alerts/flood/x", text)
     wait_for(lambda: pub.acked == set(sent), what="the backlog at the broker")
     pub.close()
-    gw = InProcess(tmp_path, broker, f"{extra}\n[outbox]\nmax_messages = {bound}")
+    gw = InProcess(
+        tmp_path,
+        broker,
+        f"{extra}\n[outbox]\nmax_messages = {bound}\n[selfalerts]\nenabled = false",
+    )
     try:
         wait_for(lambda: len(messages(tmp_path)) == bound, what="the outbox at its bound")
         time.sleep(1.0)  # the broker had every chance to push more at us
