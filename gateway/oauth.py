@@ -86,6 +86,21 @@ def form(cfg: OAuthSection, secret: str | None, refresh_token: str | None) -> di
     return body
 
 
+# A token held longer than this is fetched again anyway: an endpoint's answer of "valid
+# for 10^400 seconds" must neither overflow a float nor keep a token for ever.
+MAX_LIFETIME = 86400
+
+
+def _lifetime(value: object) -> int | None:
+    """expires_in as seconds (1..MAX_LIFETIME), or None when it is not a positive count.
+    Some endpoints send it as a string; a long digit string is refused before int()."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        value = int(value)
+    if type(value) is not int or value <= 0:
+        return None
+    return min(value, MAX_LIFETIME)
+
+
 def parse(status: int, body: bytes, now: float) -> Token:
     """The endpoint's answer as a Token, or TokenRefused / TokenUnavailable saying why."""
     try:
@@ -108,17 +123,14 @@ def parse(status: int, body: bytes, now: float) -> Token:
         raise TokenUnavailable(text)
     token = data.get("access_token")
     kind = data.get("token_type", "Bearer")
-    expires_in = data.get("expires_in", 3600)
-    if isinstance(expires_in, str) and expires_in.isdigit():
-        expires_in = int(expires_in)  # some endpoints send it as a string
+    expires_in = _lifetime(data.get("expires_in", 3600))
     if (
         not isinstance(token, str)
         or not token
         or not token.isprintable()
         or not isinstance(kind, str)
         or kind.lower() != "bearer"
-        or type(expires_in) is not int
-        or expires_in <= 0
+        or expires_in is None
     ):
         raise TokenUnavailable("the token endpoint's answer holds no usable bearer token")
     refresh = data.get("refresh_token")

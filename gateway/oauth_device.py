@@ -69,7 +69,9 @@ def authorization(status: int, body: bytes) -> Authorization:
     if type(expires_in) is not int or type(interval) is not int:
         raise TokenUnavailable("the device authorization response has no usable times")
     device_code, user_code, verification_uri = (str(f) for f in fields)
-    return Authorization(device_code, user_code, verification_uri, expires_in, max(1, interval))
+    # Bounded: a code is valid minutes, not ages (and 10**400 s would overflow the clock).
+    expires_in, interval = min(max(expires_in, 1), 3600), min(max(interval, 1), 300)
+    return Authorization(device_code, user_code, verification_uri, expires_in, interval)
 
 
 def poll(status: int, body: bytes, now: float) -> Token | Pending:

@@ -72,6 +72,19 @@ def test_refusals_and_garbage_from_the_endpoint(
     assert text in str(got.value)
 
 
+@pytest.mark.parametrize(
+    "expires_in",
+    [10**400, "9" * 5000, True, -5, 0, 1.5, "١٢", None, [], {"a": 1}],
+)
+def test_a_hostile_lifetime_is_refused_or_capped_never_a_crash(expires_in: object) -> None:
+    raw = json.dumps({"access_token": "a", "expires_in": expires_in}).encode()
+    try:
+        t = oauth.parse(200, raw, 0.0)
+    except TokenUnavailable:
+        return
+    assert 0 < t.lifetime <= oauth.MAX_LIFETIME and t.expires_at == t.lifetime
+
+
 def test_a_good_answer() -> None:
     t = oauth.parse(200, b'{"access_token":"a","token_type":"Bearer","expires_in":"3599"}', 5.0)
     assert t == Token("a", 3604.0, 3599.0)
