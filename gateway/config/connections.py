@@ -129,12 +129,12 @@ def _drain_within(t: Table) -> float | None:
     """smtp.drain_within: the bound of the drain plan (gateway.drain), reckoned at
     smtp.rate_limit. "30m" by default with a rate limit, nothing without one; "off" or
     a zero duration turns it off."""
+    t.seen.add("drain_within")
     has_rate = isinstance(t.data.get("rate_limit"), str)
     raw = t.data.get("drain_within")
     if raw is None:
         return DRAIN_DEFAULT if has_rate else None
     if raw == "off" or (isinstance(raw, str) and _is_zero(raw)):
-        t.seen.add("drain_within")
         return None
     within = t.duration("drain_within", None, minimum=DRAIN_MIN, maximum=DRAIN_MAX)
     if within is None or within < DRAIN_MIN:
