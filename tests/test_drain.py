@@ -282,3 +282,53 @@ def test_nonsense_drain_within_is_refused(extra: str, why: str) -> None:
     with pytest.raises(ConfigError) as info:
         smtp(extra)
     assert any("drain_within" in p and why in p for p in info.value.problems), info.value.problems
+
+
+# --- the drain task, with a real writer ------------------------------------------------------
+
+
+def test_the_drain_task_folds_once_when_the_uplink_returns_and_counts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from gateway.drainer import CHECK_EVERY, Drainer
+    from gateway.outbox.writer import Writer
+    from gateway.runtime import Runtime
+
+    cfg = parse(
+        f'[gateway]\ndevice_id = "gw"\nstate_dir = "{tmp_path}/state"\n'
+        '[smtp]\nhost = "127.0.0.1"\ntls = "none"\nfrom = "gw@example.com"\n'
+        'rate_limit = "30/min"\ndrain_within = "1m"\n'
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+    )
+    ob = Outbox(cfg.outbox_path)
+    writer = Writer(ob)
+    writer.start()
+    runtime = Runtime(uplink="down")
+    drainer = Drainer(cfg, writer, runtime, lambda: {"ops"})
+    assert runtime.drain["drain_within"] == "60 s" and runtime.drain["folds"] == 0
+
+    async def go() -> None:
+        task = asyncio.create_task(drainer.run())
+        await asyncio.sleep(0.3)  # the first check: nothing queued
+        writer.call(lambda o: o.add([routed(f"t {i}") for i in range(100)])).result(10)
+        runtime.uplink = "up"  # the uplink returns: a check at once, not in 10 s
+        deadline = asyncio.get_running_loop().time() + CHECK_EVERY / 2
+        while runtime.drain["folds"] == 0:
+            assert asyncio.get_running_loop().time() < deadline, "no fold on the uplink's return"
+            await asyncio.sleep(0.05)
+        assert await drainer.check() is None  # folded already: the queue is short now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        with caplog.at_level("WARNING", logger="gateway.drainer"):
+            asyncio.run(go())
+    finally:
+        writer.stop()
+    assert runtime.drain["folds"] == 1
+    assert runtime.drain["folded"] == 100 and runtime.drain["digests"] == 1
+    assert "drain plan: 100 queued mails would take 3 min at 30/min" in caplog.text
+    assert runtime.snapshot()["drain"]["folded"] == 100

@@ -65,35 +65,55 @@ def queued_count(c: sqlite3.Connection) -> int:
 
 
 def backlog(c: sqlite3.Connection, routes: Collection[str]) -> dict[str, dict[int, _Row]]:
-    """Every queued delivery by route, with its alert's severity and what it carries."""
+    """Every queued delivery by route, with its alert's severity and what it carries.
+
+    Linear in the queue: one walk of the queued rows, one of the rows folded into them,
+    and one range read per shard that holds any of their alerts."""
+    queued = c.execute(
+        "SELECT alert_seq, route, rcpts FROM delivery INDEXED BY delivery_due"
+        " WHERE state = 'queued'"
+    ).fetchall()
+    members = c.execute(
+        "SELECT owner, route, alert_seq FROM delivery"
+        " WHERE state = 'suppressed' AND owner IS NOT NULL AND owner != alert_seq"
+    ).fetchall()
+    alerts = _severities(c, [q[0] for q in queued] + [m[2] for m in members])
     by_route: dict[str, dict[int, _Row]] = {}
-    tables = alert_tables(c)
-    for table in tables:
-        for seq, route, rcpts, sev, source, sensor in c.execute(
-            "SELECT d.alert_seq, d.route, d.rcpts, a.severity, a.source, a.sensor"
-            f" FROM delivery d INDEXED BY delivery_due JOIN {table} a ON a.seq = d.alert_seq"
-            " WHERE d.state = 'queued'"
-        ):
-            kept = (
-                route not in routes
-                or rcpts is not None  # half delivered: the rest go as they are
-                or sev >= Severity.CRITICAL
-                or (source == DRAIN_SOURCE and sensor == DRAIN_SENSOR)  # folded already
-            )
-            by_route.setdefault(route, {})[seq] = _Row(seq, sev, kept)
-    for table in tables:
-        for owner, route, seq, sev in c.execute(
-            "SELECT m.owner, m.route, m.alert_seq, a.severity FROM delivery m"
-            f" JOIN {table} a ON a.seq = m.alert_seq"
-            " WHERE m.state = 'suppressed' AND m.owner IS NOT NULL AND m.owner != m.alert_seq"
-        ):
-            row = by_route.get(route, {}).get(owner)
-            if row is None:
-                continue  # its mail is in flight, dead or gone: not ours to move
-            row.members.append((seq, sev))
-            if sev >= Severity.CRITICAL:
-                row.kept = True  # a critical repeat stays on its mail
+    for seq, route, rcpts in queued:
+        sev, drain_lead = alerts.get(seq, (int(Severity.CRITICAL), False))  # unreadable: kept
+        kept = (
+            route not in routes
+            or rcpts is not None  # half delivered: the rest go as they are
+            or sev >= Severity.CRITICAL
+            or drain_lead  # folded already
+        )
+        by_route.setdefault(route, {})[seq] = _Row(seq, sev, kept)
+    for owner, route, seq in members:
+        row = by_route.get(route, {}).get(owner)
+        if row is None:
+            continue  # its mail is in flight, dead or gone: not ours to move
+        sev = alerts.get(seq, (int(Severity.CRITICAL), False))[0]
+        row.members.append((seq, sev))
+        if sev >= Severity.CRITICAL:
+            row.kept = True  # a critical repeat stays on its mail
     return by_route
+
+
+def _severities(c: sqlite3.Connection, seqs: list[int]) -> dict[int, tuple[int, bool]]:
+    """seq → (severity, whether it is a drain digest's lead), read by shard ranges."""
+    existing = set(alert_tables(c))
+    by_table: dict[str, list[int]] = {}
+    for seq in seqs:
+        table = shard_table(seq)
+        by_table.setdefault(table if table in existing else "alert_kept", []).append(seq)
+    out: dict[int, tuple[int, bool]] = {}
+    for table, group in by_table.items():
+        for seq, sev, source, sensor in c.execute(
+            f"SELECT seq, severity, source, sensor FROM {table} WHERE seq BETWEEN ? AND ?",
+            (min(group), max(group)),
+        ):
+            out[seq] = (sev, source == DRAIN_SOURCE and sensor == DRAIN_SENSOR)
+    return out
 
 
 def counted(rows: dict[str, dict[int, _Row]]) -> dict[str, RouteBacklog]:
