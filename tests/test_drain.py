@@ -141,6 +141,8 @@ def test_the_fold_keeps_criticals_and_folds_the_rest_per_route(tmp_path: Path) -
     assert [c.kind for c in digests] == ["digest"] * 4
     assert [len(c.members) for c in digests] == [300, 360, 360, 360]  # routes by name
     assert all(c.alert.source == "gateway" and c.alert.sensor == "drain" for c in digests)
+    # As old as the newest alert it folds: outbox.max_age expires none of them early.
+    assert all(c.alert.received == c.members[-1].received for c in digests)
     assert [c.route for c in digests] == ["fac", "ops", "ops", "ops"]
     # Every alert is in exactly one mail.
     ids = [c.alert.id for c in got[:120]] + [m.id for c in digests for m in c.members]

@@ -32,7 +32,7 @@ from gateway.drain import (
     needed,
     plan,
 )
-from gateway.outbox.rows import _ALERT_COLS, _alert_row, alert_tables, shard_table
+from gateway.outbox.rows import _ALERT_COLS, _alert_row, alert_tables, fetch_alerts, shard_table
 from gateway.outbox.schema import _ALERT_TABLE
 from gateway.outbox.store import Outbox
 
@@ -172,6 +172,9 @@ def _apply(
                 severity[r.seq] = r.severity
                 severity.update(r.members)
         for i, part in enumerate(chunks(sorted(severity), n)):
+            # The digest is as old as the newest alert it folds: outbox.max_age expires
+            # it no sooner than it would have expired any of them alone.
+            newest = fetch_alerts(c, [part[-1]]).get(part[-1])
             lead = Alert(
                 id=new_alert_id(now.wall),
                 topic=f"gateway/{device_id}/drain/{route}",
@@ -184,7 +187,7 @@ def _apply(
                     f"{human_time(within)}); this digest folds {len(part):,} alerts of "
                     f"route {route} (part {i + 1} of {n})"
                 ),
-                received=now,
+                received=newest.received if newest is not None else now,
                 fields={
                     "drain_alerts": len(part),
                     "drain_part": f"{i + 1}/{n}",
