@@ -51,6 +51,7 @@ class Drainer:
         self.runtime = runtime
         self.routes = routes  # the routes of the running config (a reload may change them)
         self.rate_text = describe(*self.rate)
+        self._failing = False
         runtime.drain = {
             "drain_within": human_time(self.within),
             "folds": 0,
@@ -86,8 +87,16 @@ class Drainer:
                 )
             )
         except Exception as exc:  # the queue drains unfolded meanwhile: slow, not lost
-            log.error("drain plan: could not fold the backlog (%s); trying again later", exc)
+            if not self._failing:  # once, not every 10 s while the store fails
+                log.error(
+                    "drain plan: could not fold the backlog (%s); the relay sends it as it "
+                    "is meanwhile, and the fold is tried again every %.0f s",
+                    exc,
+                    CHECK_EVERY,
+                )
+            self._failing = True
             return None
+        self._failing = False
         if done is not None:
             p = done.plan
             log.warning("%s", summary(p, self.rate_text, self.within))

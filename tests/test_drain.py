@@ -334,3 +334,46 @@ def test_the_drain_task_folds_once_when_the_uplink_returns_and_counts_it(
     assert runtime.drain["folded"] == 100 and runtime.drain["digests"] == 1
     assert "drain plan: 100 queued mails would take 3 min at 30/min" in caplog.text
     assert runtime.snapshot()["drain"]["folded"] == 100
+
+
+# --- the property over a real outbox: every alert in exactly one mail ------------------------
+
+alert_specs = st.lists(
+    st.tuples(
+        st.sampled_from([Severity.DEBUG, INFO, W, C]),
+        st.sampled_from(["ops", "fac", "gone"]),
+        st.integers(0, 3),  # which message: few, so storm control's repeats happen
+    ),
+    min_size=0,
+    max_size=120,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(alert_specs, st.integers(0, 10), st.sampled_from([3, 50, DIGEST_CAP]), st.booleans())
+def test_after_a_fold_every_alert_is_in_exactly_one_mail_and_no_critical_is_folded(
+    specs: list[tuple[Severity, str, int]], in_flight: int, cap: int, storm: bool
+) -> None:
+    import tempfile
+
+    policies = {"ops": Policy(rate=(3, 3600.0), dedupe_window=600.0)} if storm else {}
+    with tempfile.TemporaryDirectory() as d:
+        ob = Outbox(Path(d) / "o.db", policies=policies)
+        batch = [routed(f"m {m}", sev, route) for sev, route, m in specs]
+        ob.add(batch)
+        flying = ob.claim(in_flight, now=1e12)
+        mails_before = queued_count(ob.conn)
+        done = do_fold(ob, routes=("ops", "fac"), cap=cap)
+        got = flying + claim_all(ob)
+        ob.close()
+    if done is not None:
+        assert len(got) < mails_before + len(flying)  # fewer mails than without the fold
+    seen: list[str] = []
+    for c in got:
+        drain = c.kind == "digest" and c.alert.sensor == "drain"
+        carried = list(c.members) if drain else [c.alert, *c.members]
+        if drain:
+            assert all(a.severity < C for a in carried)  # criticals are never folded
+            assert len(carried) <= cap
+        seen += [a.id for a in carried]
+    assert sorted(seen) == sorted(r.alert.id for r in batch)
