@@ -33,6 +33,7 @@ from email.utils import format_datetime, formataddr, parseaddr
 from gateway.alert import Alert, Severity
 from gateway.clock import Stamp
 from gateway.config import RouteSection
+from gateway.drain import is_drain_lead
 from gateway.routing import render
 
 _FOLD = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
@@ -302,27 +303,43 @@ def compose_digest(
     recipients: tuple[str, ...] | None = None,
 ) -> Composed:
     """One mail for the alerts storm control held back on a route: each distinct alert
-    with its count, first and last seen. `alerts[0]` owns it (its Message-ID)."""
+    with its count, first and last seen. `alerts[0]` owns it (its Message-ID).
+
+    A drain digest (gateway/drain.py) is owned by the gateway's own alert that says why
+    the backlog was folded; it is the mail's preamble, not one of its lines, and every
+    folded alert's id is listed at the end."""
     now = now or Stamp.now()
-    lines = digest_lines(alerts, route.storm.key)
-    top = max(a.severity for a in alerts)
-    subject = _header_text(
-        f"[digest] {device_id}/{route.name}: {len(alerts)} alerts held back "
-        f"({len(lines)} distinct)",
-        MAX_SUBJECT,
-    )
-    rules = []
-    if route.storm.rate:
-        count, per = route.storm.rate
-        rules.append(f"rate limit {count} mails per {per:g} s")
-    if route.storm.dedupe_window:
-        rules.append(f"dedupe window {route.storm.dedupe_window:g} s")
-    body = [
-        f"mailgw on {device_id} held back {len(alerts)} alerts on route {route.name} "
-        f"({', '.join(rules) or 'storm control'}). Each line: how many, first and last "
-        "received, severity, topic, message.",
-        "",
-    ]
+    drain = len(alerts) > 1 and is_drain_lead(alerts[0])
+    shown = alerts[1:] if drain else alerts
+    lines = digest_lines(shown, route.storm.key)
+    top = max(a.severity for a in shown)
+    if drain:
+        part = alerts[0].fields.get("drain_part")
+        subject = (
+            f"[drain digest] {device_id}/{route.name}: {len(shown)} alerts of a backlog "
+            f"({len(lines)} distinct{f', part {part}' if part else ''})"
+        )
+        intro = (
+            f"{_one_line(alerts[0].message)}.\n\nCritical alerts keep their own mails. "
+            "Each line: how many, first and last received, severity, topic, message."
+        )
+    else:
+        subject = (
+            f"[digest] {device_id}/{route.name}: {len(alerts)} alerts held back "
+            f"({len(lines)} distinct)"
+        )
+        rules = []
+        if route.storm.rate:
+            count, per = route.storm.rate
+            rules.append(f"rate limit {count} mails per {per:g} s")
+        if route.storm.dedupe_window:
+            rules.append(f"dedupe window {route.storm.dedupe_window:g} s")
+        intro = (
+            f"mailgw on {device_id} held back {len(alerts)} alerts on route {route.name} "
+            f"({', '.join(rules) or 'storm control'}). Each line: how many, first and last "
+            "received, severity, topic, message."
+        )
+    body = [intro, ""]
     for count, first, last in lines:
         t0, _ = receipt_text(first, now)
         t1, _ = receipt_text(last, now)
@@ -331,13 +348,19 @@ def compose_digest(
             f"{count:>6} x  {t0} .. {t1}  [{first.severity}] {_one_line(first.topic)}: "
             f"{_one_line(text)}"
         )
-    body += ["", f"alert ids: {alerts[0].id} .. {alerts[-1].id}"]
+    if drain:
+        body += ["", f"the {len(shown)} alert ids folded here:", *(_one_line(a.id) for a in shown)]
+    else:
+        body += ["", f"alert ids: {alerts[0].id} .. {alerts[-1].id}"]
     extra = [
-        f"X-Mailgw-Digest: {len(alerts)}",
+        f"X-Mailgw-Digest: {len(shown)}",
         f"X-Mailgw-Severity: {top}",
         f"X-Mailgw-Alert-Id: {alerts[0].id}",
     ]
+    if drain:
+        extra.append(f"X-Mailgw-Drain: {_header_text(str(alerts[0].fields.get('drain_part')), 20)}")
     mid = f"<{alerts[0].id}.{route.name}.digest@{device_id}.mailgw>"
+    subject = _header_text(subject, MAX_SUBJECT)
     return _message(
         route, sender, device_id, now, subject, mid, extra, "\n".join(body) + "\n", recipients
     )

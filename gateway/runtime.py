@@ -43,6 +43,8 @@ class Runtime:
     # smtp.rate_limit as the relay applies it: rate_limit, tokens, next_send_at (wall
     # time, None when a send may start now), waits (times a backlog waited for a token)
     pace: dict[str, Any] = field(default_factory=dict)
+    # smtp.drain_within (gateway/drainer.py): drain_within, folds, folded, digests, last
+    drain: dict[str, Any] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -76,6 +78,7 @@ class Runtime:
             "threads": dict(self.threads),
             "watch": dict(self.watch),
             "pace": dict(self.pace),
+            "drain": dict(self.drain),
         }
 
     def write(self, path: Path) -> None:

@@ -145,6 +145,12 @@ class Daemon:
             self.components.append(relay)
             # A link or route change may mean the uplink is back: probe at once.
             self.components.append(NetWatch(relay.nudge))
+            if cfg.smtp.drain_within is not None:  # a too-long backlog is folded (#20)
+                from gateway.drainer import Drainer
+
+                self.components.append(
+                    Drainer(cfg, self.writer, self.runtime, lambda: self.router.by_name)
+                )
         else:
             log.warning("no [smtp] section: alerts are stored but not relayed")
         if cfg.mqtt is not None:

@@ -21,7 +21,7 @@ from gateway.config.checks import (
     tls_files_problems,
 )
 from gateway.config.loader import Table
-from gateway.config.units import parse_rate
+from gateway.config.units import parse_duration, parse_rate
 from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
 
@@ -79,6 +79,7 @@ def smtp_section(t: Table) -> SmtpSection:
         # to about 3 sessions a second, and delays an alert after an outage by at most
         # half a minute (docs/CONFIG.md).
         return_jitter=t.duration("return_jitter", 30.0, maximum=3600),
+        drain_within=_drain_within(t),
     )
     t.done()
     _check_smtp(t, section, host)
@@ -118,6 +119,42 @@ def _rate_limit(t: Table) -> tuple[int, float] | None:
         )
         return None
     return count, period
+
+
+DRAIN_DEFAULT = 1800.0  # with a rate limit: a backlog past 30 min of sending is folded
+DRAIN_MIN, DRAIN_MAX = 60.0, 7 * 86400.0
+
+
+def _drain_within(t: Table) -> float | None:
+    """smtp.drain_within: the bound of the drain plan (gateway.drain), reckoned at
+    smtp.rate_limit. "30m" by default with a rate limit, nothing without one; "off" or
+    a zero duration turns it off."""
+    t.seen.add("drain_within")
+    has_rate = isinstance(t.data.get("rate_limit"), str)
+    raw = t.data.get("drain_within")
+    if raw is None:
+        return DRAIN_DEFAULT if has_rate else None
+    if raw == "off" or (isinstance(raw, str) and _is_zero(raw)):
+        return None
+    within = t.duration("drain_within", None, minimum=DRAIN_MIN, maximum=DRAIN_MAX)
+    if within is None or within < DRAIN_MIN:
+        return None  # the problem is reported
+    if not has_rate:
+        t.loader.problem(
+            t.name,
+            "drain_within",
+            "needs smtp.rate_limit: the drain plan reckons a backlog's time at that rate; "
+            'set rate_limit (Microsoft 365: "30/min") or remove drain_within',
+        )
+        return None
+    return float(within)
+
+
+def _is_zero(text: str) -> bool:
+    try:
+        return text.strip() == "0" or parse_duration(text) == 0
+    except ValueError:
+        return False
 
 
 def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:

@@ -87,6 +87,9 @@ class SmtpSection:
     rate_limit: tuple[int, float] | None = None  # (mails, per seconds) for the whole gateway
     throttle_max: float = 600.0  # the longest pause after "slow down" replies (421, 451 4.7.x)
     return_jitter: float = 30.0  # a random wait of up to this before returning after an outage
+    # A backlog that would take longer than this at rate_limit is folded (gateway.drain);
+    # None: no drain plan (no rate limit, or "off").
+    drain_within: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
