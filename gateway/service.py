@@ -147,6 +147,9 @@ class Daemon:
             self.components.append(NetWatch(relay.nudge))
         else:
             log.warning("no [smtp] section: alerts are stored but not relayed")
+        from gateway.maildrop import Maildrop  # local mail from `sendmail`
+
+        self.components.append(Maildrop(cfg, self.writer, self.runtime))
         if cfg.mqtt is not None:
             from gateway.sources.mqtt import MqttSource
 
