@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import table
 
-BENCHMARKS = ["outbox", "relay", "mqtt", "serial", "daemon", "memory", "recovery"]
+BENCHMARKS = ["outbox", "relay", "mqtt", "serial", "daemon", "memory", "recovery", "sendmail"]
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from gateway.sendmail_drop import Invocation, drop, envelope, max_size, user
 
 def _addr(arg: str, verb: str) -> str | None:
     head, _, rest = arg.partition(":")
-    if head.strip().upper() != verb:
+    if head.strip().upper() != verb.strip():
         return None
     rest = rest.strip()
     if rest.startswith("<"):
