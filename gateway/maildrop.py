@@ -83,6 +83,7 @@ class Maildrop:
         self.picked = 0
         self._missing_logged = False
         self._store_failing = False
+        self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -103,6 +104,8 @@ class Maildrop:
         names = await asyncio.to_thread(self._list)
         stored = 0
         for name in names:
+            if name in self._stuck:
+                continue
             try:
                 picked = await asyncio.to_thread(self._read, name)
             except Rejected as rej:
@@ -168,10 +171,16 @@ class Maildrop:
                 return
         except OSError:
             pass
-        tmp = self.dir / f"{LIMIT_FILE}.{os.getpid()}"
+        # A fresh random name, created exclusively: anyone may create files here, and a
+        # file someone else made in advance must never become the published limit.
+        tmp = self.dir / f"{LIMIT_FILE}.{os.urandom(8).hex()}"
         try:
-            tmp.write_bytes(want)
-            tmp.chmod(0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, want)
+                os.fchmod(fd, 0o644)  # readable by every caller, whatever the umask
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot write %s (%s); sendmail uses its default limit", path, exc)
@@ -279,6 +288,7 @@ class Maildrop:
                 rej,
                 exc,
             )
+            self._stuck.add(name)
             return
         log.error(
             "maildrop file %s rejected: %s; moved to %s (nothing was queued from it)",
