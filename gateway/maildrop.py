@@ -214,7 +214,7 @@ class Maildrop:
                 rcpts += header_recipients(head)
             except BadDrop as exc:
                 raise Rejected("malformed", str(exc)) from None
-        where, problems = plan(rcpts, self.config.sendmail)
+        where, problems = plan(rcpts, self.config.sendmail, self.config.gateway.default_route)
         return Picked(
             self._alert(drop.user, uid, subject(head), drop.fullname, len(drop.message)),
             raw.RawMessage(name, uid, drop.sender, tuple(rcpts), drop.message),

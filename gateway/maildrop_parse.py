@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
-from gateway.config.sendmail import SendmailSection
+from gateway.config.sendmail import Alias, SendmailSection
 from gateway.outbox.raw import RawPlan
 
 MAGIC = b"MAILGW-DROP 1\n"
@@ -137,10 +137,13 @@ def subject(head: bytes) -> str:
     return ""
 
 
-def plan(recipients: list[str], section: SendmailSection) -> tuple[RawPlan, list[str]]:
+def plan(
+    recipients: list[str], section: SendmailSection, default_route: str | None = None
+) -> tuple[RawPlan, list[str]]:
     """Where the mail goes: addresses as they are, local names (no '@') through the
-    alias table. Returns the plan and the recipients it could not place (reasons);
-    with no recipient at all the mail goes where `root`'s does."""
+    alias table, else to `default_route` (gateway.default_route) when there is one.
+    Returns the plan and the recipients it could not place (reasons); with no
+    recipient at all the mail goes where `root`'s does."""
     from gateway.config.addresses import normalize_address
 
     routes: list[str] = []
@@ -151,8 +154,12 @@ def plan(recipients: list[str], section: SendmailSection) -> tuple[RawPlan, list
         if "@" not in rcpt:
             local = rcpt.lower()
             alias = section.alias(local) if _LOCAL.fullmatch(local) else None
+            if alias is None and default_route:
+                alias = Alias(routes=(default_route,))
             if alias is None:
-                problems.append(f"{rcpt!r}: no [sendmail.aliases] entry (nor '*')")
+                problems.append(
+                    f"{rcpt!r}: no [sendmail.aliases] entry, no '*', no gateway.default_route"
+                )
                 continue
             routes.extend(r for r in alias.routes if r not in routes)
             addresses.extend(a for a in alias.addresses if a not in addresses)

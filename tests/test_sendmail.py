@@ -275,6 +275,7 @@ def test_plan_without_a_catch_all_reports_unknown_names_and_bad_addresses() -> N
     star = SendmailSection(aliases=(("*", Alias(addresses=("all@example.com",))),))
     assert plan(["alice"], star)[0].addresses == ("all@example.com",)
     assert plan([], SECTION)[0].routes == ("ops",)  # no recipient at all: root's
+    assert plan(["alice"], SECTION, "fallback")[0].routes == ("fallback",)  # default_route
 
 
 # --- [sendmail] ------------------------------------------------------------------------
