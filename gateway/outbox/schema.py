@@ -118,7 +118,7 @@ MIGRATIONS: tuple[str, ...] = (
     # `drop` is the maildrop file's random name, so a pickup interrupted between the
     # commit and the unlink is recognised and not stored twice.
     """
-    CREATE TABLE raw_message (
+    CREATE TABLE IF NOT EXISTS raw_message (
         alert_seq INTEGER PRIMARY KEY,
         drop_name TEXT    NOT NULL UNIQUE,
         uid       INTEGER NOT NULL,
