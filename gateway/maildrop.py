@@ -151,7 +151,7 @@ class Maildrop:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             if not self._missing_logged:
-                log.warning(
+                log.info(
                     "the maildrop %s does not exist: `sendmail` has nowhere to leave mail "
                     "(the mailgw package creates it; see OPERATIONS.md)",
                     self.dir,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -272,4 +274,36 @@ def test_hostile_maildrop_files_are_counted_rejections_and_intake_goes_on(
         assert st["rejected"]["maildrop_not_file"] == 2
         assert st["rejected"]["maildrop_malformed"] == 1
         assert gw.alive
+        gw.terminate()
+
+
+def test_a_reload_changes_where_local_mail_goes_and_mailq_shows_it_waiting(
+    tmp_path: Path, pki: Pki, spool: Path
+) -> None:
+    smtp = SmtpServer(pki, "starttls")  # down at first: the mail waits, for mailq to list
+    cfg = config(tmp_path, pki, smtp.port, spool)
+    gw = DaemonProcess(cfg, tmp_path / "d.log").start()
+    gw.wait_ready()
+    cfg.write_text(
+        cfg.read_text().replace('root = "ops"', 'root = "night"')
+        + '[[route]]\nname = "night"\nmatch = "never/#"\nto = ["night@example.com"]\n'
+    )
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded routes" in gw.log_text(), what="the reload")
+    assert sendmail(spool, ["-i", "root"], b"Subject: after reload\n\nx\n").returncode == 0
+    wait_for(lambda: raw_rows(tmp_path) == 1, what="the mail stored")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAILGW_CONFIG": str(cfg)}
+    env["MAILGW_MAILDROP"] = str(spool)
+    mailq = subprocess.run(
+        [sys.executable, "-m", "gateway.sendmail", "-bp"], capture_output=True, text=True, env=env
+    )
+    assert mailq.returncode == 0, mailq.stderr
+    assert " night " in mailq.stdout and " root\n" not in mailq.stdout, mailq.stdout
+    smtp.start()
+    try:
+        (got,) = smtp.wait_for(1, timeout=40)
+        assert got.recipients == ["night@example.com"]
+    finally:
+        smtp.stop()
         gw.terminate()
