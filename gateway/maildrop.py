@@ -273,7 +273,15 @@ class Maildrop:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.error("stored local mail %s but cannot remove it: %s", name, exc)
+            # Stored already (a later pickup would only find it in raw_message again):
+            # said once, not every round.
+            self._stuck.add(name)
+            log.error(
+                "stored local mail %s but cannot remove it from %s: %s; remove it by hand",
+                name,
+                self.dir,
+                exc,
+            )
 
     def _reject(self, name: str, rej: Rejected) -> None:
         self.runtime.reject(f"maildrop_{rej.kind}")
