@@ -24,7 +24,7 @@ from gateway.maildrop_parse import (
     split_message,
     subject,
 )
-from gateway.outbox import Outbox, raw
+from gateway.outbox import Outbox, Routed, raw
 from gateway.sendmail import cut_at_dot, deliver, main, parse_args, read_message
 from gateway.sendmail_compose import rewrite
 from gateway.sendmail_drop import envelope
@@ -351,3 +351,41 @@ def test_the_maildrop_default_is_what_the_command_uses() -> None:
 
     assert Path(DEFAULT_MAILDROP) == SendmailSection().maildrop
     assert os.path.isabs(DEFAULT_MAILDROP)
+
+
+# --- the pickup, in process ----------------------------------------------------------------
+
+
+def test_a_full_outbox_leaves_the_file_in_the_maildrop_until_there_is_room(
+    tmp_path: Path, drop: Path
+) -> None:
+    import asyncio
+
+    from gateway.maildrop import Maildrop
+    from gateway.outbox.writer import Writer
+    from gateway.runtime import Runtime
+    from gateway.sendmail_drop import drop as write_drop
+
+    cfg = parse(ROUTE + f'[sendmail]\nmaildrop = "{drop}"\n[sendmail.aliases]\nroot = "ops"\n')
+    ob = Outbox(tmp_path / "outbox.db", allow_volatile=True, max_messages=1)
+    ob.add([routed_one()])  # the one place there is
+    writer = Writer(ob)
+    writer.start()
+    try:
+        pickup = Maildrop(cfg, writer, Runtime())
+        name = write_drop(str(drop), envelope(parse_args(["root"]), "root") + b"Subject: s\n\nx\n")
+        assert asyncio.run(pickup.scan()) == 0
+        assert (drop / name).exists()  # kept: nothing is lost, it is retried
+        ob.max_messages = 10
+        assert asyncio.run(pickup.scan()) == 1
+        assert not (drop / name).exists()
+        assert (drop / ".max_size").read_text() == str(10 * 1024 * 1024)
+    finally:
+        writer.stop()
+        ob.close()
+
+
+def routed_one() -> Routed:
+    from tests.parts import routed
+
+    return routed("taking the place")

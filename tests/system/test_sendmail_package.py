@@ -1,4 +1,4 @@
-"""mailgw-sendmail in a Debian 12 root: mailgw installed next to another MTA (nullmailer,
+"""mailgw-sendmail in Debian 12 and 13 roots: mailgw installed next to another MTA (nullmailer,
 from the Debian mirror) leaves it alone; mailgw-sendmail installed instead of it
 replaces it the Debian way (Provides/Conflicts/Replaces: mail-transport-agent); then,
 booted under the shipped unit, a cron-style mail from a non-root user reaches the
@@ -15,7 +15,7 @@ import pytest
 
 from tests.parts import Mosquitto, Pki, SmtpServer, wait_for
 from tests.system.fleet import config
-from tests.system.machine import Machine
+from tests.system.machine import SUITES, Machine
 
 pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +31,9 @@ def dist(name: str) -> Path:
     return deb
 
 
-@pytest.fixture(scope="module")
-def mta() -> Iterator[Machine]:
-    m = Machine("mta", suite="bookworm")
+@pytest.fixture(scope="module", params=SUITES)
+def mta(request: pytest.FixtureRequest) -> Iterator[Machine]:
+    m = Machine("mta", suite=request.param)
     try:
         for name in ("mailgw", "mailgw-sendmail"):
             deb = dist(name)
