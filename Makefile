@@ -92,16 +92,16 @@ package: bootstrap package-deps
 	cp deploy/sysusers-mailgw.conf $(PKG)/debian/mailgw.sysusers
 	cp deploy/modules-load.d-mailgw.conf $(PKG)/debian/modules-load.conf
 	mkdir -p $(PKG)/docs $(PKG)/firmware_bridge
-	cp deploy/gateway.toml deploy/build-venv README.md $(PKG)/
+	cp deploy/gateway.toml deploy/build-venv deploy/sendmail README.md $(PKG)/
 	cp docs/*.md $(PKG)/docs/ && cp firmware_bridge/PROTOCOL.md $(PKG)/firmware_bridge/
 	{ echo "mailgw ($(DEB_VERSION)) unstable; urgency=medium"; echo; \
 	  echo "  * Built from git $$(git describe --always --dirty 2>/dev/null || echo unknown)."; \
 	  echo; echo " -- mailgw developers <mailgw@example.org>  $$(date -R -d @$$(git log -1 \
 	  --format=%ct 2>/dev/null || date +%s))"; } > $(PKG)/debian/changelog
 	cd $(PKG) && dpkg-buildpackage -b -us -uc >build.log 2>&1 || { tail -30 build.log; exit 1; }
-	mv build/mailgw_$(DEB_VERSION)_all.deb dist/
+	mv build/mailgw_$(DEB_VERSION)_all.deb build/mailgw-sendmail_$(DEB_VERSION)_all.deb dist/
 	@rm -f build/mailgw_$(DEB_VERSION)_*.buildinfo build/mailgw_$(DEB_VERSION)_*.changes
-	@echo "package: dist/mailgw_$(DEB_VERSION)_all.deb"
+	@echo "package: dist/mailgw_$(DEB_VERSION)_all.deb dist/mailgw-sendmail_$(DEB_VERSION)_all.deb"
 
 # --- the package under a real systemd (tests/system) ---------------------------------
 # Installs the .deb into Debian 12 and 13 chroots (install, upgrade, purge, a Python

@@ -15,7 +15,17 @@ from pathlib import Path
 
 from bench.common import table
 
-BENCHMARKS = ["outbox", "relay", "mqtt", "serial", "daemon", "memory", "recovery", "drain"]
+BENCHMARKS = [
+    "outbox",
+    "relay",
+    "mqtt",
+    "serial",
+    "daemon",
+    "memory",
+    "recovery",
+    "drain",
+    "sendmail",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -306,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["login"])
     sp.set_defaults(func=cmd_oauth)
 
+    sub.add_parser(
+        "sendmail",
+        add_help=False,
+        help="sendmail's command line (-t, -i, -f, -F, -bp, -bs; recipients): queue local mail",
+    )
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")
     sp.set_defaults(func=cmd_smtp_test)
@@ -313,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sendmail"]:  # sendmail's own options, not argparse's (gateway/sendmail.py)
+        from gateway.sendmail import main as sendmail
+
+        return sendmail(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -50,6 +50,7 @@ from gateway.pace import Bucket, describe
 from gateway.replies import THROTTLE, Verdict, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
+from gateway.sendmail_compose import compose_raw
 from gateway.smtp import SmtpSession, UplinkDown
 from gateway.uplink import SAME_REFUSALS, Blame, Breaks, Streak, Uplink, retry_delay
 from gateway.waits import Waits
@@ -292,8 +293,17 @@ class Relay:
 
     async def _deliver(self, item: Claimed, now: Stamp) -> Outcome:
         assert self.session is not None
+        raw = (
+            await compose_raw(item, self.config, self.router, self.writer)
+            if item.kind == "raw"  # stored whole by `sendmail` (gateway/sendmail_compose.py)
+            else None
+        )
+        if isinstance(raw, Outcome):
+            return raw
         route = self.router.by_name.get(item.route)
-        if route is None:
+        if raw is not None:
+            composed = raw
+        elif route is None:
             return Outcome(
                 item.key,
                 State.DEAD,
@@ -303,7 +313,7 @@ class Relay:
                     "`mailgw queue retry ID`"
                 ),
             )
-        if item.kind == "digest":
+        elif item.kind == "digest":
             composed = compose_digest(
                 (item.alert, *item.members),
                 route,

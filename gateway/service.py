@@ -30,6 +30,7 @@ from gateway.routing import Router
 from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
+    from gateway.maildrop import Maildrop
     from gateway.relay import Relay
     from gateway.watch import Watches
 
@@ -62,6 +63,7 @@ class Daemon:
         self.writer: Writer | None = None
         self.ingest: Ingest | None = None
         self.relay: Relay | None = None
+        self.maildrop: Maildrop | None = None
         self.watches: Watches | None = None
         self.status_path = config.gateway.runtime_dir / "status.json"
         self.exit_code = 0
@@ -153,6 +155,10 @@ class Daemon:
                 )
         else:
             log.warning("no [smtp] section: alerts are stored but not relayed")
+        from gateway.maildrop import Maildrop  # local mail from `sendmail`
+
+        self.maildrop = Maildrop(cfg, self.writer, self.runtime)
+        self.components.append(self.maildrop)
         if cfg.mqtt is not None:
             from gateway.sources.mqtt import MqttSource
 
@@ -297,6 +303,8 @@ class Daemon:
         self.config = new
         if self.relay is not None:
             self.relay.reload(new, router)
+        if self.maildrop is not None:
+            self.maildrop.reload(new)  # aliases, max_size; the maildrop's path on restart
         log.info(
             "reloaded routes and templates (%d routes); connection settings take effect on restart",
             len(new.routes),

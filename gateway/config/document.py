@@ -18,6 +18,7 @@ from gateway.config.sections import (
     route_section,
     serial_section,
 )
+from gateway.config.sendmail import check_alias_routes, sendmail_section
 from gateway.config.values import (
     Config,
     GatewaySection,
@@ -43,6 +44,7 @@ _SECTIONS = {
     "silence",
     "selfalerts",
     "heartbeat",
+    "sendmail",
 }
 
 
@@ -70,6 +72,9 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
     )
     selfalerts = selfalerts_section(loader.table("selfalerts", data.get("selfalerts", {})))
     heartbeat = heartbeat_section(loader.table("heartbeat", data.get("heartbeat", {})))
+    sendmail_t = loader.table("sendmail", data.get("sendmail", {}))
+    sendmail = sendmail_section(sendmail_t)
+    check_alias_routes(sendmail_t, sendmail, {r.name for r in routes})
     _check_names(loader, gateway, serial, routes)
     _check_watches(loader, routes, silence, selfalerts, heartbeat)
     if loader.problems:
@@ -86,6 +91,7 @@ def parse(text: str, source: str = "<config>", path: Path | None = None) -> Conf
         silence=silence,
         selfalerts=selfalerts,
         heartbeat=heartbeat,
+        sendmail=sendmail,
     )
 
 
@@ -146,6 +152,7 @@ def known_keys() -> dict[str, set[str]]:
     silence_section(loader.table("silence", {}), 0)
     selfalerts_section(loader.table("selfalerts", {}))
     heartbeat_section(loader.table("heartbeat", {}))
+    sendmail_section(loader.table("sendmail", {}))
     return {t.name: set(t.seen) for t in loader.opened}
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.config.sendmail import SendmailSection
+
 SEVERITIES = ("debug", "info", "warning", "critical")
 DEFAULT_SUBJECT = "[{severity}] {device_id}/{sensor}: {message}"
 # What makes two alerts "the same" for dedupe unless a route says otherwise.
@@ -194,6 +196,7 @@ class Config:
     silence: tuple[SilenceSection, ...] = ()
     selfalerts: SelfAlertsSection = field(default_factory=SelfAlertsSection)
     heartbeat: HeartbeatSection = field(default_factory=HeartbeatSection)
+    sendmail: SendmailSection = field(default_factory=SendmailSection)
 
     @property
     def outbox_path(self) -> Path:

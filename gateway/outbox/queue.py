@@ -127,6 +127,11 @@ def prune(c: sqlite3.Connection, older_than: float, limit: int) -> int:
         return 0
     c.executemany("DELETE FROM delivery WHERE alert_seq = ? AND route = ?", rows)
     c.execute("DELETE FROM seen_run WHERE at < ?", (older_than,))
+    # A sendmail message's bytes (gateway/outbox/raw.py) go with its last delivery.
+    c.execute(
+        "DELETE FROM raw_message WHERE NOT EXISTS"
+        " (SELECT 1 FROM delivery WHERE delivery.alert_seq = raw_message.alert_seq)"
+    )
     return len(rows)
 
 

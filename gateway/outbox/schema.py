@@ -113,5 +113,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, key)
     ) WITHOUT ROWID;
     """,
+    # 8 → 9 (issue #22; independent of 7 → 8, renumbered at merge): messages that
+    # `sendmail` submitted, stored whole next to their alert row (gateway/outbox/raw.py).
+    # `drop` is the maildrop file's random name, so a pickup interrupted between the
+    # commit and the unlink is recognised and not stored twice.
+    """
+    CREATE TABLE IF NOT EXISTS raw_message (
+        alert_seq INTEGER PRIMARY KEY,
+        drop_name TEXT    NOT NULL UNIQUE,
+        uid       INTEGER NOT NULL,
+        sender    TEXT    NOT NULL,
+        rcpts     TEXT    NOT NULL,
+        data      BLOB    NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

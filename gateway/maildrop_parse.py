@@ -1,0 +1,174 @@
+"""Reading a maildrop file (sans-IO): the envelope, the header block, where it goes.
+
+Everything here is untrusted input from any local user: a file is parsed within
+bounds, never evaluated, and whatever is wrong with it is a BadDrop with a reason the
+pickup counts (gateway/maildrop.py). The message bytes themselves are not changed
+here: the relay sends them as they came, after a few header rewrites
+(gateway/sendmail_compose.py).
+
+The file's layout is written by gateway/sendmail.py: `MAILGW-DROP 1`, envelope lines
+`<letter> <value>` (U user, F -f sender, N -F name, T -t, R recipient), an empty
+line, the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+
+from gateway.config.sendmail import Alias, SendmailSection
+from gateway.outbox.raw import RawPlan
+
+MAGIC = b"MAILGW-DROP 1\n"
+MAX_ENVELOPE = 256 * 1024  # ~ 250 recipients of 998 bytes: more is not a cron mail
+MAX_RCPTS = 256
+MAX_HEADER = 1024 * 1024  # a header block larger than this is not parsed for -t
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+_LOCAL = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+
+
+class BadDrop(ValueError):
+    """A maildrop file that can never become a mail; its text is the counted reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    user: str  # as the client said (informational: the file's owner is what counts)
+    sender: str
+    fullname: str
+    extract: bool
+    recipients: tuple[str, ...]
+    message: bytes
+
+
+def parse_drop(data: bytes) -> Drop:
+    if not data.startswith(MAGIC):
+        raise BadDrop("not a mailgw maildrop file (no MAILGW-DROP 1 line)")
+    end = data.find(b"\n\n", len(MAGIC) - 1)
+    if end < 0 or end > MAX_ENVELOPE:
+        raise BadDrop("its envelope has no end within 256 KiB")
+    values: dict[str, str] = {}
+    rcpts: list[str] = []
+    for line in data[len(MAGIC) : end].split(b"\n"):
+        text = line.decode("utf-8", "replace")
+        letter, _, value = text.partition(" ")
+        if len(letter) != 1 or any(c < " " or c == "\x7f" for c in value):
+            raise BadDrop(f"its envelope has a malformed line {text[:60]!r}")
+        if letter == "R":
+            rcpts.append(value)
+        else:
+            values[letter] = value
+    if len(rcpts) > MAX_RCPTS:
+        raise BadDrop(f"{len(rcpts)} recipients (at most {MAX_RCPTS})")
+    message = data[end + 2 :]
+    if not message.strip():
+        raise BadDrop("the message is empty")
+    return Drop(
+        user=values.get("U", "")[:64],
+        sender=values.get("F", ""),
+        fullname=values.get("N", ""),
+        extract=values.get("T") == "1",
+        recipients=tuple(rcpts),
+        message=message,
+    )
+
+
+def split_message(data: bytes) -> tuple[bytes, bytes]:
+    """(header block, body). The body is every byte after the empty line, untouched.
+
+    A line that is neither a field nor a continuation ends the header block there (the
+    body begins with it, as Postfix reads it); a leading mbox "From " line is kept in
+    the block for header_fields to drop.
+    """
+    pos, n = 0, len(data)
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        line_end = n if nl < 0 else nl + 1
+        line = data[pos:line_end].rstrip(b"\r\n")
+        if not line:
+            return data[:pos], data[line_end:]
+        folded = pos > 0 and line[:1] in (b" ", b"\t")
+        mbox = pos == 0 and line.startswith(b"From ")
+        if not (folded or mbox or _FIELD.match(line)):
+            return data[:pos], data[pos:]
+        pos = line_end
+    return data, b""
+
+
+def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, the whole field with its folds, line ends stripped)."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t") and fields:
+            name, text = fields[-1]
+            fields[-1] = (name, text + b"\r\n" + line)
+        elif line.startswith(b"From ") and not fields:
+            continue  # mbox separator, not a header
+        elif (m := _FIELD.match(line)) is not None:
+            fields.append((m.group(0)[:-1].rstrip(b" \t").lower(), line))
+    return fields
+
+
+def field_value(field: bytes) -> str:
+    """The value, unfolded, as text (bytes that are not UTF-8 replaced)."""
+    value = field.split(b":", 1)[1]
+    return re.sub(rb"\r\n[ \t]", b" ", value).strip().decode("utf-8", "replace")
+
+
+def header_recipients(head: bytes) -> list[str]:
+    """The addresses in To, Cc and Bcc (sendmail -t)."""
+    if len(head) > MAX_HEADER:
+        raise BadDrop(f"a header block over {MAX_HEADER} bytes")
+    values = [field_value(f) for n, f in header_fields(head) if n in (b"to", b"cc", b"bcc")]
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
+def subject(head: bytes) -> str:
+    """The Subject as text, for `mailgw queue` listings; never raises."""
+    for name, f in header_fields(head[:MAX_HEADER]):
+        if name == b"subject":
+            text = field_value(f)
+            with contextlib.suppress(ValueError, LookupError, UnicodeError):
+                text = str(make_header(decode_header(text)))
+            return "".join(c for c in text if c >= " ")[:200]
+    return ""
+
+
+def plan(
+    recipients: list[str], section: SendmailSection, default_route: str | None = None
+) -> tuple[RawPlan, list[str]]:
+    """Where the mail goes: addresses as they are, local names (no '@') through the
+    alias table, else to `default_route` (gateway.default_route) when there is one.
+    Returns the plan and the recipients it could not place (reasons); with no
+    recipient at all the mail goes where `root`'s does."""
+    from gateway.config.addresses import normalize_address
+
+    routes: list[str] = []
+    addresses: list[str] = []
+    problems: list[str] = []
+    for rcpt in recipients or ["root"]:
+        rcpt = rcpt.strip().strip("<>")
+        if "@" not in rcpt:
+            local = rcpt.lower()
+            alias = section.alias(local) if _LOCAL.fullmatch(local) else None
+            if alias is None and default_route:
+                alias = Alias(routes=(default_route,))
+            if alias is None:
+                problems.append(
+                    f"{rcpt!r}: no [sendmail.aliases] entry, no '*', no gateway.default_route"
+                )
+                continue
+            routes.extend(r for r in alias.routes if r not in routes)
+            addresses.extend(a for a in alias.addresses if a not in addresses)
+            continue
+        try:
+            addr = normalize_address(rcpt)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if addr not in addresses:
+            addresses.append(addr)
+    return RawPlan(tuple(routes), tuple(addresses), section.priority), problems

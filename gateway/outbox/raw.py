@@ -1,0 +1,120 @@
+"""Messages that `sendmail` submitted, stored whole (the `raw_message` table).
+
+A sendmail message is not an alert to compose: it already is a mail, and its body and
+attachments must reach the inbox byte for byte. So it is kept as the bytes that came
+in, next to an ordinary alert row (which gives it an id, a place in the queue, expiry
+and `mailgw queue` listings), and its deliveries have kind `raw`: the relay sends the
+stored bytes after rewriting a few headers (gateway/sendmail_compose.py).
+
+Deliveries: one per route an alias named (rcpts NULL: the route's recipients), and one
+on the pseudo-route `@sendmail` (no configured route can be named so) whose rcpts are
+the message's own addresses. Storm control does not apply: these are not alerts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.alert import Alert
+from gateway.errors import OutboxFull
+from gateway.outbox.faults import store_error
+from gateway.outbox.rows import _alert_row, shard_table
+from gateway.outbox.store import Outbox, _BatchRows
+
+ADDRESSES_ROUTE = "@sendmail"
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    drop_name: str  # the maildrop file it came from
+    uid: int  # its owner, as the kernel says
+    sender: str  # -f, as given (informational: the relay sends as smtp.from)
+    rcpts: tuple[str, ...]  # every envelope recipient, as given or taken from headers
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RawPlan:
+    """Where a message goes: routes (their own recipients) and/or addresses."""
+
+    routes: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    priority: int = 5
+
+
+def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
+    """Store the message and its deliveries in one FULL transaction (writer thread).
+
+    False if this maildrop file was stored before (a pickup that crashed between the
+    commit and the unlink): nothing is added. Raises OutboxFull at the bound, or what
+    store_error makes of a failing disk; then nothing is stored.
+    """
+    n = len(plan.routes) + (1 if plan.addresses else 0)
+    ob._check_bound(max(n, 1))
+    now = time.time()
+    created: set[str] = set()
+    try:
+        with ob.transaction() as c:
+            seen = c.execute(
+                "SELECT 1 FROM raw_message WHERE drop_name = ?", (raw.drop_name,)
+            ).fetchone()
+            if seen:
+                return False
+            row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+            seq = int(row[0]) if row else 1
+            rows = _BatchRows(next_seq=seq + 1)
+            rows.alerts[shard_table(seq)] = [(seq, *_alert_row(alert))]
+            created = ob._write(c, rows)
+            deliveries: list[tuple[object, ...]] = [
+                (seq, rt, "queued", plan.priority, now, None) for rt in plan.routes
+            ]
+            if plan.addresses:
+                deliveries.append(
+                    (seq, ADDRESSES_ROUTE, "queued", plan.priority, now, "\n".join(plan.addresses))
+                )
+            if not deliveries:
+                deliveries.append((seq, "", "unrouted", plan.priority, now, None))
+            c.executemany(
+                "INSERT INTO delivery (alert_seq, route, state, priority, updated_at, rcpts, kind)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'raw')",
+                deliveries,
+            )
+            c.execute(
+                "INSERT INTO raw_message (alert_seq, drop_name, uid, sender, rcpts, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, raw.drop_name, raw.uid, raw.sender, "\n".join(raw.rcpts), raw.data),
+            )
+    except OutboxFull:
+        raise
+    except BaseException as exc:
+        err = store_error(exc, ob.path)
+        if err is exc:
+            raise
+        raise err from exc
+    ob._shards |= created
+    ob.live += len(deliveries)
+    return True
+
+
+def load(c: sqlite3.Connection, seq: int) -> RawMessage | None:
+    row = c.execute(
+        "SELECT drop_name, uid, sender, rcpts, data FROM raw_message WHERE alert_seq = ?", (seq,)
+    ).fetchone()
+    if row is None:
+        return None
+    name, uid, sender, rcpts, data = row
+    return RawMessage(name, int(uid), sender, tuple(rcpts.split("\n")) if rcpts else (), data)
+
+
+def waiting(c: sqlite3.Connection) -> Sequence[tuple[str, str, int, str, str, str]]:
+    """Undelivered sendmail messages for `sendmail -bp`: (alert id, state, size, sender,
+    route, last error), oldest first."""
+    rows = c.execute(
+        "SELECT r.alert_seq, d.state, length(r.data), r.sender, d.route,"
+        " coalesce(d.last_error, '') FROM raw_message r JOIN delivery d"
+        " ON d.alert_seq = r.alert_seq WHERE d.state != 'sent' ORDER BY r.alert_seq"
+    ).fetchall()
+    return [(str(seq), st, int(size), snd, rt, err) for seq, st, size, snd, rt, err in rows]

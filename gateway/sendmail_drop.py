@@ -1,0 +1,117 @@
+"""Writing a maildrop file: the one piece `sendmail` and `sendmail -bs` share.
+
+The spool's contract (read by gateway/maildrop.py):
+- the directory is mode 3733 owned by mailgw:mailgw: anyone may create a file, nobody
+  but mailgw may list it, and the setgid bit gives each new file the group mailgw;
+- a file is written under its final random name with mode 0600 (not yet readable by
+  the daemon), fsynced, then fchmod'ed to 0640: the group read bit says "complete";
+- its content: the line `MAILGW-DROP 1`, envelope lines `<letter> <value>`, an empty
+  line, then the message bytes exactly as read from stdin.
+- `<maildrop>/.max_size` (written by the daemon) holds the size limit in bytes.
+Standard library `os` only: this runs once per mail.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_MAX_SIZE = 10 * 1024 * 1024
+MAGIC = b"MAILGW-DROP 1\n"
+MAX_ARG = 998  # an envelope value longer than a header line is not an address
+
+
+class Invocation:
+    """What the command line asks for (a plain class: dataclasses cost an import)."""
+
+    __slots__ = ("dot_ends", "extract", "fullname", "ignored", "mode", "recipients", "sender")
+
+    def __init__(self) -> None:
+        self.mode = "m"  # -bm deliver (default), -bp list, -bs SMTP, -bi newaliases
+        self.sender = ""  # -f / -r
+        self.fullname = ""  # -F
+        self.extract = False  # -t: recipients from To/Cc/Bcc too
+        self.dot_ends = True  # a line of one '.' ends the message, unless -i / -oi
+        self.recipients: list[str] = []
+        self.ignored: list[str] = []  # options accepted and ignored, for -v users
+
+    def __repr__(self) -> str:
+        return (
+            f"Invocation(mode={self.mode!r}, sender={self.sender!r}, extract={self.extract}, "
+            f"dot_ends={self.dot_ends}, recipients={self.recipients!r})"
+        )
+
+
+def _clean(value: str) -> str:
+    """An envelope value as one safe line: no controls (a newline would forge an
+    envelope line), bounded. Bytes that were not UTF-8 stay as surrogate escapes."""
+    return "".join(c for c in value if c >= " " and c != "\x7f")[:MAX_ARG]
+
+
+def envelope(inv: Invocation, user: str) -> bytes:
+    """The spool file's head: magic, envelope lines, an empty line."""
+    lines = [f"U {_clean(user)}", f"F {inv.sender}", f"N {inv.fullname}"]
+    if inv.extract:
+        lines.append("T 1")
+    lines.extend(f"R {r}" for r in inv.recipients)
+    text = "\n".join(lines) + "\n\n"
+    return MAGIC + text.encode("utf-8", "surrogateescape")
+
+
+def max_size(maildrop: str) -> int:
+    """The limit the daemon published ([sendmail] max_size); the default without it.
+    The daemon checks again at pickup: this is to refuse early, with an exit code."""
+    try:
+        with open(os.path.join(maildrop, ".max_size"), "rb") as f:
+            value = int(f.read(32).strip())
+    except (OSError, ValueError):
+        return DEFAULT_MAX_SIZE
+    return value if value > 0 else DEFAULT_MAX_SIZE
+
+
+def drop(maildrop: str, data: bytes) -> str:
+    """Write one spool file durably; its name. Raises OSError."""
+    name = os.urandom(16).hex()
+    path = os.path.join(maildrop, name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        # Complete: the daemon (group mailgw, from the directory's setgid bit) may read
+        # it now. Explicit, whatever the caller's umask.
+        os.fchmod(fd, 0o640)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:  # noqa: SIM105 (contextlib is an import this command does without)
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    _sync_dir(maildrop)
+    return name
+
+
+def _sync_dir(maildrop: str) -> None:
+    # Only the directory's owner (and root) may open it to fsync it: others cannot read
+    # a 1733 directory. For them the file's own fsync carries its name on journalling
+    # filesystems (ext4, xfs, btrfs commit the new entry with the inode).
+    try:
+        fd = os.open(maildrop, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def user() -> str:
+    # Informational only: the daemon trusts the file's owner (set by the kernel).
+    for key in ("LOGNAME", "USER"):
+        if name := os.environ.get(key):
+            return name
+    return str(os.getuid())
