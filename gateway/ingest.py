@@ -16,6 +16,7 @@ from gateway.config import Policy
 from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Outbox, Routed
 from gateway.outbox.writer import Done, Stored, Writer
+from gateway.receipts import Ask
 from gateway.routing import Router, render
 from gateway.runtime import Runtime
 
@@ -42,11 +43,12 @@ def routed(
     policies: Mapping[str, Policy],
     seen_key: str | None = None,
     mqtt: MqttKey | None = None,
+    receipt: Ask | None = None,
 ) -> Routed:
     """An alert with its deliveries and dedupe keys: what the outbox stores."""
     deliveries = router.route(alert)
     keys = storm_keys(alert, deliveries, policies) if policies else ()
-    return Routed(alert, deliveries, seen_key, storm_keys=keys, mqtt=mqtt)
+    return Routed(alert, deliveries, seen_key, storm_keys=keys, mqtt=mqtt, receipt=receipt)
 
 
 class Ingest:
@@ -67,12 +69,16 @@ class Ingest:
         self.observers: list[Callable[[Sequence[Alert]], None]] = []
 
     def prepare(
-        self, alert: Alert, seen_key: str | None = None, mqtt: MqttKey | None = None
+        self,
+        alert: Alert,
+        seen_key: str | None = None,
+        mqtt: MqttKey | None = None,
+        receipt: Ask | None = None,
     ) -> Routed:
         for note in alert.notes:
             self.runtime.sanitised[note] += 1
         self.runtime.received[alert.source] += 1
-        return routed(alert, self.router, self.policies, seen_key, mqtt)
+        return routed(alert, self.router, self.policies, seen_key, mqtt, receipt)
 
     def submit(
         self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0
