@@ -140,8 +140,11 @@ def ask_mqtt(
     return Ask(MQTT, topic, corr, v5)
 
 
-def message_id(alert_id: str, route: str, device_id: str) -> str:
-    """The Message-ID of the mail (gateway/compose.py's message_id, from an alert id)."""
+def message_id(alert_id: str, route: str, device_id: str, kind: str = "mail") -> str:
+    """The Message-ID of the mail, as gateway/compose.py makes it (message_id for a
+    mail, compose_digest's for a digest), from the id of the alert that owns it."""
+    if kind == "digest":
+        return f"<{alert_id}.{route}.digest@{device_id}.mailgw>"
     return f"<{alert_id}.{route}@{device_id}.mailgw>"
 
 
@@ -152,7 +155,7 @@ def payload(due: Due, device_id: str) -> bytes:
         "alert_id": due.alert_id,
         "outcome": due.outcome,
         "route": due.route,
-        "message_id": message_id(due.mail_alert, due.route, device_id),
+        "message_id": message_id(due.mail_alert, due.route, device_id, due.kind),
         "kind": due.kind,
         "count": due.count,
         "at": round(due.at, 3),

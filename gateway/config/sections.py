@@ -205,17 +205,23 @@ _RECEIPT_TEMPLATE_MAX = 192
 
 def mqtt_receipt_keys(t: Table, topics: tuple[str, ...]) -> dict[str, Any]:
     """[mqtt]'s receipt keys (gateway/receipts.py), for connections.mqtt_section."""
+    asked = any(k in t.data for k in ("receipts", "receipt_prefix", "receipt_topic"))
     enabled = t.flag("receipts", True)
     prefix = t.text("receipt_prefix", "receipts/")
     template = t.text("receipt_topic", "receipts/{sensor}")
     if isinstance(prefix, str):
+        loop = [f for f in topics if filter_overlaps(f, prefix)]
         if any(c in prefix for c in "+#") or mqtt_string_problem(prefix):
             t.loader.problem(
                 t.name,
                 "receipt_prefix",
                 f"{prefix!r}: a topic prefix cannot hold '+', '#' or controls",
             )
-        elif enabled and (loop := [f for f in topics if filter_overlaps(f, prefix)]):
+        elif loop and not asked:
+            # A config written before receipts existed, subscribed to '#': it runs as
+            # it did, without receipts (the MQTT source says so in its first log line).
+            enabled = False
+        elif enabled and loop:
             # The gateway would take its own receipts for alerts, and answer them.
             t.loader.problem(
                 t.name,

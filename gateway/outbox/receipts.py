@@ -44,21 +44,6 @@ def insert(c: sqlite3.Connection, rows: Sequence[tuple[int, str, str, Ask]], now
             for seq, route, aid, a in taken
         ],
     )
-    # Storm control may have folded a request's alert into a mail that is settled
-    # already (a repeat within the dedupe window of a lead that was sent): it is due now.
-    seqs = sorted({seq for seq, *_ in taken})
-    for i in range(0, len(seqs), 500):
-        chunk = seqs[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        settled = c.execute(
-            "SELECT o.alert_seq, o.route, o.state, o.last_error FROM delivery d"
-            " JOIN delivery o ON o.alert_seq = d.owner AND o.route = d.route"
-            f" WHERE d.alert_seq IN ({marks}) AND d.owner IS NOT NULL"
-            " AND d.owner != d.alert_seq AND o.state IN ('sent', 'dead')",
-            chunk,
-        ).fetchall()
-        for owner, route, state, error in settled:
-            _settle_mail(c, owner, route, state, error, now)
     return len(rows) - len(taken)
 
 

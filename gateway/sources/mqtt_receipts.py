@@ -48,6 +48,12 @@ class Receipts:
         # (seq, route) → (paho's handle, when published): waiting for the PUBACK
         self._inflight: dict[tuple[int, str], tuple[mqtt.MQTTMessageInfo, float]] = {}
         self.published = 0
+        if not cfg.receipts:
+            log.info(
+                "receipts are off (mqtt.receipts = false, or mqtt.topics covers "
+                "mqtt.receipt_prefix %r); publishers asking for one get none",
+                cfg.receipt_prefix,
+            )
 
     # --- asking (paho's thread) ---------------------------------------------------
 
