@@ -81,10 +81,22 @@ class Ingest:
         return routed(alert, self.router, self.policies, seen_key, mqtt, receipt)
 
     def submit(
-        self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0
+        self,
+        alerts: Sequence[tuple[Alert, str | None]],
+        done: Done,
+        linger: float = 0.0,
+        receipts: Sequence[Ask | None] = (),
     ) -> None:
-        """From any thread: store, then call `done` (after the commit) in the writer thread."""
-        self.submit_routed([self.prepare(a, key) for a, key in alerts], done, linger)
+        """From any thread: store, then call `done` (after the commit) in the writer thread.
+        `receipts`: each alert's receipt request, if any are asked for."""
+        if receipts:
+            batch = [
+                self.prepare(a, key, receipt=ask)
+                for (a, key), ask in zip(alerts, receipts, strict=True)
+            ]
+        else:
+            batch = [self.prepare(a, key) for a, key in alerts]
+        self.submit_routed(batch, done, linger)
 
     def submit_routed(self, batch: Sequence[Routed], done: Done, linger: float = 0.0) -> None:
         def counted(result: Stored | BaseException) -> None:  # the writer's thread
