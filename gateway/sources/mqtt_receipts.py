@@ -99,9 +99,13 @@ class Receipts:
             self.writer.call(partial(mark_published, keys=acked)).add_done_callback(_logged)
         if not connected or not self.cfg.receipts:
             return
-        due = await self.writer.run(
-            partial(take_due, origin=MQTT, limit=BATCH + len(self._inflight))
-        )
+        try:
+            due = await self.writer.run(
+                partial(take_due, origin=MQTT, limit=BATCH + len(self._inflight))
+            )
+        except Exception as exc:  # the outbox cannot be read now: intake goes on
+            log.warning("could not read due receipts (tried again in a second): %s", exc)
+            return
         for d in due:
             if d.key in self._inflight or d.key in acked:
                 continue
@@ -109,7 +113,16 @@ class Receipts:
             if d.v5 and self.cfg.protocol == "5":
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = d.correlation
-            info = self.client.publish(d.reply, payload(d, self.device_id), qos=1, properties=props)
+            try:
+                info = self.client.publish(
+                    d.reply, payload(d, self.device_id), qos=1, properties=props
+                )
+            except (ValueError, TypeError) as exc:
+                # Stored requests were checked (gateway/receipts.py); should one still be
+                # refused, it must not come back every second.
+                log.error("receipt for %s cannot be published, dropped: %s", d.alert_id, exc)
+                self.writer.call(partial(mark_published, keys=[d.key])).add_done_callback(_logged)
+                continue
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 log.debug("receipt for %s not queued (%s); next tick", d.alert_id, info.rc)
                 break

@@ -75,9 +75,13 @@ class SerialReceipts:
                 MAX_SENDS,
             )
             self._mark(given_up)
-        due = await self.writer.run(
-            partial(take_due, origin=SERIAL, limit=BATCH + len(waiting), reply=self.port_name)
-        )
+        try:
+            due = await self.writer.run(
+                partial(take_due, origin=SERIAL, limit=BATCH + len(waiting), reply=self.port_name)
+            )
+        except Exception as exc:  # the outbox cannot be read now: intake goes on
+            log.warning("%s: could not read due receipts: %s", self.port_name, exc)
+            return
         frames = []
         with self._lock:
             for d in due:
