@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from gateway import compose, receipts
 from gateway.alert import Draft, normalize
 from gateway.config import ConfigError, Policy, RouteSection, parse
+from gateway.config.sections import filter_overlaps
 from gateway.ingest import storm_keys
 from gateway.outbox import Outbox, Outcome, Routed, State
 from gateway.outbox import receipts as stored
 from gateway.receipts import MAX_CORRELATION, MAX_TOPIC, Ask, Refused, ask_mqtt
+from gateway.routing import topic_matches
 
 ASK = {"sensor": "door", "device_id": "gw", "template": "receipts/{sensor}", "prefix": "receipts/"}
 
@@ -232,3 +234,24 @@ def test_receipts_off_lets_any_prefix_be() -> None:
 def test_a_config_from_before_receipts_subscribed_to_everything_runs_without_them() -> None:
     cfg = parse('[mqtt]\ntopics = ["#"]\n', source="gw.toml")
     assert cfg.mqtt is not None and not cfg.mqtt.receipts
+
+
+level = st.sampled_from(["a", "b", "receipts", "r", "", "x1"])
+filters = st.lists(st.sampled_from(["a", "b", "receipts", "r", "+", ""]), min_size=1, max_size=4)
+
+
+@given(
+    filters,
+    st.booleans(),
+    st.lists(level, min_size=1, max_size=3),
+    st.text("ab/", max_size=6),
+)
+def test_a_subscription_that_could_take_a_receipt_is_always_seen(
+    f_levels: list[str], hash_end: bool, p_levels: list[str], suffix: str
+) -> None:
+    """The slow, obvious version: a topic under the prefix that the filter matches.
+    filter_overlaps must never miss one (a miss is a receipt loop)."""
+    topic_filter = "/".join(f_levels + (["#"] if hash_end else []))
+    prefix = "/".join(p_levels)
+    if topic_matches(topic_filter, prefix + suffix):
+        assert filter_overlaps(topic_filter, prefix), (topic_filter, prefix, suffix)

@@ -203,3 +203,29 @@ def test_a_digest_receipt_names_every_alert_it_carried(
             assert (body["kind"], body["count"], body["carried"]) == ("digest", 3, carried)
             assert body["message_id"] == digest.message_id
         assert len(smtp.received) == 2
+
+
+def test_refused_requests_are_counted_and_their_alerts_still_mailed(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "too long an id", b"x" * 129, "receipts/app-1")
+        app.ask("alerts/cold/door", "elsewhere", b"id-2", "alerts/cold/unlock")
+        app.publish("alerts/cold/temp", json.dumps({"message": "no topic", "correlation_id": ""}))
+        app.ask("alerts/cold/door", "fine", b"id-4", "receipts/app-1")
+        wait_for(lambda: len(smtp.received) == 4, what="all four mailed")
+        wait_for(lambda: app.receipts(), what="the one receipt asked for properly")
+        wait_for(
+            lambda: (
+                ((gw.status() or {}).get("rejected") or {})
+                == {"receipt_id_too_long": 1, "receipt_bad_topic": 1, "receipt_bad_id": 1}
+            ),
+            what="three refusals counted",
+        )
+        assert gw.terminate() == 0
+        app.close()
+        assert [g.correlation for g in app.receipts()] == [b"id-4"]
+        assert "is not under mqtt.receipt_prefix 'receipts/'" in gw.log_text()

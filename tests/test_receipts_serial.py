@@ -268,3 +268,25 @@ def test_a_serial_device_gets_its_receipt_after_the_250_and_until_it_racks(
         wait_for(lambda: receipt_states(db) == ["published"], what="the RACK recorded")
         assert read_frames(pty.master, 1, timeout=7) == []  # and not sent again
         assert gw.terminate() == 0
+
+
+def test_the_simulated_device_gets_a_dead_letters_receipt_and_racks_it(
+    tmp_path: Path, pki: Pki, pty: Pty
+) -> None:
+    from firmware_bridge.device import Device
+
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.script.data_refusal = "550 5.7.1 message refused by policy"
+        cfg = daemon_config(tmp_path, pki, smtp.port)
+        cfg.write_text(cfg.read_text() + f'[[serial]]\nport = "{pty.link}"\nname = "cold"\n')
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("serial:cold",))
+        dev = Device(pty.master, device_id="cab-9", retry_min=0.2).start()
+        dev.alert("temp", "critical", "9.5 C", receipt="b00t-2")
+        wait_for(lambda: "b00t-2" in dev.receipts, what="the RCPT")
+        rcpt = dev.receipts["b00t-2"]
+        assert rcpt.outcome == "DEAD" and "550 5.7.1 message refused by policy" in rcpt.reason
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: receipt_states(db) == ["published"], what="RACKed")
+        dev.stop()
+        assert gw.terminate() == 0
