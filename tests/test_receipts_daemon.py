@@ -229,3 +229,27 @@ def test_refused_requests_are_counted_and_their_alerts_still_mailed(
         app.close()
         assert [g.correlation for g in app.receipts()] == [b"id-4"]
         assert "is not under mqtt.receipt_prefix 'receipts/'" in gw.log_text()
+
+
+def test_a_kill_9_before_the_250_resends_the_mail_then_the_receipt_comes(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.script.stall_in_data = 8.0  # the first end of DATA is held...
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "door open", b"before-250", "receipts/app-1")
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: "sending" in delivery_states(db), what="the mail in DATA")
+        gw.kill9()  # ...and the gateway dies before its 250
+        assert states(db) == [("waiting", None)]
+        gw.start()
+        gw.wait_ready(("mqtt",))
+        wait_for(lambda: app.receipts(), what="the receipt after the resend")
+        # The resent mail's 250 came first (the held one is still held by the server).
+        [resent] = smtp.received
+        assert all(g.at > resent.at for g in app.receipts())
+        assert resent.message_id == app.receipts()[0].body["message_id"]
+        assert gw.terminate() == 0
+        app.close()
