@@ -136,6 +136,22 @@ def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path
     assert states == [("published",), ("published",)]
 
 
+def test_a_retried_dead_letter_that_goes_out_gets_a_sent_receipt(tmp_path: Path) -> None:
+    from gateway.outbox import retry
+
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    [c] = ob.claim(10)
+    ob.finish([Outcome(c.key, State.DEAD, error="550 5.1.1 no such user")])
+    [dead] = _due(ob)
+    stored.mark_published(ob, [dead.key])
+    assert retry(ob.conn, c.alert.id) == 1  # the operator fixed the address
+    [again] = ob.claim(10)
+    ob.finish([Outcome(again.key, State.SENT)])
+    [sent] = _due(ob)
+    assert (sent.outcome, sent.reason) == ("sent", None)
+
+
 def test_a_request_lands_with_its_alert_or_not_at_all(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.db", max_messages=10)
     ask = Ask("mqtt", "receipts/door", b"c")

@@ -54,7 +54,8 @@ def settle(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> in
         not outcomes
         or not c.execute(
             "SELECT EXISTS (SELECT 1 FROM receipt INDEXED BY receipt_waiting"
-            " WHERE state = 'waiting')"
+            " WHERE state = 'waiting') OR EXISTS (SELECT 1 FROM receipt"
+            " INDEXED BY receipt_dead WHERE outcome = 'dead')"
         ).fetchone()[0]
     ):
         return 0  # the common case: nobody asked
@@ -65,11 +66,16 @@ def _settle_mail(
     c: sqlite3.Connection, seq: int, route: str, outcome: str, reason: str | None, now: float
 ) -> int:
     """The mail of delivery (seq, route) was accepted or dead-lettered: the waiting
-    receipts of every alert it carried (itself, a digest's lines, a lead's repeats)."""
+    receipts of every alert it carried (itself, a digest's lines, a lead's repeats).
+
+    A dead letter an operator retried (`mailgw queue retry`) and that is now accepted
+    gets a second receipt, `sent`: the publisher was told `dead`, and it is no longer so.
+    """
+    which = "(r.state = 'waiting'" + (" OR r.outcome = 'dead')" if outcome == "sent" else ")")
     waiting = [
         r[0]
         for r in c.execute(
-            "SELECT alert_seq FROM receipt WHERE alert_seq = ? AND route = ? AND state = 'waiting'",
+            f"SELECT r.alert_seq FROM receipt r WHERE r.alert_seq = ? AND r.route = ? AND {which}",
             (seq, route),
         )
     ]
@@ -78,7 +84,7 @@ def _settle_mail(
         for r in c.execute(
             "SELECT r.alert_seq FROM delivery d JOIN receipt r ON r.alert_seq = d.alert_seq"
             " AND r.route = d.route WHERE d.owner = ? AND d.route = ? AND d.alert_seq != ?"
-            " AND r.state = 'waiting'",
+            f" AND {which}",
             (seq, route, seq),
         )
     ]
@@ -102,8 +108,7 @@ def _settle_mail(
     lead = alerts[seq].id if seq in alerts else ""
     c.executemany(
         "UPDATE receipt SET state = 'due', outcome = ?, reason = ?, mail_alert = ?, kind = ?,"
-        " carried = ?, count = ?, updated_at = ? WHERE alert_seq = ? AND route = ?"
-        " AND state = 'waiting'",
+        " carried = ?, count = ?, updated_at = ? WHERE alert_seq = ? AND route = ?",
         [(outcome, reason, lead, kind, carried, 1 + len(members), now, s, route) for s in waiting],
     )
     return len(waiting)

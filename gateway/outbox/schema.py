@@ -140,6 +140,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS receipt_due ON receipt (origin, reply, alert_seq)
         WHERE state = 'due';
     CREATE INDEX IF NOT EXISTS receipt_waiting ON receipt (alert_seq) WHERE state = 'waiting';
+    CREATE INDEX IF NOT EXISTS receipt_dead ON receipt (alert_seq) WHERE outcome = 'dead';
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
