@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -199,14 +200,20 @@ def test_repeats_folded_into_a_lead_share_its_outcome(tmp_path: Path) -> None:
 
 
 def test_requests_past_the_cap_are_not_kept_and_intake_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(stored, "MAX_KEPT", 3)
+    monkeypatch.setattr(stored, "_refusals", stored._Refusals())
     ob = Outbox(tmp_path / "o.db")
     ask = Ask("mqtt", "receipts/door", b"c")
-    ob.add([_routed(f"a{i}", ask) for i in range(5)])
-    assert ob.live == 5  # every alert stored
+    with caplog.at_level(logging.WARNING, "gateway.outbox.receipts"):
+        ob.add([_routed(f"a{i}", ask) for i in range(5)])
+        ob.add([_routed(f"b{i}", ask) for i in range(5)])
+    assert ob.live == 10  # every alert stored
     assert ob.conn.execute("SELECT count(*) FROM receipt").fetchone()[0] == 3
+    # Said once (then at most once a minute, with the count since), not per batch.
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "2 receipt requests were not kept: 3 receipts already wait" in line
 
 
 # --- config --------------------------------------------------------------------------

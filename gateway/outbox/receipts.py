@@ -26,6 +26,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEEP_PUBLISHED = 86400.0  # seconds a published receipt is kept (to look at), then pruned
+REFUSAL_LOG_EVERY = 60.0  # the cap's log line, at most this often, with the count since
+
+
+class _Refusals:
+    """Requests not kept at the cap: counted, and logged once a minute, not per batch
+    (a publisher asking for every alert while nobody reads would flood the journal)."""
+
+    def __init__(self) -> None:
+        self.since = 0
+        self.logged_at = -REFUSAL_LOG_EVERY
+
+    def add(self, n: int) -> None:
+        self.since += n
+        now = time.monotonic()
+        if now - self.logged_at >= REFUSAL_LOG_EVERY:
+            log.warning(
+                "%d receipt requests were not kept: %d receipts already wait to be "
+                "published (is anything reading them? see OPERATIONS.md, Receipts)",
+                self.since,
+                MAX_KEPT,
+            )
+            self.since, self.logged_at = 0, now
+
+
+_refusals = _Refusals()
 
 
 def insert(c: sqlite3.Connection, rows: Sequence[tuple[int, str, str, Ask]], now: float) -> int:
@@ -44,6 +69,8 @@ def insert(c: sqlite3.Connection, rows: Sequence[tuple[int, str, str, Ask]], now
             for seq, route, aid, a in taken
         ],
     )
+    if len(taken) < len(rows):
+        _refusals.add(len(rows) - len(taken))
     return len(rows) - len(taken)
 
 

@@ -32,7 +32,6 @@ from gateway.outbox.schema import _ALERT_TABLE, MIGRATIONS, SCHEMA_VERSION
 from gateway.outbox.seen import split_key
 from gateway.outbox.seen_runs import SeenRuns
 from gateway.outbox.storm_state import store_storm
-from gateway.receipts import MAX_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -356,13 +355,8 @@ class Outbox:
             c, "delivery (alert_seq, route, state, priority, updated_at)", 5, rows.deliveries
         )
         _insert_rows(c, "mqtt_pending", 4, list(rows.pending.values()), "INSERT OR REPLACE")
-        if rows.receipts and (refused := receipts.insert(c, rows.receipts, rows.now)):
-            log.warning(
-                "%d receipt requests were not kept: %d receipts already wait to be "
-                "published (is anything reading them? see OPERATIONS.md, Receipts)",
-                refused,
-                MAX_KEPT,
-            )
+        if rows.receipts:
+            receipts.insert(c, rows.receipts, rows.now)
         if rows.marks:
             c.executemany(
                 "INSERT OR REPLACE INTO watch (kind, key, state) VALUES (?, ?, ?)", rows.marks
