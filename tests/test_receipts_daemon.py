@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -253,3 +254,54 @@ def test_a_kill_9_before_the_250_resends_the_mail_then_the_receipt_comes(
         assert resent.message_id == app.receipts()[0].body["message_id"]
         assert gw.terminate() == 0
         app.close()
+
+
+def test_the_documented_mosquitto_pub_commands_get_their_receipts(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """CONFIG.md's examples, pasted: a JSON correlation_id, and MQTT 5 properties."""
+    import shutil
+    import subprocess
+
+    pub = shutil.which("mosquitto_pub")
+    if pub is None:
+        pytest.skip("mosquitto_pub is not installed (apt-get install mosquitto-clients)")
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        port = ("-p", str(broker.port))
+        json_alert = '{"message": "cold room at 9.5 C", "severity": "critical", "correlation_id": "cr3-0042"}'
+        subprocess.run(
+            [pub, *port, "-q", "1", "-t", "alerts/cold-room-3/temp1", "-m", json_alert], check=True
+        )
+        subprocess.run(
+            [
+                pub,
+                *port,
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                "alerts/cold-room-3/temp1",
+                "-D",
+                "publish",
+                "correlation-data",
+                "cr3-0043",
+                "-D",
+                "publish",
+                "response-topic",
+                "receipts/cold-room-3",
+                "-m",
+                "cold room at 9.6 C",
+            ],
+            check=True,
+        )
+        wait_for(lambda: len(app.receipts()) == 2, what="both receipts")
+        assert gw.terminate() == 0
+        app.close()
+        got = {g.topic: g for g in app.receipts()}
+        assert got["receipts/temp1"].body["correlation_id"] == "cr3-0042"
+        assert got["receipts/cold-room-3"].correlation == b"cr3-0043"
+        assert {g.body["outcome"] for g in got.values()} == {"sent"}
