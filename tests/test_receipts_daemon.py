@@ -271,7 +271,9 @@ def test_the_documented_mosquitto_pub_commands_get_their_receipts(
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
         port = ("-p", str(broker.port))
-        json_alert = '{"message": "cold room at 9.5 C", "severity": "critical", "correlation_id": "cr3-0042"}'
+        json_alert = json.dumps(
+            {"message": "cold room at 9.5 C", "severity": "critical", "correlation_id": "cr3-0042"}
+        )
         subprocess.run(
             [pub, *port, "-q", "1", "-t", "alerts/cold-room-3/temp1", "-m", json_alert], check=True
         )
