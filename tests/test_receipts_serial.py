@@ -242,7 +242,7 @@ def receipt_states(db: Path) -> list[str]:
         conn.close()
 
 
-def test_a_serial_device_gets_its_receipt_after_the_250_and_until_it_racks(
+def test_a_serial_device_gets_its_receipt_after_the_250_until_it_racks_across_a_kill_9(
     tmp_path: Path, pki: Pki, pty: Pty
 ) -> None:
     with SmtpServer(pki, "starttls") as smtp:
@@ -261,7 +261,12 @@ def test_a_serial_device_gets_its_receipt_after_the_250_and_until_it_racks(
         [(_, _, alert_id)] = stored_alerts(tmp_path / "state/outbox.db")
         assert first == codec.Receipt("cr3-1", "SENT", alert_id, "")
         assert "9.5 C" in str(mail.message["Subject"])
-        # Not acknowledged: sent again (the line may have lost it).
+        # Not acknowledged: sent again (the line may have lost it)...
+        assert read_frames(pty.master, 1, timeout=15) == [first]
+        # ...and by the next run after a kill -9: it is kept in the outbox until its RACK.
+        gw.kill9()
+        gw.start()
+        gw.wait_ready(("serial:cold",))
         assert read_frames(pty.master, 1, timeout=15) == [first]
         os.write(pty.master, codec.encode(codec.ReceiptAck("cr3-1")))
         db = tmp_path / "state/outbox.db"
