@@ -51,6 +51,9 @@ class Alert:
     sensor: str
     severity: str
     message: str
+    # The device's receipt id: sent as ALERTR, it asks for a RCPT once the alert's mail
+    # is settled (PROTOCOL.md, Receipts). None: a plain ALERT.
+    receipt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,23 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """Gateway → device: what became of the alert sent with this receipt id."""
+
+    receipt: str
+    outcome: str  # SENT (the smarthost accepted the mail) | DEAD (dead-lettered)
+    alert_id: str  # the gateway's id of the alert
+    reason: str  # the server's reply for DEAD (may be empty); runs to the last '*'
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptAck:
+    """Device → gateway: the RCPT with this receipt id arrived; not sent again."""
+
+    receipt: str
+
+
+@dataclass(frozen=True, slots=True)
 class FrameError:
     """A line that is not a valid frame; `seq` when it could be read, for the NAK."""
 
@@ -83,11 +103,16 @@ class FrameError:
     detail: str
 
 
-Frame = Hello | Alert | Ping | Ack | Nak | Pong
+Frame = Hello | Alert | Ping | Ack | Nak | Pong | Receipt | ReceiptAck
 Event = Frame | FrameError
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# A receipt id: the identifier alphabet, up to 128 characters (what the gateway accepts
+# as an MQTT correlation id too); an ALERTR with a longer one is a PARSE error.
+MAX_RECEIPT_ID = 128
+_RECEIPT_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_RECEIPT_ID}}}")
 _SEVERITIES = ("debug", "info", "warning", "critical")
+OUTCOMES = ("SENT", "DEAD")
 
 
 # --- encoding ------------------------------------------------------------------------
@@ -112,14 +137,31 @@ def encode(frame: Frame) -> bytes:
                 _field(fw, "fw version"),
                 _field(boot, "boot id"),
             ]
-        case Alert(seq, sensor, severity, message):
-            fields = [
-                "ALERT",
-                str(seq),
+        case Alert(seq, sensor, severity, message, receipt):
+            fields = ["ALERT", str(seq)]
+            if receipt is not None:
+                if not _RECEIPT_ID.fullmatch(receipt):
+                    raise ValueError(f"receipt id {receipt!r} is not 1-{MAX_RECEIPT_ID} id chars")
+                fields = ["ALERTR", str(seq), receipt]
+            fields += [
                 _field(sensor, "sensor"),
                 _field(severity, "severity"),
                 _field(message, "message", last=True),
             ]
+        case Receipt(receipt, outcome, alert_id, reason):
+            if not _RECEIPT_ID.fullmatch(receipt) or outcome not in OUTCOMES:
+                raise ValueError(f"not a receipt: {receipt!r} {outcome!r}")
+            fields = [
+                "RCPT",
+                receipt,
+                outcome,
+                _field(alert_id, "alert id"),
+                _field(reason, "reason", last=True),
+            ]
+        case ReceiptAck(receipt):
+            if not _RECEIPT_ID.fullmatch(receipt):
+                raise ValueError(f"receipt id {receipt!r} is not 1-{MAX_RECEIPT_ID} id chars")
+            fields = ["RACK", receipt]
         case Ping(seq):
             fields = ["PING", str(seq)]
         case Ack(seq):
@@ -230,10 +272,31 @@ def _parse_line(line: bytes) -> Event | None:
         return FrameError(Reason.PARSE if kind in _KINDS else Reason.TYPE, _try_seq(text), str(exc))
 
 
-_KINDS = ("HELLO", "ALERT", "PING", "ACK", "NAK", "PONG")
+_KINDS = ("HELLO", "ALERT", "ALERTR", "PING", "ACK", "NAK", "PONG", "RCPT", "RACK")
 
 
 def _frame(kind: str, rest: str) -> Frame:
+    if kind == "ALERTR":
+        parts = rest.split(",", 2)
+        if len(parts) != 3 or not _RECEIPT_ID.fullmatch(parts[1]):
+            raise ValueError(f"ALERTR needs seq, a receipt id of 1-{MAX_RECEIPT_ID} id chars, ...")
+        a = _frame("ALERT", f"{parts[0]},{parts[2]}")
+        assert isinstance(a, Alert)
+        return Alert(a.seq, a.sensor, a.severity, a.message, parts[1])
+    if kind == "RCPT":
+        parts = rest.split(",", 3)
+        if len(parts) != 4:
+            raise ValueError("RCPT needs receipt id, outcome, alert id, reason")
+        receipt, outcome, alert_id, reason = parts
+        if not _RECEIPT_ID.fullmatch(receipt) or outcome not in OUTCOMES:
+            raise ValueError(f"bad receipt id or outcome {receipt[:16]!r} {outcome[:8]!r}")
+        if not alert_id or "*" in alert_id:
+            raise ValueError("bad alert id")
+        return Receipt(receipt, outcome, alert_id, reason)
+    if kind == "RACK":
+        if not _RECEIPT_ID.fullmatch(rest):
+            raise ValueError("RACK needs a receipt id")
+        return ReceiptAck(rest)
     if kind == "ALERT":
         parts = rest.split(",", 3)
         if len(parts) != 4:

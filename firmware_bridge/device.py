@@ -66,6 +66,7 @@ class Device:
         self.stats = Stats()
         self.acked: set[int] = set()
         self.pongs: set[int] = set()
+        self.receipts: dict[str, codec.Receipt] = {}  # receipt id → the RCPT (RACKed)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -112,10 +113,11 @@ class Device:
             self._pending[seq] = _Pending(frame, 0.0, self.retry_min)
         return seq
 
-    def alert(self, sensor: str, severity: str, message: str) -> int:
+    def alert(self, sensor: str, severity: str, message: str, receipt: str | None = None) -> int:
+        """Queue an ALERT (an ALERTR with `receipt`: its RCPT lands in `receipts`)."""
         with self._lock:
             seq = self._next_seq()
-            frame = codec.encode(codec.Alert(seq, sensor, severity, message))
+            frame = codec.encode(codec.Alert(seq, sensor, severity, message, receipt))
             self._pending[seq] = _Pending(frame, 0.0, self.retry_min)
         return seq
 
@@ -221,6 +223,11 @@ class Device:
         elif isinstance(event, codec.Pong):
             with self._lock:
                 self.pongs.add(event.seq)
+        elif isinstance(event, codec.Receipt):
+            with self._changed:
+                self.receipts[event.receipt] = event  # a repeat is the same: RACKed again
+                self._changed.notify_all()
+            self._write(codec.encode(codec.ReceiptAck(event.receipt)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from gateway.config import Policy
 from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Outbox, Routed
 from gateway.outbox.writer import Done, Stored, Writer
+from gateway.receipts import Ask
 from gateway.routing import Router, render
 from gateway.runtime import Runtime
 
@@ -42,11 +43,12 @@ def routed(
     policies: Mapping[str, Policy],
     seen_key: str | None = None,
     mqtt: MqttKey | None = None,
+    receipt: Ask | None = None,
 ) -> Routed:
     """An alert with its deliveries and dedupe keys: what the outbox stores."""
     deliveries = router.route(alert)
     keys = storm_keys(alert, deliveries, policies) if policies else ()
-    return Routed(alert, deliveries, seen_key, storm_keys=keys, mqtt=mqtt)
+    return Routed(alert, deliveries, seen_key, storm_keys=keys, mqtt=mqtt, receipt=receipt)
 
 
 class Ingest:
@@ -67,18 +69,34 @@ class Ingest:
         self.observers: list[Callable[[Sequence[Alert]], None]] = []
 
     def prepare(
-        self, alert: Alert, seen_key: str | None = None, mqtt: MqttKey | None = None
+        self,
+        alert: Alert,
+        seen_key: str | None = None,
+        mqtt: MqttKey | None = None,
+        receipt: Ask | None = None,
     ) -> Routed:
         for note in alert.notes:
             self.runtime.sanitised[note] += 1
         self.runtime.received[alert.source] += 1
-        return routed(alert, self.router, self.policies, seen_key, mqtt)
+        return routed(alert, self.router, self.policies, seen_key, mqtt, receipt)
 
     def submit(
-        self, alerts: Sequence[tuple[Alert, str | None]], done: Done, linger: float = 0.0
+        self,
+        alerts: Sequence[tuple[Alert, str | None]],
+        done: Done,
+        linger: float = 0.0,
+        receipts: Sequence[Ask | None] = (),
     ) -> None:
-        """From any thread: store, then call `done` (after the commit) in the writer thread."""
-        self.submit_routed([self.prepare(a, key) for a, key in alerts], done, linger)
+        """From any thread: store, then call `done` (after the commit) in the writer thread.
+        `receipts`: each alert's receipt request, if any are asked for."""
+        if receipts:
+            batch = [
+                self.prepare(a, key, receipt=ask)
+                for (a, key), ask in zip(alerts, receipts, strict=True)
+            ]
+        else:
+            batch = [self.prepare(a, key) for a, key in alerts]
+        self.submit_routed(batch, done, linger)
 
     def submit_routed(self, batch: Sequence[Routed], done: Done, linger: float = 0.0) -> None:
         def counted(result: Stored | BaseException) -> None:  # the writer's thread

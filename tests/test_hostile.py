@@ -544,12 +544,18 @@ def test_salvage_reads_around_damage(tmp_path: Path, damage: str) -> None:
     size = path.stat().st_size
     page = 4096
     rng = random.Random(damage)
+    # Pages that hold alerts: a random page of the file may be an index or an empty
+    # table's, which salvage does not need, and which pages those are moves with every
+    # table a schema migration adds.
+    conn = sqlite3.connect(path)
+    leaves = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = 'alert_0'")]
+    conn.close()
     with path.open("r+b") as f:
         if damage == "truncated":
             f.truncate(size // 2)
         else:
             for _ in range(1 if damage == "one page" else 10):
-                f.seek(page * rng.randrange(3, size // page))
+                f.seek(page * (rng.choice(sorted(leaves)) - 1))
                 f.write(rng.randbytes(page))
     cfg = tmp_path / "gw.toml"
     cfg.write_text(

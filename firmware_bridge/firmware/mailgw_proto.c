@@ -181,3 +181,94 @@ int fb_decode_reply(const char *line, size_t len, fb_reply *out)
     }
     return 0;
 }
+
+static int id_char(char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+           c == '.' || c == '_' || c == ':' || c == '-';
+}
+
+static void put_id(writer *w, const char *s, size_t max)
+{
+    size_t n = 0;
+    for (; s[n]; n++)
+        if (!id_char(s[n])) { w->bad = 1; return; }
+    if (n == 0 || n > max) { w->bad = 1; return; }
+    put_lit(w, s);
+}
+
+size_t fb_encode_alert_r(char *out, size_t cap, uint32_t seq, const char *receipt,
+                         const char *sensor, const char *severity, const char *message)
+{
+    writer w = {out, cap, 0, 0};
+    put_lit(&w, "$ALERTR,");
+    put_u32(&w, seq);
+    put_char(&w, ',');
+    put_id(&w, receipt, FB_MAX_RECEIPT_ID);
+    put_char(&w, ',');
+    put_str(&w, sensor, 0);
+    put_char(&w, ',');
+    put_str(&w, severity, 0);
+    put_char(&w, ',');
+    put_str(&w, message, 1);
+    return finish(&w);
+}
+
+size_t fb_encode_rack(char *out, size_t cap, const char *receipt)
+{
+    writer w = {out, cap, 0, 0};
+    put_lit(&w, "$RACK,");
+    put_id(&w, receipt, FB_MAX_RECEIPT_ID);
+    return finish(&w);
+}
+
+/* Copy body[from, to) into dst (capacity cap, NUL included); 0 if it does not fit and
+ * `cut` is not set. */
+static int copy_field(char *dst, size_t cap, const char *body, size_t from, size_t to, int cut)
+{
+    size_t n = to - from, i;
+    if (n >= cap) {
+        if (!cut) return 0;
+        n = cap - 1;
+    }
+    for (i = 0; i < n; i++) dst[i] = body[from + i];
+    dst[n] = '\0';
+    return 1;
+}
+
+int fb_decode_receipt(const char *line, size_t len, fb_receipt *out)
+{
+    size_t start = 0, star, body_len, used, i, a, b, c;
+    const char *body;
+    uint16_t crc = 0;
+
+    while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) len--;
+    while (start < len && line[start] != '$') start++;
+    if (start >= len) return 0;
+    body = line + start + 1;
+    body_len = len - start - 1;
+    if (body_len < 5 || body[body_len - 5] != '*') return 0;
+    star = body_len - 5;
+    for (i = 0; i < 4; i++) {
+        int h = hexval(body[star + 1 + i]);
+        if (h < 0) return 0;
+        crc = (uint16_t)((crc << 4) | (uint16_t)h);
+    }
+    if (crc != fb_crc16((const uint8_t *)body, star)) return 0;
+    if (!starts(body, star, "RCPT,", &used)) return 0;
+    /* RCPT,<receipt>,<SENT|DEAD>,<alert-id>,<reason to the last '*'> */
+    for (a = used; a < star && body[a] != ','; a++)
+        if (!id_char(body[a])) return 0;
+    if (a == used || a >= star) return 0;
+    for (b = a + 1; b < star && body[b] != ','; b++) {}
+    if (b >= star) return 0;
+    for (c = b + 1; c < star && body[c] != ','; c++) {}
+    if (c >= star || c == b + 1) return 0;
+    if (b - a - 1 != 4) return 0;
+    if (starts(body + a + 1, 4, "SENT", &i)) out->sent = 1;
+    else if (starts(body + a + 1, 4, "DEAD", &i)) out->sent = 0;
+    else return 0;
+    if (!copy_field(out->receipt, sizeof out->receipt, body, used, a, 0)) return 0;
+    if (!copy_field(out->alert_id, sizeof out->alert_id, body, b + 1, c, 0)) return 0;
+    return copy_field(out->reason, sizeof out->reason, body, c + 1, star, 1);
+}

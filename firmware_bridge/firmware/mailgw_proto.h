@@ -35,4 +35,26 @@ typedef struct {
  * valid ACK, NAK or PONG whose CRC checks; 0 otherwise (ignore the line). */
 int fb_decode_reply(const char *line, size_t len, fb_reply *out);
 
+/* Receipts (PROTOCOL.md, Receipts). ALERTR is an ALERT that asks for a RCPT once the
+ * alert's mail is settled; `receipt` is the device's id for it (1-128 characters of
+ * A-Z a-z 0-9 . _ : -). Answer each RCPT with RACK (fb_encode_rack), or the gateway
+ * sends it again. */
+#define FB_MAX_RECEIPT_ID 128
+#define FB_MAX_RCPT_REASON 95 /* the reason is cut to this many bytes when decoded */
+
+size_t fb_encode_alert_r(char *out, size_t cap, uint32_t seq, const char *receipt,
+                         const char *sensor, const char *severity, const char *message);
+size_t fb_encode_rack(char *out, size_t cap, const char *receipt);
+
+typedef struct {
+    char receipt[FB_MAX_RECEIPT_ID + 1];
+    int sent;                              /* 1: SENT (the smarthost accepted), 0: DEAD */
+    char alert_id[65];                     /* the gateway's alert id */
+    char reason[FB_MAX_RCPT_REASON + 1];   /* DEAD: the server's reply, cut */
+} fb_receipt;
+
+/* Decode one received line. Returns 1 and fills `out` for a valid RCPT whose CRC
+ * checks; 0 otherwise (not a RCPT: try fb_decode_reply, or ignore it). */
+int fb_decode_receipt(const char *line, size_t len, fb_receipt *out);
+
 #endif

@@ -21,6 +21,7 @@ from gateway.config.checks import (
     tls_files_problems,
 )
 from gateway.config.loader import Table
+from gateway.config.sections import mqtt_receipt_keys
 from gateway.config.units import parse_duration, parse_rate
 from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
@@ -299,6 +300,7 @@ def mqtt_section(t: Table) -> MqttSection:
         max_payload=t.size("max_payload", 64 * 1024, lo=1, hi=1 << 20),
         max_inflight=t.integer("max_inflight", 500, lo=1, hi=65535),
         status_interval=t.duration("status_interval", 60.0, minimum=1),
+        **mqtt_receipt_keys(t, topics),
     )
     t.done()
     _check_mqtt(t, section)

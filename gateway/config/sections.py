@@ -12,6 +12,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from gateway.config.addresses import normalize_address
 from gateway.config.checks import check_topic_filter, mqtt_string_problem
@@ -172,3 +173,84 @@ def metrics_section(t: Table) -> MetricsSection:
     section = MetricsSection(textfile=t.path("textfile", None))
     t.done()
     return section
+
+
+def filter_overlaps(topic_filter: str, prefix: str) -> bool:
+    """Could a subscription to `topic_filter` receive a topic that starts with `prefix`?
+
+    The prefix's last level may be partial ("receipts/" ends in an empty one,
+    "rcpt" is the start of a first level); a topic under it has at least its levels.
+    """
+    want = prefix.split("/")
+    have = topic_filter.split("/")
+    for i, level in enumerate(want):
+        last = i == len(want) - 1
+        if i >= len(have):
+            return False  # the filter's topics have fewer levels than these
+        f = have[i]
+        if f == "#":
+            return True
+        if f == "+":
+            continue
+        if last:
+            return f.startswith(level)
+        if f != level:
+            return False
+    return True
+
+
+# gateway/receipts.py's MAX_TOPIC (256 bytes), less room for a sensor's name (64).
+_RECEIPT_TEMPLATE_MAX = 192
+
+
+def mqtt_receipt_keys(t: Table, topics: tuple[str, ...]) -> dict[str, Any]:
+    """[mqtt]'s receipt keys (gateway/receipts.py), for connections.mqtt_section."""
+    asked = any(k in t.data for k in ("receipts", "receipt_prefix", "receipt_topic"))
+    enabled = t.flag("receipts", True)
+    prefix = t.text("receipt_prefix", "receipts/")
+    template = t.text("receipt_topic", "receipts/{sensor}")
+    if isinstance(prefix, str):
+        loop = [f for f in topics if filter_overlaps(f, prefix)]
+        if any(c in prefix for c in "+#") or mqtt_string_problem(prefix):
+            t.loader.problem(
+                t.name,
+                "receipt_prefix",
+                f"{prefix!r}: a topic prefix cannot hold '+', '#' or controls",
+            )
+        elif loop and not asked:
+            # A config written before receipts existed, subscribed to '#': it runs as
+            # it did, without receipts (the MQTT source says so in its first log line).
+            enabled = False
+        elif enabled and loop:
+            # The gateway would take its own receipts for alerts, and answer them.
+            t.loader.problem(
+                t.name,
+                "receipt_prefix",
+                f"{prefix!r}: receipts published there would come back as alerts through "
+                f"the subscription {loop[0]!r}; choose a prefix outside mqtt.topics",
+            )
+    if isinstance(template, str) and isinstance(prefix, str):
+        names = set(re.findall(r"{([^}]*)}", template))
+        bare = template.replace("{sensor}", "s").replace("{device_id}", "d")
+        if names - {"sensor", "device_id"} or "{" in bare or "}" in bare:
+            t.loader.problem(
+                t.name,
+                "receipt_topic",
+                f"{template!r}: only {{sensor}} and {{device_id}} can be filled in",
+            )
+        elif any(c in bare for c in "+#") or mqtt_string_problem(bare):
+            t.loader.problem(
+                t.name, "receipt_topic", f"{template!r}: cannot hold '+', '#' or controls"
+            )
+        elif not bare.startswith(prefix) or len(template.encode()) > _RECEIPT_TEMPLATE_MAX:
+            t.loader.problem(
+                t.name,
+                "receipt_topic",
+                f"{template!r} must start with mqtt.receipt_prefix {prefix!r} and stay under "
+                f"{_RECEIPT_TEMPLATE_MAX} bytes",
+            )
+    return {
+        "receipts": bool(enabled),
+        "receipt_prefix": prefix if isinstance(prefix, str) else "receipts/",
+        "receipt_topic": template if isinstance(template, str) else "receipts/{sensor}",
+    }

@@ -112,6 +112,9 @@ class MqttSection:
     max_payload: int = 64 * 1024
     max_inflight: int = 500
     status_interval: float = 60.0
+    receipts: bool = True  # publish receipts to publishers that ask (gateway/receipts.py)
+    receipt_topic: str = "receipts/{sensor}"  # for a JSON correlation_id without reply_to
+    receipt_prefix: str = "receipts/"  # every receipt topic must start with this
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.alert import Alert
+from gateway.receipts import Ask
 
 
 class State(StrEnum):
@@ -60,6 +61,8 @@ class Routed:
     # (kind, key, state): rows of the `watch` table written in the alert's transaction
     # (gateway/outbox/watch_state.py), so a silence alert and "it fired" land together.
     marks: tuple[tuple[str, str, str], ...] = ()
+    # The publisher asked for a receipt (gateway/receipts.py): stored with the alert.
+    receipt: Ask | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,8 +113,37 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, key)
     ) WITHOUT ROWID;
     """,
-    # 8 → 9 (issue #22; independent of 7 → 8, renumbered at merge): messages that
-    # `sendmail` submitted, stored whole next to their alert row (gateway/outbox/raw.py).
+    # 7 → 8: receipts asked for by publishers (gateway/receipts.py,
+    # gateway/outbox/receipts.py), one per (alert, route), written in the alert's
+    # transaction and made due in the one that records the delivery's outcome.
+    # state: waiting → due → published; outcome: sent | dead. (IF NOT EXISTS: tests
+    # and salvage rewind user_version over a newer file; the step must still apply.)
+    """
+    CREATE TABLE IF NOT EXISTS receipt (
+        alert_seq   INTEGER NOT NULL,
+        route       TEXT    NOT NULL,
+        origin      TEXT    NOT NULL,
+        reply       TEXT    NOT NULL,
+        correlation BLOB    NOT NULL,
+        v5          INTEGER NOT NULL DEFAULT 0,
+        alert_id    TEXT    NOT NULL,
+        state       TEXT    NOT NULL DEFAULT 'waiting',
+        outcome     TEXT,
+        reason      TEXT,
+        mail_alert  TEXT,
+        kind        TEXT,
+        carried     TEXT,
+        count       INTEGER NOT NULL DEFAULT 1,
+        updated_at  REAL    NOT NULL,
+        PRIMARY KEY (alert_seq, route)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS receipt_due ON receipt (origin, reply, alert_seq)
+        WHERE state = 'due';
+    CREATE INDEX IF NOT EXISTS receipt_waiting ON receipt (alert_seq) WHERE state = 'waiting';
+    CREATE INDEX IF NOT EXISTS receipt_dead ON receipt (alert_seq) WHERE outcome = 'dead';
+    """,
+    # 8 → 9: messages that `sendmail` submitted, stored whole next to their alert row
+    # (gateway/outbox/raw.py).
     # `drop` is the maildrop file's random name, so a pickup interrupted between the
     # commit and the unlink is recognised and not stored twice.
     """

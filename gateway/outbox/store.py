@@ -17,7 +17,7 @@ from typing import Any
 from gateway.clock import boot_id
 from gateway.config import Policy
 from gateway.errors import GatewayError, OutboxCorrupt, OutboxFull, StoreUnavailable, Unstorable
-from gateway.outbox import mqtt_pending, queue
+from gateway.outbox import mqtt_pending, queue, receipts
 from gateway.outbox.faults import is_corruption, sqlite_code, store_error, unstorable
 from gateway.outbox.model import LIVE_STATES, Claimed, Outcome, Routed
 from gateway.outbox.rows import (
@@ -44,6 +44,8 @@ class _BatchRows:
     deliveries: list[tuple[Any, ...]] = field(default_factory=list)
     pending: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # mid → mqtt row
     marks: list[tuple[str, str, str]] = field(default_factory=list)  # watch rows
+    receipts: list[tuple[int, str, str, Any]] = field(default_factory=list)  # requests
+    now: float = 0.0
     duplicates: list[str] = field(default_factory=list)
     added: int = 0  # live deliveries added (storm control's included)
     next_seq: int = 1
@@ -305,7 +307,7 @@ class Outbox:
     ) -> _BatchRows:
         """Inside the transaction: what the batch adds (retransmissions, redeliveries
         and storm control decided), and the sequence number after it."""
-        out = _BatchRows()
+        out = _BatchRows(now=now)
         row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
         seq = int(row[0]) if row else 1
         keys = [None if r.seen_key is None else split_key(r.seen_key) for r in batch]
@@ -332,6 +334,8 @@ class Outbox:
                 else:
                     key_text = storm_keys.get(rt)
                     out.added += store_storm(c, policy, r.alert, seq, rt, p, now, mono, key_text)
+            if r.receipt is not None:
+                out.receipts.extend((seq, rt, r.alert.id, r.receipt) for rt, _ in r.deliveries)
             if not r.deliveries:
                 out.deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
             seq += 1
@@ -351,6 +355,8 @@ class Outbox:
             c, "delivery (alert_seq, route, state, priority, updated_at)", 5, rows.deliveries
         )
         _insert_rows(c, "mqtt_pending", 4, list(rows.pending.values()), "INSERT OR REPLACE")
+        if rows.receipts:
+            receipts.insert(c, rows.receipts, rows.now)
         if rows.marks:
             c.executemany(
                 "INSERT OR REPLACE INTO watch (kind, key, state) VALUES (?, ?, ?)", rows.marks
@@ -402,8 +408,13 @@ class Outbox:
         if relaxed:
             self.conn.execute("PRAGMA synchronous = NORMAL")
         try:
+            outcomes = list(outcomes)
             with self.transaction() as c:
-                done = queue.finish(c, outcomes, time.time())
+                now = time.time()
+                done = queue.finish(c, outcomes, now)
+                # In the same transaction: a receipt is due exactly when the outcome is
+                # recorded (never before the 250; a crash before it resends the mail).
+                receipts.settle(c, outcomes, now)
         finally:
             if relaxed:
                 self.conn.execute("PRAGMA synchronous = FULL")

@@ -39,6 +39,7 @@ from gateway.outbox.writer import Stored
 from gateway.runtime import Runtime
 from gateway.sources.mqtt_client import RECONNECT_MAX, connect_properties, make_client
 from gateway.sources.mqtt_cut import Cut
+from gateway.sources.mqtt_receipts import Receipts
 from gateway.sources.mqtt_window import ConfirmDue, Held, Settle, Window
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class MqttSource:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.receipts = Receipts(self.cfg, self.client, ingest.writer, runtime, self.device_id)
         self.runtime.sources[self.name] = "connecting"
         self.on_connected: Callable[[], None] | None = None  # paho's thread, each CONNACK
 
@@ -231,7 +233,7 @@ class MqttSource:
             if msg.qos == 1:
                 digest = self._digest(msg.qos, topic, msg.payload)
                 key = MqttKey(msg.mid, digest, bool(msg.dup), self._window.conn)
-            return self.ingest.prepare(alert, mqtt=key)
+            return self.ingest.prepare(alert, mqtt=key, receipt=self.receipts.ask(msg, alert))
         except Exception:
             # normalize() should never raise; if it does, a counted rejection.
             self.runtime.reject("mqtt_unreadable")
@@ -330,6 +332,7 @@ class MqttSource:
                     self._check_delivery(now)
                 if tick.confirm is not None:
                     self._send_confirm(tick.confirm)
+                await self.receipts.tick(self._window.connected)
                 if self._window.connected and now - last_status >= self.cfg.status_interval:
                     last_status = now
                     self.client.publish(

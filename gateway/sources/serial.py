@@ -35,6 +35,7 @@ from gateway.outbox.writer import Stored
 from gateway.runtime import Runtime
 from gateway.sources.serial_hub import SerialHub
 from gateway.sources.serial_port import REOPEN_MIN, DevicePort
+from gateway.sources.serial_receipts import SerialReceipts
 from gateway.sources.serial_session import Actions, Pending, Session
 
 __all__ = ["SerialHub", "SerialSource"]
@@ -75,6 +76,7 @@ class SerialSource:
         self._batch: list[Pending] = []  # read, not yet submitted
         self._pending = b""  # lines mode: a line not yet complete
         self._regex = re.compile(port.line_regex) if port.line_regex else None
+        self.receipts = SerialReceipts(port.name, ingest.writer, self._send)
         self.runtime.sources[self.name] = "opening"
 
     # --- life cycle ----------------------------------------------------------------
@@ -91,6 +93,8 @@ class SerialSource:
             while True:
                 await asyncio.sleep(THREAD_CHECK_EVERY)
                 self._check_thread()
+                if self.cfg.protocol == "framed":
+                    await self.receipts.tick(self._port.is_open)
         finally:
             self._leave()  # stop reading: nothing new is taken in
 
@@ -210,7 +214,13 @@ class SerialSource:
         def done(result: Stored | BaseException) -> None:
             self.answer(batch, result)
 
-        self.ingest.submit([(p.alert, p.key) for p in batch], done, linger=LINGER)
+        asks = [p.receipt for p in batch]
+        self.ingest.submit(
+            [(p.alert, p.key) for p in batch],
+            done,
+            linger=LINGER,
+            receipts=asks if any(asks) else (),
+        )
 
     def _on_data(self, data: bytes) -> None:
         if self.cfg.protocol == "lines":
@@ -234,6 +244,8 @@ class SerialSource:
             )
         if actions.replies:
             self._send(b"".join(codec.encode(f) for f in actions.replies))
+        if actions.receipts_read:
+            self.receipts.read(actions.receipts_read)
         # Collected per pass: one submission, one commit, one write of all the ACKs.
         self._batch += actions.alerts
 

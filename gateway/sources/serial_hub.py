@@ -190,8 +190,9 @@ class SerialHub:
                 p.answer(batch, result, at)
 
         alerts = [(x.alert, x.key) for _, batch in work for x in batch]
+        asks = [x.receipt for _, batch in work for x in batch]
         # No linger: the pause has gathered this pass, and the next is READ_PAUSE away.
-        self.ingest.submit(alerts, done)
+        self.ingest.submit(alerts, done, receipts=asks if any(asks) else ())
 
     def _pause(self, by_fd: dict[int, Port]) -> None:
         """Caught up: let input gather for READ_PAUSE, writing replies meanwhile.

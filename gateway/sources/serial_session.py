@@ -18,7 +18,8 @@ The rules it keeps:
   have each other's alerts taken for retransmissions.
 - Every other frame is answered at once: HELLO → ACK, PING → PONG, a broken frame →
   NAK with the codec's reason, a frame only the gateway sends → NAK TYPE. Each
-  rejection is reported, to be counted.
+  rejection is reported, to be counted. A RACK is not answered: it tells the source
+  that a receipt arrived (Actions.receipts_read).
 - The seq travels beside its alert (`Pending`), never inside the alert's fields: those
   are the mail's, and a value read back out of them could be anything a field can be.
 - Memory is bounded: at most MAX_SENSORS sensor names are remembered per port.
@@ -33,6 +34,7 @@ from firmware_bridge import codec
 from gateway.alert import MAX_MESSAGE_BYTES, Alert, FieldValue, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
 from gateway.outbox.writer import Stored
+from gateway.receipts import SERIAL, Ask
 
 MAX_SENSORS = 256  # a device names a handful of sensors; a hostile one may name endless
 
@@ -44,6 +46,7 @@ class Pending:
     alert: Alert
     key: str  # the retransmission memory's key
     seq: int  # the frame's seq, for the ACK or NAK
+    receipt: Ask | None = None  # an ALERTR's request, stored with the alert
 
 
 @dataclass(slots=True)
@@ -54,6 +57,7 @@ class Actions:
     alerts: list[Pending] = field(default_factory=list)  # to store, then answer()
     rejected: list[tuple[str, str | None]] = field(default_factory=list)  # counter, detail
     hellos: list[codec.Hello] = field(default_factory=list)  # boots not seen before
+    receipts_read: list[str] = field(default_factory=list)  # RACKs: receipt ids delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +98,12 @@ class Session:
                     out.hellos.append(event)
                 self.boot = boot
                 out.replies.append(codec.Ack(event.seq))
-            else:  # ACK/NAK/PONG are ours to send, not to receive
+            elif isinstance(event, codec.ReceiptAck):
+                out.receipts_read.append(event.receipt)
+            else:  # ACK/NAK/PONG/RCPT are ours to send, not to receive
                 out.rejected.append(("serial_type", None))
-                out.replies.append(codec.Nak(event.seq, codec.Reason.TYPE.value))
+                seq = None if isinstance(event, codec.Receipt) else event.seq
+                out.replies.append(codec.Nak(seq, codec.Reason.TYPE.value))
         return out
 
     def _alert(self, frame: codec.Alert, stamp: Stamp, out: Actions) -> None:
@@ -118,7 +125,10 @@ class Session:
         }
         alert = from_frame(frame, *named, stamp, info)
         key = f"{self._key_prefix}/{device_id}/{boot_id}/{frame.seq}"
-        out.alerts.append(Pending(alert, key, frame.seq))
+        ask = None
+        if frame.receipt is not None:  # the codec bounded it (MAX_RECEIPT_ID, id chars)
+            ask = Ask(SERIAL, self.port_name, frame.receipt.encode("ascii"))
+        out.alerts.append(Pending(alert, key, frame.seq, ask))
 
     def answer(
         self, batch: Sequence[Pending], result: Stored | BaseException, at: int = 0

@@ -1,0 +1,222 @@
+"""Receipts in the outbox: stored with their alert, made due with its outcome.
+
+Functions over an open transaction, called by the Outbox: `insert` from add() (the
+request lands with the alert, or neither does), `settle` from finish() (a receipt is
+due in the transaction that records the smarthost's 250 or the dead letter, never
+before it), and `due` / `published` for the sources that send them. See
+gateway/receipts.py for what a receipt is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from gateway.outbox.model import Outcome, State
+from gateway.outbox.rows import fetch_alerts
+from gateway.receipts import MAX_CARRIED, MAX_KEPT, Ask, Due
+
+if TYPE_CHECKING:
+    from gateway.outbox.store import Outbox
+
+log = logging.getLogger(__name__)
+
+KEEP_PUBLISHED = 86400.0  # seconds a published receipt is kept (to look at), then pruned
+REFUSAL_LOG_EVERY = 60.0  # the cap's log line, at most this often, with the count since
+
+
+class _Refusals:
+    """Requests not kept at the cap: counted, and logged once a minute, not per batch
+    (a publisher asking for every alert while nobody reads would flood the journal)."""
+
+    def __init__(self) -> None:
+        self.since = 0
+        self.logged_at = -REFUSAL_LOG_EVERY
+
+    def add(self, n: int) -> None:
+        self.since += n
+        now = time.monotonic()
+        if now - self.logged_at >= REFUSAL_LOG_EVERY:
+            log.warning(
+                "%d receipt requests were not kept: %d receipts already wait to be "
+                "published (is anything reading them? see OPERATIONS.md, Receipts)",
+                self.since,
+                MAX_KEPT,
+            )
+            self.since, self.logged_at = 0, now
+
+
+_refusals = _Refusals()
+
+
+def insert(c: sqlite3.Connection, rows: Sequence[tuple[int, str, str, Ask]], now: float) -> int:
+    """Store requests (alert seq, route, alert id, ask) as `waiting`; how many were
+    refused because MAX_KEPT receipts are already kept."""
+    if not rows:
+        return 0
+    kept = c.execute("SELECT count(*) FROM receipt WHERE state != 'published'").fetchone()[0]
+    room = max(0, MAX_KEPT - int(kept))
+    taken = rows[:room]
+    c.executemany(
+        "INSERT OR IGNORE INTO receipt (alert_seq, route, origin, reply, correlation, v5,"
+        " alert_id, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (seq, route, a.origin, a.reply, a.correlation, int(a.v5), aid, now)
+            for seq, route, aid, a in taken
+        ],
+    )
+    if len(taken) < len(rows):
+        _refusals.add(len(rows) - len(taken))
+    return len(rows) - len(taken)
+
+
+def settle(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> int:
+    """Make due the receipts of every mail these outcomes settle; how many."""
+    outcomes = [o for o in outcomes if o.state in (State.SENT, State.DEAD)]
+    if (
+        not outcomes
+        or not c.execute(
+            "SELECT EXISTS (SELECT 1 FROM receipt INDEXED BY receipt_waiting"
+            " WHERE state = 'waiting') OR EXISTS (SELECT 1 FROM receipt"
+            " INDEXED BY receipt_dead WHERE outcome = 'dead')"
+        ).fetchone()[0]
+    ):
+        return 0  # the common case: nobody asked
+    return sum(_settle_mail(c, o.key[0], o.key[1], o.state.value, o.error, now) for o in outcomes)
+
+
+def _settle_mail(
+    c: sqlite3.Connection, seq: int, route: str, outcome: str, reason: str | None, now: float
+) -> int:
+    """The mail of delivery (seq, route) was accepted or dead-lettered: the waiting
+    receipts of every alert it carried (itself, a digest's lines, a lead's repeats).
+
+    A dead letter an operator retried (`mailgw queue retry`) and that is now accepted
+    gets a second receipt, `sent`: the publisher was told `dead`, and it is no longer so.
+    """
+    which = "(r.state = 'waiting'" + (" OR r.outcome = 'dead')" if outcome == "sent" else ")")
+    waiting = [
+        r[0]
+        for r in c.execute(
+            f"SELECT r.alert_seq FROM receipt r WHERE r.alert_seq = ? AND r.route = ? AND {which}",
+            (seq, route),
+        )
+    ]
+    waiting += [
+        r[0]
+        for r in c.execute(
+            "SELECT r.alert_seq FROM delivery d JOIN receipt r ON r.alert_seq = d.alert_seq"
+            " AND r.route = d.route WHERE d.owner = ? AND d.route = ? AND d.alert_seq != ?"
+            f" AND {which}",
+            (seq, route, seq),
+        )
+    ]
+    if not waiting:
+        return 0
+    members = [
+        r[0]
+        for r in c.execute(
+            "SELECT alert_seq FROM delivery WHERE owner = ? AND route = ? AND alert_seq != ?"
+            " ORDER BY alert_seq",
+            (seq, route, seq),
+        )
+    ]
+    row = c.execute(
+        "SELECT kind FROM delivery WHERE alert_seq = ? AND route = ?", (seq, route)
+    ).fetchone()
+    kind = row[0] if row else "mail"
+    listed = [seq, *members][:MAX_CARRIED]
+    alerts = fetch_alerts(c, listed)
+    carried = json.dumps([alerts[s].id for s in listed if s in alerts])
+    lead = alerts[seq].id if seq in alerts else ""
+    c.executemany(
+        "UPDATE receipt SET state = 'due', outcome = ?, reason = ?, mail_alert = ?, kind = ?,"
+        " carried = ?, count = ?, updated_at = ? WHERE alert_seq = ? AND route = ?",
+        [(outcome, reason, lead, kind, carried, 1 + len(members), now, s, route) for s in waiting],
+    )
+    return len(waiting)
+
+
+_DUE_COLS = (
+    "alert_seq, route, origin, reply, correlation, v5, alert_id, outcome, reason,"
+    " mail_alert, kind, carried, count, updated_at"
+)
+
+
+def due(c: sqlite3.Connection, origin: str, limit: int, reply: str | None = None) -> list[Due]:
+    """Receipts due for `origin` (and `reply`, a serial port's name), oldest first."""
+    where = "state = 'due' AND origin = ?" + ("" if reply is None else " AND reply = ?")
+    args: tuple[object, ...] = (origin,) if reply is None else (origin, reply)
+    rows = c.execute(
+        f"SELECT {_DUE_COLS} FROM receipt INDEXED BY receipt_due WHERE {where}"
+        " ORDER BY alert_seq LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    return [_due(r) for r in rows]
+
+
+def _due(r: Sequence[object]) -> Due:
+    seq, route, origin, reply, corr, v5, aid, outcome, reason, lead, kind, carried, n, at = r
+    try:
+        ids = tuple(str(x) for x in json.loads(str(carried or "[]")))
+    except ValueError:
+        ids = ()
+    return Due(
+        alert_seq=int(str(seq)),
+        route=str(route),
+        origin=str(origin),
+        reply=str(reply),
+        correlation=bytes(corr) if isinstance(corr, bytes | bytearray) else str(corr).encode(),
+        v5=bool(v5),
+        alert_id=str(aid),
+        outcome=str(outcome),
+        reason=None if reason is None else str(reason),
+        mail_alert=str(lead or aid),
+        kind=str(kind or "mail"),
+        carried=ids,
+        count=int(str(n)),
+        at=float(str(at)),
+    )
+
+
+def published(c: sqlite3.Connection, keys: Iterable[tuple[int, str]], now: float) -> int:
+    """Mark receipts published; prune old published ones and requests whose delivery an
+    operator deleted (they could never become due). How many were marked."""
+    n = c.executemany(
+        "UPDATE receipt SET state = 'published', updated_at = ? WHERE alert_seq = ?"
+        " AND route = ? AND state = 'due'",
+        [(now, seq, route) for seq, route in keys],
+    ).rowcount
+    c.execute(
+        "DELETE FROM receipt WHERE state = 'published' AND updated_at < ?",
+        (now - KEEP_PUBLISHED,),
+    )
+    return int(n)
+
+
+def forget_orphans(c: sqlite3.Connection) -> int:
+    """Drop waiting requests whose delivery is gone (`mailgw queue delete`)."""
+    return int(
+        c.execute(
+            "DELETE FROM receipt WHERE state = 'waiting' AND NOT EXISTS (SELECT 1 FROM"
+            " delivery d WHERE d.alert_seq = receipt.alert_seq AND d.route = receipt.route)"
+        ).rowcount
+    )
+
+
+# --- for the sources, through the writer (Writer.call) -------------------------------
+
+
+def take_due(ob: Outbox, origin: str, limit: int, reply: str | None = None) -> list[Due]:
+    return due(ob.conn, origin, limit, reply)
+
+
+def mark_published(ob: Outbox, keys: Sequence[tuple[int, str]]) -> int:
+    with ob.transaction() as c:
+        n = published(c, keys, time.time())
+        forget_orphans(c)
+    return n

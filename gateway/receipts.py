@@ -1,0 +1,168 @@
+"""Receipts: telling a publisher what became of its alert (sans-IO).
+
+A publisher asks by giving a correlation id: MQTT 5's Correlation Data and Response
+Topic properties, or a JSON field `correlation_id` (with `reply_to`, or the configured
+`mqtt.receipt_topic`). The request is stored with the alert, in the same transaction
+(gateway/outbox/receipts.py), so an acknowledged alert never loses it. When the
+delivery's outcome (accepted by the smarthost, or dead-lettered) is recorded, its
+receipt becomes due in that same transaction, never before; the MQTT source publishes
+due receipts at QoS 1 and marks them published after the PUBACK. At least once: a
+crash between the PUBACK and the mark publishes it again.
+
+A receipt is per (alert, route): one for each mail the alert went into. That is what
+the outbox records outcomes for, so it needs no state of its own across routes, and a
+publisher whose alert reaches two routes learns about each.
+
+What a publisher controls is bounded here: the correlation id's size, and the topic,
+which must lie under the operator's `mqtt.receipt_prefix` so that a sensor cannot make
+the gateway publish anywhere else (onto another sensor's alert topic, say). A request
+that breaks a bound is refused and counted; the alert itself is stored as usual, since
+losing an alert over its receipt would be the worse failure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_CORRELATION = 128  # bytes: an id, not a payload (it is copied into every receipt)
+MAX_TOPIC = 256  # bytes: under MQTT's 65535, and short enough to store per alert
+MAX_CARRIED = 100  # alert ids a digest's receipt lists; `count` says how many in all
+# Receipts not yet published (waiting for their mail, or due and not published). Past
+# this new requests are refused with a log line: a publisher that asks for receipts
+# while nobody reads them (no broker, for weeks) must not fill the disk.
+MAX_KEPT = 10_000
+MQTT = "mqtt"
+SERIAL = "serial"
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A request for a receipt, stored with its alert.
+
+    origin: `mqtt` or `serial`. reply: the MQTT topic, or the serial port's name.
+    correlation: the publisher's id, as it gave it. v5: set MQTT 5's Correlation Data
+    on the receipt (asked through properties).
+    """
+
+    origin: str
+    reply: str
+    correlation: bytes
+    v5: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A request that was refused: `reason` is the counter, `why` the log line's words."""
+
+    reason: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A receipt ready to go: what the outbox settled for one (alert, route)."""
+
+    alert_seq: int
+    route: str
+    origin: str
+    reply: str
+    correlation: bytes
+    v5: bool
+    alert_id: str
+    outcome: str  # sent | dead
+    reason: str | None  # the smarthost's reply for a dead letter (or notes on a sent one)
+    mail_alert: str  # the alert whose Message-ID the mail had (a digest's or lead's)
+    kind: str  # mail | digest
+    carried: tuple[str, ...]  # alert ids the mail carried (at most MAX_CARRIED)
+    count: int  # how many alerts the mail carried
+    at: float  # wall time the outcome was recorded
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.alert_seq, self.route)
+
+
+def topic_problem(topic: str, prefix: str) -> str | None:
+    """Why the gateway will not publish a receipt on `topic`, or None."""
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC:
+        return f"the receipt topic is longer than {MAX_TOPIC} bytes"
+    if not topic or any(c in topic for c in "+#\x00") or not topic.isprintable():
+        return f"the receipt topic {topic!a} is not a topic one can publish to"
+    if not topic.startswith(prefix):
+        return f"the receipt topic {topic!a} is not under mqtt.receipt_prefix {prefix!r}"
+    return None
+
+
+def fill_topic(template: str, sensor: str, device_id: str) -> str:
+    """`mqtt.receipt_topic` for an alert: {sensor} and {device_id} only (check-config
+    refuses any other name), so nothing in a payload picks the topic but the sensor's
+    name, which normalisation has made one topic level."""
+    return template.replace("{sensor}", sensor).replace("{device_id}", device_id)
+
+
+def ask_mqtt(
+    fields: Mapping[str, object],
+    correlation: bytes | None,
+    response_topic: str | None,
+    *,
+    sensor: str,
+    device_id: str,
+    template: str,
+    prefix: str,
+) -> Ask | Refused | None:
+    """The receipt an MQTT message asks for (None: none), from its MQTT 5 properties or
+    its JSON fields `correlation_id` / `reply_to`. Properties win: they are the
+    protocol's own way to ask."""
+    v5 = correlation is not None and response_topic is not None
+    if v5:
+        assert correlation is not None and response_topic is not None
+        corr, topic = bytes(correlation), response_topic
+    else:
+        given = fields.get("correlation_id")
+        if given is None:
+            return None
+        if not isinstance(given, str | int) or isinstance(given, bool) or given == "":
+            return Refused("receipt_bad_id", "correlation_id must be a non-empty string")
+        corr = str(given).encode("utf-8", "surrogatepass")
+        reply = fields.get("reply_to")
+        if reply is not None and not isinstance(reply, str):
+            return Refused("receipt_bad_topic", "reply_to must be a string")
+        topic = reply if reply is not None else fill_topic(template, sensor, device_id)
+    if len(corr) > MAX_CORRELATION:
+        return Refused(
+            "receipt_id_too_long",
+            f"the correlation id is {len(corr)} bytes, more than {MAX_CORRELATION}",
+        )
+    if (why := topic_problem(topic, prefix)) is not None:
+        return Refused("receipt_bad_topic", why)
+    return Ask(MQTT, topic, corr, v5)
+
+
+def message_id(alert_id: str, route: str, device_id: str, kind: str = "mail") -> str:
+    """The Message-ID of the mail, as gateway/compose.py makes it (message_id for a
+    mail, compose_digest's for a digest), from the id of the alert that owns it."""
+    if kind == "digest":
+        return f"<{alert_id}.{route}.digest@{device_id}.mailgw>"
+    return f"<{alert_id}.{route}@{device_id}.mailgw>"
+
+
+def payload(due: Due, device_id: str) -> bytes:
+    """The receipt's MQTT payload: one JSON object a script can read."""
+    doc: dict[str, object] = {
+        "correlation_id": due.correlation.decode("utf-8", "replace"),
+        "alert_id": due.alert_id,
+        "outcome": due.outcome,
+        "route": due.route,
+        "message_id": message_id(due.mail_alert, due.route, device_id, due.kind),
+        "kind": due.kind,
+        "count": due.count,
+        "at": round(due.at, 3),
+        "device_id": device_id,
+    }
+    if due.kind == "digest" or due.count > 1:
+        doc["carried"] = list(due.carried)
+    if due.reason is not None:
+        doc["reason"] = due.reason
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,128 @@
+"""A framed serial port's receipts: RCPT frames for its due receipts, until RACKed.
+
+The device asked with ALERTR (firmware_bridge/PROTOCOL.md, Receipts). Each tick of the
+port's loop (once a second) sends the port's due receipts while the port is open, and
+sends again what the device has not acknowledged with RACK after RESEND_AFTER: the
+line may drop a frame, and a device may be rebooting. A receipt is marked published
+only on its RACK, so it survives a gateway restart too (at least once; the device
+recognises a repeat by its receipt id). A device that never RACKs is given up on after
+MAX_SENDS, with a log line, so it cannot keep a receipt due for ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from firmware_bridge import codec
+from gateway.outbox.receipts import mark_published, take_due
+from gateway.outbox.writer import Writer
+from gateway.receipts import SERIAL, Due
+
+log = logging.getLogger(__name__)
+
+BATCH = 20  # RCPT frames per tick: a device's UART and buffer are small
+RESEND_AFTER = 5.0
+MAX_SENDS = 10
+_FRAMING = len("$*XXXX\r\n")
+
+
+def receipt_frame(due: Due) -> codec.Receipt:
+    """The RCPT for a due receipt: the reason made one printable line that fits."""
+    rid = due.correlation.decode("ascii", "replace")
+    reason = "".join(c if c.isprintable() and c != "$" else " " for c in due.reason or "")
+    head = len(f"RCPT,{rid},{due.outcome.upper()},{due.alert_id},".encode())
+    room = codec.MAX_LINE - _FRAMING - head
+    reason = reason.encode("utf-8")[: max(room, 0)].decode("utf-8", "ignore")
+    return codec.Receipt(rid, due.outcome.upper(), due.alert_id, reason)
+
+
+@dataclass(slots=True)
+class _Sent:
+    receipt: str
+    at: float
+    sends: int
+
+
+class SerialReceipts:
+    def __init__(self, port_name: str, writer: Writer, send: Callable[[bytes], object]) -> None:
+        self.port_name = port_name
+        self.writer = writer
+        self._send = send
+        self._lock = threading.Lock()  # the port's reading thread reports RACKs
+        self._sent: dict[tuple[int, str], _Sent] = {}
+        self.acknowledged = 0
+
+    async def tick(self, port_open: bool) -> None:
+        if not port_open:
+            return
+        now = time.monotonic()
+        with self._lock:
+            waiting = {k for k, s in self._sent.items() if now - s.at < RESEND_AFTER}
+            given_up = [k for k, s in self._sent.items() if s.sends >= MAX_SENDS]
+            for k in given_up:
+                del self._sent[k]
+        if given_up:
+            log.warning(
+                "%s: the device did not acknowledge %d receipts (RACK) after %d sends; "
+                "they are no longer sent (does its firmware answer RCPT with RACK?)",
+                self.port_name,
+                len(given_up),
+                MAX_SENDS,
+            )
+            self._mark(given_up)
+        try:
+            due = await self.writer.run(
+                partial(take_due, origin=SERIAL, limit=BATCH + len(waiting), reply=self.port_name)
+            )
+        except Exception as exc:  # the outbox cannot be read now: intake goes on
+            log.warning("%s: could not read due receipts: %s", self.port_name, exc)
+            return
+        frames = []
+        with self._lock:
+            for d in due:
+                if d.key in waiting or d.key in given_up:
+                    continue
+                try:
+                    frame = codec.encode(receipt_frame(d))
+                except ValueError as exc:  # cannot happen for a stored request; never stuck
+                    log.error(
+                        "%s: receipt for %s cannot be framed: %s", self.port_name, d.alert_id, exc
+                    )
+                    self._mark([d.key])
+                    continue
+                frames.append(frame)
+                prev = self._sent.get(d.key)
+                self._sent[d.key] = _Sent(frame_id(d), now, (prev.sends if prev else 0) + 1)
+                if len(frames) >= BATCH:
+                    break
+        if frames:
+            self._send(b"".join(frames))
+
+    def read(self, receipt_ids: Sequence[str]) -> None:
+        """RACKs from the device (the port's reading thread)."""
+        ids = set(receipt_ids)
+        with self._lock:
+            keys = [k for k, s in self._sent.items() if s.receipt in ids]
+            for k in keys:
+                del self._sent[k]
+        if keys:
+            self.acknowledged += len(keys)
+            self._mark(keys)
+
+    def _mark(self, keys: list[tuple[int, str]]) -> None:
+        self.writer.call(partial(mark_published, keys=keys)).add_done_callback(_logged)
+
+
+def frame_id(due: Due) -> str:
+    return due.correlation.decode("ascii", "replace")
+
+
+def _logged(fut: object) -> None:
+    exc = fut.exception()  # type: ignore[attr-defined]
+    if exc is not None:
+        log.warning("could not mark serial receipts published (sent again): %s", exc)

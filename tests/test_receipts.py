@@ -1,0 +1,280 @@
+"""Receipts without I/O: the request rules (gateway/receipts.py), the outbox's storage
+(gateway/outbox/receipts.py: stored with the alert, due with the outcome, a digest's
+receipt naming what it carried), and the config keys' refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import compose, receipts
+from gateway.alert import Draft, normalize
+from gateway.config import ConfigError, Policy, RouteSection, parse
+from gateway.config.sections import filter_overlaps
+from gateway.ingest import storm_keys
+from gateway.outbox import Outbox, Outcome, Routed, State
+from gateway.outbox import receipts as stored
+from gateway.receipts import MAX_CORRELATION, MAX_TOPIC, Ask, Refused, ask_mqtt
+from gateway.routing import topic_matches
+
+ASK = {"sensor": "door", "device_id": "gw", "template": "receipts/{sensor}", "prefix": "receipts/"}
+
+
+# --- asking --------------------------------------------------------------------------
+
+
+def test_mqtt5_properties_ask_on_their_response_topic() -> None:
+    got = ask_mqtt({}, b"\x00\xffid", "receipts/app-1", **ASK)
+    assert got == Ask("mqtt", "receipts/app-1", b"\x00\xffid", v5=True)
+
+
+def test_a_json_correlation_id_asks_on_the_configured_topic_or_its_reply_to() -> None:
+    assert ask_mqtt({"correlation_id": "c-1"}, None, None, **ASK) == Ask(
+        "mqtt", "receipts/door", b"c-1"
+    )
+    got = ask_mqtt({"correlation_id": 42, "reply_to": "receipts/x/y"}, None, None, **ASK)
+    assert got == Ask("mqtt", "receipts/x/y", b"42")
+    assert ask_mqtt({"message": "no id"}, None, None, **ASK) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "corr", "topic", "reason"),
+    [
+        ({}, b"x" * (MAX_CORRELATION + 1), "receipts/a", "receipt_id_too_long"),
+        ({"correlation_id": "x" * 129}, None, None, "receipt_id_too_long"),
+        ({}, b"id", "alerts/other-sensor", "receipt_bad_topic"),  # not under the prefix
+        ({}, b"id", "receipts/+", "receipt_bad_topic"),
+        ({}, b"id", "receipts/" + "a" * MAX_TOPIC, "receipt_bad_topic"),
+        ({"correlation_id": "c", "reply_to": "cmd/unlock"}, None, None, "receipt_bad_topic"),
+        ({"correlation_id": "c", "reply_to": 5}, None, None, "receipt_bad_topic"),
+        ({"correlation_id": ""}, None, None, "receipt_bad_id"),
+        ({"correlation_id": True}, None, None, "receipt_bad_id"),
+        ({"correlation_id": 1.5}, None, None, "receipt_bad_id"),
+    ],
+)
+def test_requests_past_a_bound_are_refused_with_a_reason(
+    fields: dict[str, object], corr: bytes | None, topic: str | None, reason: str
+) -> None:
+    got = ask_mqtt(fields, corr, topic, **ASK)
+    assert isinstance(got, Refused) and got.reason == reason and got.why
+
+
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["correlation_id", "reply_to", "x"]),
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text()),
+    ),
+    corr=st.one_of(st.none(), st.binary(max_size=300)),
+    topic=st.one_of(st.none(), st.text(max_size=300)),
+)
+def test_whatever_a_publisher_sends_a_receipt_stays_bounded_and_under_the_prefix(
+    fields: dict[str, object], corr: bytes | None, topic: str | None
+) -> None:
+    got = ask_mqtt(fields, corr, topic, **ASK)
+    if isinstance(got, Ask):
+        assert got.reply.startswith("receipts/") and "+" not in got.reply and "#" not in got.reply
+        assert len(got.reply.encode("utf-8", "surrogatepass")) <= MAX_TOPIC
+        assert len(got.correlation) <= MAX_CORRELATION
+
+
+def test_the_message_id_is_the_mails() -> None:
+    a = normalize(b"x", Draft("alerts/a", "mqtt"))
+    route = RouteSection(name="ops", match="#", to=("ops@example.com",))
+    mail = compose.compose(a, route, device_id="gw", sender="gw@example.com")
+    digest = compose.compose_digest((a, a), route, device_id="gw", sender="gw@example.com")
+    assert receipts.message_id(a.id, "ops", "gw") == mail.message_id
+    assert receipts.message_id(a.id, "ops", "gw", "digest") == digest.message_id
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+def _routed(
+    text: str, ask: Ask | None, routes: tuple[str, ...] = ("ops",), policy: Policy | None = None
+) -> Routed:
+    alert = normalize(text.encode(), Draft("alerts/x", "mqtt", "door"))
+    deliveries = tuple((r, 2) for r in routes)
+    keys = storm_keys(alert, deliveries, {"ops": policy}) if policy else ()
+    return Routed(alert, deliveries, storm_keys=keys, receipt=ask)
+
+
+def _due(ob: Outbox) -> list[receipts.Due]:
+    return stored.take_due(ob, "mqtt", 100)
+
+
+def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db")
+    ask = Ask("mqtt", "receipts/door", b"c-1")
+    ob.add([_routed("door open", ask, ("ops", "fleet")), _routed("no ask", None)])
+    [c1, c2, c3] = ob.claim(10)
+    assert _due(ob) == []  # stored, claimed, sending: nothing said yet
+    ob.finish([Outcome(c1.key, State.QUEUED, due=0.0, error="451 later")])
+    assert _due(ob) == []  # a temporary failure is not an outcome
+    ob.finish([Outcome(c1.key, State.SENT), Outcome(c3.key, State.SENT)])
+    [d] = _due(ob)
+    assert (d.alert_id, d.route, d.outcome, d.reason, d.correlation) == (
+        c1.alert.id,
+        c1.route,
+        "sent",
+        None,
+        b"c-1",
+    )
+    ob.finish([Outcome(c2.key, State.DEAD, error="550 5.1.1 no such user")])
+    dead = [x for x in _due(ob) if x.outcome == "dead"]
+    assert [(x.route, x.reason) for x in dead] == [(c2.route, "550 5.1.1 no such user")]
+    body = json.loads(receipts.payload(dead[0], "gw"))
+    assert body["outcome"] == "dead" and body["reason"] == "550 5.1.1 no such user"
+    assert body["message_id"] == compose.message_id(c2.alert, c2.route, "gw")
+    assert stored.mark_published(ob, [d.key for d in _due(ob)]) == 2
+    assert _due(ob) == []
+    states = ob.conn.execute("SELECT state FROM receipt").fetchall()
+    assert states == [("published",), ("published",)]
+
+
+def test_a_retried_dead_letter_that_goes_out_gets_a_sent_receipt(tmp_path: Path) -> None:
+    from gateway.outbox import retry
+
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    [c] = ob.claim(10)
+    ob.finish([Outcome(c.key, State.DEAD, error="550 5.1.1 no such user")])
+    [dead] = _due(ob)
+    stored.mark_published(ob, [dead.key])
+    assert retry(ob.conn, c.alert.id) == 1  # the operator fixed the address
+    [again] = ob.claim(10)
+    ob.finish([Outcome(again.key, State.SENT)])
+    [sent] = _due(ob)
+    assert (sent.outcome, sent.reason) == ("sent", None)
+
+
+def test_a_request_lands_with_its_alert_or_not_at_all(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", max_messages=10)
+    ask = Ask("mqtt", "receipts/door", b"c")
+    with pytest.raises(Exception, match="bound"):
+        ob.add([_routed(f"a{i}", ask) for i in range(11)])
+    assert ob.conn.execute("SELECT count(*) FROM receipt").fetchone()[0] == 0
+
+
+def test_a_digest_receipt_names_every_alert_it_carried(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", policies={"ops": Policy(rate=(1, 3600.0), digest_every=1)})
+    asks = [Ask("mqtt", "receipts/door", f"c{i}".encode()) for i in range(4)]
+    batch = [_routed(f"door {i}", a) for i, a in enumerate(asks)]
+    ob.add(batch, now=1000.0, mono=0.0)
+    claimed = ob.claim(10, now=10.0)
+    assert sorted(c.kind for c in claimed) == ["digest", "mail"]
+    ob.finish([Outcome(c.key, State.SENT) for c in claimed])
+    due = {d.correlation: d for d in _due(ob)}
+    assert set(due) == {b"c0", b"c1", b"c2", b"c3"}
+    digest = next(c for c in claimed if c.kind == "digest")
+    carried = [digest.alert.id, *(m.id for m in digest.members)]
+    for i in (1, 2, 3):
+        d = due[f"c{i}".encode()]
+        assert (d.kind, d.count, list(d.carried)) == ("digest", 3, carried)
+        body = json.loads(receipts.payload(d, "gw"))
+        assert body["carried"] == carried and body["alert_id"] == batch[i].alert.id
+        assert body["message_id"] == f"<{digest.alert.id}.ops.digest@gw.mailgw>"
+    assert (due[b"c0"].kind, due[b"c0"].count) == ("mail", 1)
+
+
+def test_repeats_folded_into_a_lead_share_its_outcome(tmp_path: Path) -> None:
+    p = Policy(dedupe_window=600.0)
+    ob = Outbox(tmp_path / "o.db", policies={"ops": p})
+    ask = Ask("mqtt", "receipts/door", b"lead")
+    ob.add([_routed("door open", ask, policy=p)], now=1000.0, mono=0.0)
+    again = _routed("door open", dataclasses.replace(ask, correlation=b"rep"), policy=p)
+    ob.add([again], now=1001.0, mono=1.0)
+    [lead] = ob.claim(10)
+    assert len(lead.members) == 1
+    ob.finish([Outcome(lead.key, State.DEAD, error="550 5.7.1 refused")])
+    due = {d.correlation: d for d in _due(ob)}
+    assert set(due) == {b"lead", b"rep"}
+    assert {(d.outcome, d.reason, d.count, d.mail_alert) for d in due.values()} == {
+        ("dead", "550 5.7.1 refused", 2, lead.alert.id)
+    }
+
+
+def test_requests_past_the_cap_are_not_kept_and_intake_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(stored, "MAX_KEPT", 3)
+    monkeypatch.setattr(stored, "_refusals", stored._Refusals())
+    ob = Outbox(tmp_path / "o.db")
+    ask = Ask("mqtt", "receipts/door", b"c")
+    with caplog.at_level(logging.WARNING, "gateway.outbox.receipts"):
+        ob.add([_routed(f"a{i}", ask) for i in range(5)])
+        ob.add([_routed(f"b{i}", ask) for i in range(5)])
+    assert ob.live == 10  # every alert stored
+    assert ob.conn.execute("SELECT count(*) FROM receipt").fetchone()[0] == 3
+    # Said once (then at most once a minute, with the count since), not per batch.
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "2 receipt requests were not kept: 3 receipts already wait" in line
+
+
+# --- config --------------------------------------------------------------------------
+
+
+def test_receipt_keys_have_safe_defaults() -> None:
+    cfg = parse('[mqtt]\ntopics = ["alerts/#"]\n', source="gw.toml")
+    assert cfg.mqtt is not None
+    assert (cfg.mqtt.receipts, cfg.mqtt.receipt_prefix, cfg.mqtt.receipt_topic) == (
+        True,
+        "receipts/",
+        "receipts/{sensor}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('topics = ["#"]\nreceipts = true', "come back as alerts through the subscription '#'"),
+        ('topics = ["+/door"]\nreceipt_prefix = "r/"', "would come back as alerts"),
+        ('receipt_prefix = "alerts/r/"', "would come back as alerts"),
+        ('receipt_prefix = "r/+/"', "cannot hold '+'"),
+        ('receipt_topic = "receipts/{topic}"', "only {sensor} and {device_id}"),
+        ('receipt_topic = "receipts/{sensor"', "only {sensor} and {device_id}"),
+        ('receipt_topic = "other/{sensor}"', "must start with mqtt.receipt_prefix"),
+        ('receipt_topic = "receipts/#"', "cannot hold '+', '#'"),
+        ('receipt_topic = "receipts/' + "a" * 200 + '"', "stay under 192 bytes"),
+    ],
+)
+def test_receipt_key_refusals(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(f"[mqtt]\n{text}\n", source="gw.toml")
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_receipts_off_lets_any_prefix_be() -> None:
+    cfg = parse('[mqtt]\ntopics = ["#"]\nreceipts = false\n', source="gw.toml")
+    assert cfg.mqtt is not None and not cfg.mqtt.receipts
+
+
+def test_a_config_from_before_receipts_subscribed_to_everything_runs_without_them() -> None:
+    cfg = parse('[mqtt]\ntopics = ["#"]\n', source="gw.toml")
+    assert cfg.mqtt is not None and not cfg.mqtt.receipts
+
+
+level = st.sampled_from(["a", "b", "receipts", "r", "", "x1"])
+filters = st.lists(st.sampled_from(["a", "b", "receipts", "r", "+", ""]), min_size=1, max_size=4)
+
+
+@given(
+    filters,
+    st.booleans(),
+    st.lists(level, min_size=1, max_size=3),
+    st.text("ab/", max_size=6),
+)
+def test_a_subscription_that_could_take_a_receipt_is_always_seen(
+    f_levels: list[str], hash_end: bool, p_levels: list[str], suffix: str
+) -> None:
+    """The slow, obvious version: a topic under the prefix that the filter matches.
+    filter_overlaps must never miss one (a miss is a receipt loop)."""
+    topic_filter = "/".join(f_levels + (["#"] if hash_end else []))
+    prefix = "/".join(p_levels)
+    if topic_matches(topic_filter, prefix + suffix):
+        assert filter_overlaps(topic_filter, prefix), (topic_filter, prefix, suffix)
