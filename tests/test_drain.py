@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.alert import Draft, Severity, normalize
+from gateway.alert import Alert, Draft, Severity, new_alert_id, normalize
+from gateway.clock import Stamp
 from gateway.compose import compose_digest
 from gateway.config import ConfigError, Policy, RouteSection, SmtpSection, parse
 from gateway.drain import DIGEST_CAP, RouteBacklog, chunks, needed, plan, summary
-from gateway.outbox import Claimed, Outbox, Outcome, Routed
+from gateway.outbox import Claimed, Outbox, Outcome, Routed, raw
 from gateway.outbox.drain_fold import Folded, fold, queued_count
 
 W, C, INFO = Severity.WARNING, Severity.CRITICAL, Severity.INFO
@@ -162,6 +163,33 @@ def test_claimed_mails_are_not_folded(tmp_path: Path) -> None:
     ob.finish([Outcome(c.key, "sent") for c in flying])
     [digest] = claim_all(ob)
     assert {m.id for m in digest.members}.isdisjoint(c.alert.id for c in flying)
+
+
+def test_a_sendmail_message_keeps_its_own_mail(tmp_path: Path) -> None:
+    """A `raw` delivery is its stored bytes: folded, a digest line would be all of the
+    cron mail that ever went out (found by review)."""
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([routed(f"t {i}") for i in range(100)])
+    mail = Alert(
+        id=new_alert_id(),
+        topic="sendmail/root",
+        source="sendmail",
+        sensor="root",
+        severity=INFO,
+        message="cron: backup report",
+        received=Stamp.now(),
+        fields={},
+    )
+    body = b"Subject: backup report\n\n" + b"log line\n" * 1000
+    assert raw.store(
+        ob, mail, raw.RawMessage("f1", 0, "", ("root",), body), raw.RawPlan(("ops",), (), 5)
+    )
+    done = do_fold(ob)
+    assert done is not None and done.plan.folded == 100
+    got = claim_all(ob)
+    [own] = [c for c in got if c.kind == "raw"]
+    assert own.alert.id == mail.id and len(own.members) == 0
+    assert all(mail.id not in {m.id for m in c.members} for c in got)
 
 
 def test_a_second_fold_leaves_the_first_digests_alone(tmp_path: Path) -> None:

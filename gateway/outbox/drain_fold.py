@@ -37,6 +37,7 @@ from gateway.outbox.schema import _ALERT_TABLE
 from gateway.outbox.store import Outbox
 
 DIGEST_PRIORITY = 0
+FOLDABLE = frozenset({"mail", "digest"})  # delivery kinds made of alerts
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ def backlog(c: sqlite3.Connection, routes: Collection[str]) -> dict[str, dict[in
     Linear in the queue: one walk of the queued rows, one of the rows folded into them,
     and one range read per shard that holds any of their alerts."""
     queued = c.execute(
-        "SELECT alert_seq, route, rcpts FROM delivery INDEXED BY delivery_due"
+        "SELECT alert_seq, route, rcpts, kind FROM delivery INDEXED BY delivery_due"
         " WHERE state = 'queued'"
     ).fetchall()
     members = c.execute(
@@ -79,10 +80,13 @@ def backlog(c: sqlite3.Connection, routes: Collection[str]) -> dict[str, dict[in
     ).fetchall()
     alerts = _severities(c, [q[0] for q in queued] + [m[2] for m in members])
     by_route: dict[str, dict[int, _Row]] = {}
-    for seq, route, rcpts in queued:
+    for seq, route, rcpts, kind in queued:
         sev, drain_lead = alerts.get(seq, (int(Severity.CRITICAL), False))  # unreadable: kept
         kept = (
             route not in routes
+            # Only alerts fold: a `raw` mail (`mailgw sendmail`) is its stored bytes, and
+            # a line in a digest would be all of it that ever went out.
+            or kind not in FOLDABLE
             or rcpts is not None  # half delivered: the rest go as they are
             or sev >= Severity.CRITICAL
             or drain_lead  # folded already
