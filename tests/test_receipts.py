@@ -236,6 +236,8 @@ def test_receipt_keys_have_safe_defaults() -> None:
         ('topics = ["+/door"]\nreceipt_prefix = "r/"', "would come back as alerts"),
         ('receipt_prefix = "alerts/r/"', "would come back as alerts"),
         ('receipt_prefix = "r/+/"', "cannot hold '+'"),
+        ('receipt_prefix = "receipts"', "must end in '/'"),
+        ('receipt_prefix = ""', "must end in '/'"),
         ('receipt_topic = "receipts/{topic}"', "only {sensor} and {device_id}"),
         ('receipt_topic = "receipts/{sensor"', "only {sensor} and {device_id}"),
         ('receipt_topic = "other/{sensor}"', "must start with mqtt.receipt_prefix"),

@@ -4,6 +4,7 @@ the daemon on a real pty sending a RCPT after the smarthost's 250, again until R
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -18,10 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_bridge import codec
+from gateway.alert import Draft, normalize
 from gateway.clock import Stamp
 from gateway.lab import SmtpServer
-from gateway.receipts import Ask, Due
-from gateway.sources.serial_receipts import receipt_frame
+from gateway.outbox import Outbox, Outcome, Routed, State
+from gateway.outbox.writer import Writer
+from gateway.receipts import SERIAL, Ask, Due
+from gateway.sources.serial_receipts import SerialReceipts, receipt_frame
 from gateway.sources.serial_session import Session
 from tests.parts import DaemonProcess, Pki, Pty, daemon_config, stored_alerts, wait_for
 
@@ -295,3 +299,35 @@ def test_the_simulated_device_gets_a_dead_letters_receipt_and_racks_it(
         wait_for(lambda: receipt_states(db) == ["published"], what="RACKed")
         dev.stop()
         assert gw.terminate() == 0
+
+
+def test_one_rack_acknowledges_one_of_two_routes_receipts(tmp_path: Path) -> None:
+    """An alert mailed on two routes has two receipts with one id; a RACK names only the
+    id, so the second RCPT is sent after the first is acknowledged, and a frame lost on
+    the line is sent again (found by review: one RACK marked both)."""
+    ob = Outbox(tmp_path / "o.db")
+    writer = Writer(ob)
+    writer.start()
+    try:
+        alert = normalize(b"door open", Draft("alerts/x", "serial", "door"))
+        ask = Ask(SERIAL, "/dev/ttyS9", b"r-42", False)
+        ob.add([Routed(alert, (("ops", 2), ("fac", 2)), receipt=ask)])
+        ob.finish([Outcome(c.key, State.SENT) for c in ob.claim(10, now=1e12)])
+        sent: list[bytes] = []
+        receipts = SerialReceipts("/dev/ttyS9", writer, sent.append)
+
+        def rcpts() -> list[codec.Receipt]:
+            return [e for e in codec.Decoder().feed(b"".join(sent)) if isinstance(e, codec.Receipt)]
+
+        asyncio.run(receipts.tick(True))
+        assert len(rcpts()) == 1  # one in flight per receipt id
+        receipts.read(["r-42"])
+        writer.call(lambda _: None).result(5)  # the mark is written
+        asyncio.run(receipts.tick(True))
+        assert len(rcpts()) == 2  # now the other route's
+        receipts.read(["r-42"])
+        writer.call(lambda _: None).result(5)
+        states = ob.conn.execute("SELECT route, state FROM receipt ORDER BY route").fetchall()
+        assert states == [("fac", "published"), ("ops", "published")]
+    finally:
+        writer.stop()

@@ -217,6 +217,15 @@ def mqtt_receipt_keys(t: Table, topics: tuple[str, ...]) -> dict[str, Any]:
                 "receipt_prefix",
                 f"{prefix!r}: a topic prefix cannot hold '+', '#' or controls",
             )
+        elif not prefix.endswith("/"):
+            # A plain startswith() is the check at publish time: "receipts" would let a
+            # publisher pick "receiptsX/anything", outside the subtree the operator meant.
+            t.loader.problem(
+                t.name,
+                "receipt_prefix",
+                f"{prefix!r}: a receipt prefix is a subtree and must end in '/' "
+                f"(e.g. {prefix.rstrip('/') + '/' if prefix.strip('/') else 'receipts/'!r})",
+            )
         elif loop and not asked:
             # A config written before receipts existed, subscribed to '#': it runs as
             # it did, without receipts (the MQTT source says so in its first log line).

@@ -5,7 +5,8 @@ port's loop (once a second) sends the port's due receipts while the port is open
 sends again what the device has not acknowledged with RACK after RESEND_AFTER: the
 line may drop a frame, and a device may be rebooting. A receipt is marked published
 only on its RACK, so it survives a gateway restart too (at least once; the device
-recognises a repeat by its receipt id). A device that never RACKs is given up on after
+recognises a repeat by its receipt id; an alert mailed on two routes gets its two
+RCPTs one after the other). A device that never RACKs is given up on after
 MAX_SENDS, with a log line, so it cannot keep a receipt due for ever.
 """
 
@@ -84,8 +85,14 @@ class SerialReceipts:
             return
         frames = []
         with self._lock:
+            # A RACK names the receipt id alone, and an alert mailed on two routes has
+            # two receipts with one id: only one of them is in flight at a time, so a
+            # RACK acknowledges the frame the device saw, never one lost on the line.
+            flying = {s.receipt: k for k, s in self._sent.items()}
             for d in due:
                 if d.key in waiting or d.key in given_up:
+                    continue
+                if flying.setdefault(frame_id(d), d.key) != d.key:
                     continue
                 try:
                     frame = codec.encode(receipt_frame(d))
