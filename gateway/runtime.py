@@ -43,6 +43,19 @@ class Runtime:
     # smtp.rate_limit as the relay applies it: rate_limit, tokens, next_send_at (wall
     # time, None when a send may start now), waits (times a backlog waited for a token)
     pace: dict[str, Any] = field(default_factory=dict)
+    # Each smarthost in the order they are tried (gateway/smarthost.py keeps its line):
+    # host, role, active, state, sessions, limit, last_error, next_probe_at, hold, sent.
+    hosts: list[dict[str, Any]] = field(default_factory=list)
+
+    def sum_hosts(self) -> None:
+        """The relay's state from its smarthosts': up while any is; otherwise the
+        primary's, with the earliest next try of any."""
+        up = [h for h in self.hosts if h.get("state") == "up"]
+        first = up[0] if up else self.hosts[0]
+        self.uplink = first.get("state", "unknown")
+        self.relay_hold = first.get("hold")
+        probes = [h["next_probe_at"] for h in self.hosts if h.get("next_probe_at") is not None]
+        self.next_probe_at = None if up or not probes else min(probes)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -76,6 +89,7 @@ class Runtime:
             "threads": dict(self.threads),
             "watch": dict(self.watch),
             "pace": dict(self.pace),
+            "smarthosts": [dict(h) for h in self.hosts],
         }
 
     def write(self, path: Path) -> None:

@@ -87,6 +87,19 @@ class SmtpSection:
     rate_limit: tuple[int, float] | None = None  # (mails, per seconds) for the whole gateway
     throttle_max: float = 600.0  # the longest pause after "slow down" replies (421, 451 4.7.x)
     return_jitter: float = 30.0  # a random wait of up to this before returning after an outage
+    sessions: int = 1  # the most parallel sessions to this smarthost
+    # [[smtp.fallback]]: smarthosts tried in order while this one (the primary) cannot be
+    # used. Each is a whole SmtpSection: its own connection keys, the primary's shared ones.
+    fallbacks: tuple[SmtpSection, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[SmtpSection, ...]:
+        """Every smarthost in the order they are tried: this one, then the fallbacks."""
+        return (self, *self.fallbacks)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
