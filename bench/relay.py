@@ -146,8 +146,8 @@ def run() -> list[dict[str, Any]]:
         pw.write_text("s3cret\n")
         pw.chmod(0o600)
         for where, server in (
-            ("server in-process", server_in_process),
-            ("server in a separate process", server_in_subprocess),
+            ("in-process server", server_in_process),
+            ("server in a process", server_in_subprocess),
         ):
             with server(pki) as port:
                 for sessions in (1, 4):
@@ -156,7 +156,7 @@ def run() -> list[dict[str, Any]]:
                     ours = relay_rate(text)
                     rows.append(
                         row(
-                            f"relay, STARTTLS+AUTH, {sessions} session(s), {where}",
+                            f"relay x{sessions} STARTTLS+AUTH, {where}",
                             ours,
                             "alerts/s",
                             raw,

@@ -220,6 +220,8 @@ class Worker:
         self.session, self.host = session, host
         host.opened()
         host.waits.opened(session.where)
+        if self.relay.backlog:
+            self.relay.wake()  # a session to it works: the helpers may join now
 
     async def close_session(self, polite: bool = True) -> None:
         session, self.session = self.session, None
