@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
 IDLE_QUIT = 5.0  # close an idle session after this long
+CROWDED_PAUSE = 1.0  # after the smarthost turned a session away while ours work
 
 
 def raise_if_cancelling() -> None:
@@ -150,7 +151,7 @@ class Worker:
         # Each outcome goes to the ledger as the server answers (invariant 11).
         relay = self.relay
         pending = list(batch)
-        cancelled = False
+        cancelled = crowded = False
         try:
             now_stamp = Stamp.now()
             while pending:
@@ -173,7 +174,9 @@ class Worker:
                     raise trouble
                 raise_if_cancelling()
         except Crowded:
-            pass  # logged by the host; the rows wait for a session that works
+            # Logged by the host; the rows wait for a session that works. A pause, so
+            # that a worker the smarthost turns away does not knock again at once.
+            crowded = True
         except UplinkDown as exc:
             relay.failed(host, exc, len(pending))
         except asyncio.CancelledError:
@@ -190,6 +193,8 @@ class Worker:
                 self.ledger.settle_at_shutdown()
             else:
                 await self.ledger.settle()
+        if crowded:
+            await asyncio.sleep(CROWDED_PAUSE)
 
     async def _pace_wait(self, host: Host, wait: float) -> None:
         """No token yet (smtp.rate_limit): wait for one, or for new work to claim."""

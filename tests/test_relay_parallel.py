@@ -85,3 +85,19 @@ def test_the_rate_limit_caps_all_sessions_together(
         assert stamps[-1] - stamps[0] >= 15 * 0.1 * 0.9
         wait_for(lambda: gw.counts()["sent"] == 16, what="all sent")
         assert _max_attempts(gw) == 1
+
+
+def test_a_server_that_allows_one_session_is_not_hammered(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    with SmtpServer(pki, "starttls") as server:
+        server.max_sessions = 1
+        server.script.data_delay = 0.02
+        gw = make_gateway(smtp_conf(server, pki, extra="sessions = 4\nbatch = 8\n"))
+        gw.add(*(alert(f"reading {i}") for i in range(100)))
+        server.wait_for(100, timeout=60)
+        wait_for(lambda: gw.counts()["sent"] == 100, what="all sent")
+        assert server.peak_sessions == 1
+        # Each refusal shrinks the limit or pauses that worker: a few, not hundreds.
+        assert 1 <= server.turned_away <= 8, server.turned_away
+        assert gw.runtime.attempts["uplink_down"] == 0 and _max_attempts(gw) == 1

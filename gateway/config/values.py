@@ -218,6 +218,10 @@ class Config:
         parts = [f"device {self.gateway.device_id}", f"outbox {self.outbox_path}"]
         if self.smtp:
             parts.append(f"smtp {self.smtp.host}:{self.smtp.port} ({self.smtp.tls})")
+            if self.smtp.sessions > 1:
+                parts.append(f"{self.smtp.sessions} sessions")
+            if self.smtp.fallbacks:
+                parts.append("fallback " + ", ".join(f.where for f in self.smtp.fallbacks))
         else:
             parts.append("no [smtp]: alerts are queued, not relayed")
         if self.mqtt:
