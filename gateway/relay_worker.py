@@ -18,16 +18,16 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.clock import Stamp
+from gateway.config import Config, SmtpSection
 from gateway.ledger import DISK_RETRY, Ledger
 from gateway.outbox import Claimed, Outcome, State
+from gateway.outbox.writer import Writer
+from gateway.runtime import Runtime
 from gateway.smarthost import Host
 from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
-
-if TYPE_CHECKING:
-    from gateway.relay import Relay
 
 _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
@@ -41,6 +41,26 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class Relay(Protocol):
+    """What a worker needs of the relay (gateway.relay.Relay, which imports this)."""
+
+    config: Config
+    smtp: SmtpSection
+    writer: Writer
+    runtime: Runtime
+    helo: str
+    backlog: bool
+
+    def wake(self) -> None: ...
+    def pick(self, now: float) -> Host | None: ...
+    async def probe(self, now: float, using: Host | None) -> bool: ...
+    def next_try(self, now: float) -> float: ...
+    def claimed(self, count: int, limit: int) -> None: ...
+    def failed(self, host: Host, exc: UplinkDown, waiting: int) -> None: ...
+    def log_pacing(self, host: Host, wait: float) -> None: ...
+    async def _deliver(self, item: Claimed, now: Stamp, worker: Worker) -> Outcome: ...
 
 
 class Crowded(Exception):
