@@ -50,6 +50,8 @@ class Runtime:
     def sum_hosts(self) -> None:
         """The relay's state from its smarthosts': up while any is; otherwise the
         primary's, with the earliest next try of any."""
+        if not self.hosts:
+            return
         up = [h for h in self.hosts if h.get("state") == "up"]
         first = up[0] if up else self.hosts[0]
         self.uplink = first.get("state", "unknown")
