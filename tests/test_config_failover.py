@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, SmtpSection, parse
+from tests.conftest import run_cli
 
 BASE = """
 [gateway]
@@ -146,3 +147,16 @@ def test_sessions_between_one_and_sixteen(n: int) -> None:
 def test_sessions_must_be_an_integer(value: str) -> None:
     found = problems(f"sessions = {value}")
     assert any("smtp.sessions: must be an integer" in p for p in found), found
+
+
+def test_check_config_names_the_fallbacks_line_and_accepts_the_fix(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    bad = '[[smtp.fallback]]\nhost = "relay.example.net"\ntimeout = "5s"\n'
+    cfg.write_text(BASE.format(extra=bad))
+    line = cfg.read_text().splitlines().index('timeout = "5s"') + 1
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout
+    assert f"{cfg}:{line}: smtp.fallback[0].timeout: is shared" in r.stderr, r.stderr
+    cfg.write_text(BASE.format(extra='[[smtp.fallback]]\nhost = "relay.example.net"\n'))
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
