@@ -177,7 +177,16 @@ class Relay:
         before, self._active = self._active, chosen
         for h in self.hosts:
             h.status["active"] = h is chosen
-        if len(self.hosts) == 1 or chosen is None or before is None:
+        if len(self.hosts) == 1 or before is None:
+            return
+        if chosen is None:
+            wait = max(0.0, self.next_try(time.monotonic()) - time.monotonic())
+            log.error(
+                "no smarthost can be used now: each of the %d is down or held (see `mailgw "
+                "status`); the queue waits, no message is charged; next try in %.0f s",
+                len(self.hosts),
+                wait,
+            )
             return
         if chosen.index < before.index:
             log.info("trying %s (%s) again instead of %s", chosen.name, chosen.role, before.name)

@@ -65,6 +65,7 @@ class Waits:
         # overall state is made from every smarthost's (Runtime.sum_hosts).
         self.status: dict[str, Any] = status if status is not None else {}
         self._publish = publish or self._alone
+        self.many = publish is not None  # one of several smarthosts
 
     def _alone(self) -> None:
         self.runtime.uplink = self.status.get("state", "unknown")
@@ -145,7 +146,17 @@ class Waits:
         delay = self.uplink.down(exc.unreachable, time.monotonic())
         self._set(state="down", next_probe_at=time.time() + delay, error=str(exc))
         self.runtime.attempts["uplink_down"] += 1
-        if first:
+        if first and self.many:
+            # One of several smarthosts: the relay says whether another takes over.
+            log.warning(
+                "smarthost %s cannot be used: %s; none of the %d waiting messages is "
+                "charged; probing it again in %.0f s",
+                self.smtp.where,
+                exc,
+                waiting,
+                delay,
+            )
+        elif first:
             log.error(
                 "cannot deliver: %s; %d messages wait, none is charged an attempt; "
                 "probing again in %.0f s (`mailgw flush` probes now)",
