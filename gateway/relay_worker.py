@@ -32,6 +32,9 @@ from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
 _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
 IDLE_QUIT = 5.0  # close an idle session after this long
+# Rows one of several sessions claims at a time: each claim is one commit, so this many
+# mails share its fsync, and another session waits at most this many for a new row.
+PARALLEL_CLAIM = 10
 CROWDED_PAUSE = 1.0  # after the smarthost turned a session away while ours work
 
 
@@ -141,7 +144,12 @@ class Worker:
 
     async def _claim_and_send(self, host: Host, now: float) -> None:
         relay = self.relay
-        limit = max(1, relay.smtp.batch // host.allowed(now))
+        allowed = host.allowed(now)
+        limit = relay.smtp.batch
+        if allowed > 1:
+            # Small claims, so that the sessions share even a short queue and a critical
+            # alert that comes in is claimed within a few mails by whichever is free.
+            limit = max(1, min(limit // allowed, PARALLEL_CLAIM))
         reserved = 0
         if host.pace is not None:
             if (wait := host.pace.wait(now)) > 0:

@@ -106,3 +106,19 @@ def test_every_host_down_backs_off_as_a_whole_then_uses_the_first_back(
         fallback.wait_for(1, timeout=30)
         wait_for(lambda: gw.counts()["sent"] == 1, what="sent")
         assert _attempts(gw, a.id) == 1
+
+
+def test_the_fallback_uses_its_own_sessions(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path
+) -> None:
+    primary = SmtpServer(pki, "starttls")
+    with SmtpServer(pki, "starttls") as fallback:
+        fallback.script.data_delay = 0.05
+        conf = _conf(primary, fallback, pki, password_file) + "sessions = 3\n"  # the fallback's
+        gw = make_gateway(conf)
+        gw.add(*(alert(f"reading {i}") for i in range(30)))
+        fallback.wait_for(30, timeout=30)
+        wait_for(lambda: gw.counts()["sent"] == 30, what="all sent")
+        assert fallback.peak_sessions >= 2
+        assert gw.config.smtp is not None and gw.config.smtp.sessions == 1
+        assert gw.runtime.hosts[1]["sent"] == 30 and gw.runtime.hosts[0]["state"] == "down"

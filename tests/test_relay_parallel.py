@@ -102,3 +102,20 @@ def test_a_server_that_allows_one_session_is_not_hammered(
         # Each refusal shrinks the limit or pauses that worker: a few, not hundreds.
         assert 1 <= server.turned_away <= 8, server.turned_away
         assert gw.runtime.attempts["uplink_down"] == 0 and _max_attempts(gw) == 1
+
+
+def test_a_slow_down_reply_pauses_every_session_uncharged(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    with SmtpServer(pki, "starttls") as server:
+        server.script.data_delay = 0.05
+        gw = make_gateway(smtp_conf(server, pki, extra="sessions = 3\nbatch = 6\n"))
+        gw.add(*(alert(f"reading {i}") for i in range(40)))
+        server.wait_for(3)
+        server.script.data_replies = ["451 4.7.500 Server busy. Please try again later"]
+        wait_for(lambda: gw.runtime.attempts["throttled"] == 1, what="throttled")
+        got = server.wait_for(40, timeout=30)  # the rest, after the 1 s pause
+        wait_for(lambda: gw.counts()["sent"] == 40, what="all sent")
+        assert len({r.message_id for r in got}) == 40
+        assert _max_attempts(gw) == 1  # the throttled mail was not charged
+        assert gw.runtime.attempts["uplink_down"] == 0
