@@ -135,6 +135,10 @@ class Worker:
             return
         if self.session is not None and self.host is not host:
             await self.close_session()  # another smarthost now: back to the primary
+        if self.session is None and 0 < host.allowed(now) <= host.open:
+            # Ours to it take every session it allows now: knocking would be turned away.
+            await self.sleep(IDLE_POLL)
+            return
         await self._claim_and_send(host, now)
 
     def _may_help(self, host: Host, now: float) -> bool:
