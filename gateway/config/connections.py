@@ -119,6 +119,7 @@ SHARED_KEYS = (
     "quota_retry",
     "throttle_max",
     "return_jitter",
+    "drain_within",  # another branch's [smtp] key (the drain plan): shared as well
     "fallback",
 )
 
