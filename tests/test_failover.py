@@ -8,7 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway import outbox as ob_mod
-from tests.parts import Gateway, Pki, SmtpServer, alert, smtp_conf, wait_for
+from tests.conftest import run_cli
+from tests.parts import (
+    DaemonProcess,
+    Gateway,
+    Pki,
+    SmtpServer,
+    alert,
+    daemon_config,
+    smtp_conf,
+    wait_for,
+)
 
 
 def _conf(primary: SmtpServer, fallback: SmtpServer, pki: Pki, pw: Path) -> str:
@@ -122,3 +132,35 @@ def test_the_fallback_uses_its_own_sessions(
         assert fallback.peak_sessions >= 2
         assert gw.config.smtp is not None and gw.config.smtp.sessions == 1
         assert gw.runtime.hosts[1]["sent"] == 30 and gw.runtime.hosts[0]["state"] == "down"
+
+
+def test_the_daemon_fails_over_and_status_shows_each_host(tmp_path: Path, pki: Pki) -> None:
+    primary = SmtpServer(pki, "starttls")  # down
+    with SmtpServer(pki, "starttls") as fallback:
+        cfg = daemon_config(tmp_path, pki, primary.port)
+        text = cfg.read_text()
+        table = (
+            f'[[smtp.fallback]]\nhost = "127.0.0.1"\nport = {fallback.port}\n'
+            f'ca_file = "{pki.ca_file}"\nusername = "gw@example.com"\n'
+            f'password_file = "{tmp_path / "pw"}"\nsessions = 2\n'
+        )
+        cfg.write_text(text.replace("[[route]]", table + "[[route]]", 1))
+        assert run_cli("check-config", "-c", str(cfg)).returncode == 0
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        try:
+            gw.wait_ready()
+            r = run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "critical", "hi")
+            assert r.returncode == 0, r.stderr
+            (got,) = fallback.wait_for(1, timeout=30)
+            assert "hi" in got.message["Subject"]
+
+            def shown() -> str:
+                return run_cli("status", "-c", str(cfg)).stdout
+
+            wait_for(lambda: "fallback 1): up" in shown(), what="status")
+            out = shown()
+            assert f"smarthost  127.0.0.1:{primary.port} (primary): down" in out, out
+            assert f"smarthost *127.0.0.1:{fallback.port} (fallback 1): up" in out, out
+            assert "uplink     up" in out
+        finally:
+            gw.terminate()
