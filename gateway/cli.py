@@ -167,7 +167,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def cmd_smtp_test(args: argparse.Namespace) -> int:
     from gateway.smtptest import run_smtp_test
 
-    return run_smtp_test(_config(args), args.send_to)
+    return run_smtp_test(_config(args), args.send_to, args.host)
 
 
 def cmd_oauth(args: argparse.Namespace) -> int:
@@ -313,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp = add("smtp-test", "diagnose the smarthost: DNS, connect, TLS, AUTH, optional test mail")
     sp.add_argument("--send-to", metavar="ADDR", help="also send a test mail to ADDR")
+    sp.add_argument(
+        "--host",
+        metavar="HOST",
+        help="test only this smarthost (host, host:port, 0 = primary, "
+        "1.. = fallback); default: each in turn",
+    )
     sp.set_defaults(func=cmd_smtp_test)
     return p
 

@@ -329,6 +329,11 @@ class SmtpServer:
         self.script = Script()
         self.received: list[Received] = []
         self.connections = 0
+        # Sessions at once: more than max_sessions get a 421 at the greeting.
+        self.max_sessions: int | None = None
+        self.open_sessions = 0
+        self.peak_sessions = 0
+        self.turned_away = 0
         self.auth_attempts: list[str] = []  # one entry per AUTH command, its mechanism
         self.broken_mechanisms: tuple[str, ...] = ()
         self.auth_refused = 0  # bearer tokens refused
@@ -374,8 +379,29 @@ class SmtpServer:
 
         class CountingSMTP(SMTP):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                if getattr(self, "turned_away", None) is False:
+                    # Called again with the TLS transport after STARTTLS: one session.
+                    super().connection_made(transport)
+                    return
                 server.connections += 1
+                self.turned_away = server.max_sessions is not None and (
+                    server.open_sessions >= server.max_sessions
+                )
+                if self.turned_away:  # as Postfix's smtpd_client_connection_count_limit
+                    server.turned_away += 1
+                    assert isinstance(transport, asyncio.WriteTransport)
+                    transport.write(b"421 4.7.0 Error: too many connections\r\n")
+                    transport.close()
+                    return
+                server.open_sessions += 1
+                server.peak_sessions = max(server.peak_sessions, server.open_sessions)
                 super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if self.turned_away:
+                    return
+                server.open_sessions -= 1
+                super().connection_lost(exc)
 
         class Ctl(Controller):
             def factory(self) -> SMTP:
@@ -398,6 +424,11 @@ class SmtpServer:
             kwargs["ssl_context"] = self.pki.server_context()
         self._controller = Ctl(_Handler(self), **kwargs)
         self._controller.start()
+        # aiosmtpd's own test connection at start is no client's session.
+        deadline = time.monotonic() + 2
+        while self.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.peak_sessions = 0
         return self
 
     def stop(self) -> None:

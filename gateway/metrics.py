@@ -32,6 +32,13 @@ def _by(key: str, label: str, value: Callable[[Any], float] = float) -> Callable
     return lambda r: [({label: k}, value(v)) for k, v in sorted((r.get(key) or {}).items())]
 
 
+def _hosts(r: dict[str, Any], value: Callable[[dict[str, Any]], float]) -> Samples:
+    return [
+        ({"host": str(h.get("host")), "role": str(h.get("role"))}, value(h))
+        for h in r.get("smarthosts") or []
+    ]
+
+
 _STATES = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed")
 
 # (name, type, help, the samples from a status report)
@@ -113,6 +120,30 @@ METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] =
         "counter",
         "Waits between mails for smtp.rate_limit, at most one per mail (absent: no limit).",
         lambda r: [({}, float(p["waits"]))] if (p := r.get("pace")) else [],
+    ),
+    (
+        "mailgw_smarthost_up",
+        "gauge",
+        "1 while this smarthost of the failover list was last usable, by host and role.",
+        lambda r: _hosts(r, lambda h: 1.0 if h.get("state") == "up" else 0.0),
+    ),
+    (
+        "mailgw_smarthost_active",
+        "gauge",
+        "1 for the smarthost the relay sends through now.",
+        lambda r: _hosts(r, lambda h: 1.0 if h.get("active") else 0.0),
+    ),
+    (
+        "mailgw_smarthost_sessions",
+        "gauge",
+        "SMTP sessions open to this smarthost now.",
+        lambda r: _hosts(r, lambda h: float(h.get("sessions") or 0)),
+    ),
+    (
+        "mailgw_smarthost_sent_total",
+        "counter",
+        "Mails this smarthost accepted since the daemon started.",
+        lambda r: _hosts(r, lambda h: float(h.get("sent") or 0)),
     ),
     (
         "mailgw_last_success_timestamp_seconds",

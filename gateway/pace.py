@@ -39,11 +39,17 @@ class Bucket:
         missing = 1.0 - self.tokens(now)
         return 0.0 if missing <= 1e-9 else missing / self.rate
 
-    def take(self, now: float) -> None:
-        """One send starts at `now`. Taken even when none is available (a flush, a
+    def take(self, now: float, count: int = 1) -> None:
+        """`count` sends start at `now`. Taken even when none is available (a flush, a
         retry after a broken session): the debt is paid by the sends after it."""
-        self._tokens = self.tokens(now) - 1.0
+        self._tokens = self.tokens(now) - count
         self._at = max(self._at, now)
+
+    def refund(self, count: int) -> None:
+        """`count` taken tokens were not used after all (rows not claimed, or given back
+        unsent): parallel sessions take their tokens before they claim, so that two
+        never spend the same one, and return what they did not send."""
+        self._tokens += count
 
 
 def describe(count: int, period: float) -> str:

@@ -45,6 +45,21 @@ class Runtime:
     pace: dict[str, Any] = field(default_factory=dict)
     # smtp.drain_within (gateway/drainer.py): drain_within, folds, folded, digests, last
     drain: dict[str, Any] = field(default_factory=dict)
+    # Each smarthost in the order they are tried (gateway/smarthost.py keeps its line):
+    # host, role, active, state, sessions, limit, last_error, next_probe_at, hold, sent.
+    hosts: list[dict[str, Any]] = field(default_factory=list)
+
+    def sum_hosts(self) -> None:
+        """The relay's state from its smarthosts': up while any is; otherwise the
+        primary's, with the earliest next try of any."""
+        if not self.hosts:
+            return
+        up = [h for h in self.hosts if h.get("state") == "up"]
+        first = up[0] if up else self.hosts[0]
+        self.uplink = first.get("state", "unknown")
+        self.relay_hold = first.get("hold")
+        probes = [h["next_probe_at"] for h in self.hosts if h.get("next_probe_at") is not None]
+        self.next_probe_at = None if up or not probes else min(probes)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -79,6 +94,7 @@ class Runtime:
             "watch": dict(self.watch),
             "pace": dict(self.pace),
             "drain": dict(self.drain),
+            "smarthosts": [dict(h) for h in self.hosts],
         }
 
     def write(self, path: Path) -> None:

@@ -1,7 +1,9 @@
-"""`mailgw smtp-test`: diagnose the path to the smarthost, one step at a time.
+"""`mailgw smtp-test`: diagnose the path to each smarthost, one step at a time.
 
 Each step prints what it found, so a field engineer can tell a DNS failure from
-a blocked port 25, an expired certificate from a wrong password.
+a blocked port 25, an expired certificate from a wrong password. Every smarthost of
+the failover list ([smtp], then each [[smtp.fallback]]) is tested in turn, or the one
+named by --host; the exit status is 0 only when each tested passes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import time
 
 from gateway.compose import test_message
-from gateway.config import Config
+from gateway.config import Config, SmtpSection
 from gateway.replies import Accepted, explain
 from gateway.smtp import SmtpSession, UplinkDown
 
@@ -23,11 +25,54 @@ def _step(ok: bool, name: str, detail: str) -> bool:
     return ok
 
 
-async def _run(cfg: Config, send_to: str | None) -> int:
+def _role(i: int) -> str:
+    return "primary, [smtp]" if i == 0 else f"fallback {i}, [[smtp.fallback]] #{i}"
+
+
+def pick(hosts: tuple[SmtpSection, ...], wanted: str | None) -> list[tuple[int, SmtpSection]]:
+    """The smarthosts to test: all, or the one `wanted` names ("primary", a fallback's
+    number, its host or host:port)."""
+    listed = list(enumerate(hosts))
+    if wanted is None:
+        return listed
+    w = wanted.strip().lower()
+    return [
+        (i, h)
+        for i, h in listed
+        if w in (h.host.lower(), h.where.lower(), str(i)) or (w == "primary" and i == 0)
+    ]
+
+
+async def _run(cfg: Config, send_to: str | None, wanted: str | None = None) -> int:
     smtp = cfg.smtp
     if smtp is None:
         print("mailgw smtp-test: the configuration has no [smtp] section", file=sys.stderr)
         return 2
+    chosen = pick(smtp.hosts, wanted)
+    if not chosen:
+        names = ", ".join(f"{h.where} ({i})" for i, h in enumerate(smtp.hosts))
+        print(
+            f"mailgw smtp-test: no smarthost {wanted!r}; configured: {names} "
+            "(name one by host, host:port, its number or 'primary')",
+            file=sys.stderr,
+        )
+        return 2
+    if len(smtp.hosts) == 1:
+        return await _test(cfg, smtp, send_to)
+    failed = []
+    for i, host in chosen:
+        print(f"--- {host.where} ({_role(i)})")
+        if await _test(cfg, host, send_to) != 0:
+            failed.append(host.where)
+    if len(chosen) > 1:
+        print(
+            f"{len(chosen) - len(failed)} of {len(chosen)} smarthosts passed"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
+    return 1 if failed else 0
+
+
+async def _test(cfg: Config, smtp: SmtpSection, send_to: str | None) -> int:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
             smtp.host, smtp.port, type=socket.SOCK_STREAM
@@ -89,5 +134,5 @@ def session_sender(sender: str) -> str:
     return parseaddr(sender)[1]
 
 
-def run_smtp_test(cfg: Config, send_to: str | None) -> int:
-    return asyncio.run(_run(cfg, send_to))
+def run_smtp_test(cfg: Config, send_to: str | None, host: str | None = None) -> int:
+    return asyncio.run(_run(cfg, send_to, host))

@@ -103,7 +103,33 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         if isinstance(watch, dict)
         else {},
         "pace": _pace(raw.get("pace")),
+        "smarthosts": _smarthosts(raw.get("smarthosts")),
     }
+
+
+def _smarthosts(raw: object) -> list[dict[str, Any]]:
+    """Each smarthost's line (gateway/smarthost.py), keeping only well-typed values."""
+    if not isinstance(raw, list):
+        return []
+    hosts = []
+    for h in raw[:64]:
+        if not isinstance(h, dict) or not isinstance(h.get("host"), str):
+            continue
+        text = {k: v if isinstance(v := h.get(k), str) else None for k in _HOST_TEXT}
+        counts = {k: v if type(v := h.get(k)) is int else 0 for k in ("sessions", "limit", "sent")}
+        at = h.get("next_probe_at")
+        hosts.append(
+            {
+                **text,
+                **counts,
+                "active": h.get("active") is True,
+                "next_probe_at": float(at) if _is_number(at) else None,
+            }
+        )
+    return hosts
+
+
+_HOST_TEXT = ("host", "role", "state", "last_error", "hold", "rate_limit")
 
 
 def _pace(raw: object) -> dict[str, Any]:
@@ -167,10 +193,33 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "threads",
         "watch",
         "pace",
+        "smarthosts",
     ):
         result[key] = rt.get(key) if rt else None
     result["rejected"] = rt.get("rejected", {}) if rt else {}
     return result
+
+
+def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
+    """One line per smarthost, when there are several or one sends in parallel."""
+    if len(hosts) < 2 and all((h.get("limit") or 1) <= 1 for h in hosts):
+        return []
+    lines = []
+    for h in hosts:
+        state = printable(h.get("state") or "unknown")
+        at = h.get("next_probe_at")
+        if state != "up" and at:
+            state += f", next try in {_age(max(0.0, at - time.time()))}"
+        mark = "*" if h.get("active") else " "
+        line = (
+            f"smarthost {mark}{printable(h['host'])} ({printable(h.get('role') or '?')}): "
+            f"{state}; {h.get('sessions', 0)} of {h.get('limit', 1)} sessions open, "
+            f"{h.get('sent', 0)} sent"
+        )
+        if h.get("last_error") and h.get("state") != "up":
+            line += f"; last error: {printable(h['last_error'])}"
+        lines.append(line)
+    return lines
 
 
 def _age(seconds: float | None) -> str:
@@ -245,6 +294,7 @@ def render(r: dict[str, Any]) -> str:
                 f"pace       {printable(pace['rate_limit'])} (smtp.rate_limit), next send {when}"
                 f"; {pace.get('waits', 0)} waits for it"
             )
+        lines += _host_lines(r.get("smarthosts") or [])
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")
         err_text = f"{printable(err)} at {_when(r.get('last_error_at'))}" if err else "none"

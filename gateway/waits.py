@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from gateway.config import SmtpSection
 from gateway.replies import AUTH, QUOTA, THROTTLE
@@ -47,11 +49,35 @@ class AccountRefused(UplinkDown):
 
 
 class Waits:
-    def __init__(self, uplink: Uplink, runtime: Runtime, smtp: SmtpSection) -> None:
+    def __init__(
+        self,
+        uplink: Uplink,
+        runtime: Runtime,
+        smtp: SmtpSection,
+        status: dict[str, Any] | None = None,
+        publish: Callable[[], None] | None = None,
+    ) -> None:
         self.uplink = uplink
         self.runtime = runtime
         self.smtp = smtp
         self.throttles = 0  # "slow down" replies since a mail was last accepted
+        # This smarthost's line in status (gateway.smarthost), and how the relay's
+        # overall state is made from every smarthost's (Runtime.sum_hosts).
+        self.status: dict[str, Any] = status if status is not None else {}
+        self._publish = publish or self._alone
+        self.many = publish is not None  # one of several smarthosts
+
+    def _alone(self) -> None:
+        self.runtime.uplink = self.status.get("state", "unknown")
+        self.runtime.relay_hold = self.status.get("hold")
+        self.runtime.next_probe_at = self.status.get("next_probe_at")
+
+    def _set(self, error: str | None = None, **values: Any) -> None:
+        self.status.update(values)
+        if error is not None:
+            self.runtime.error(error)
+            self.status["last_error"] = error
+        self._publish()
 
     def refusal(self, kind: str, error: str | None) -> AccountRefused:
         """What to raise once the message's outcome is recorded: pause the relay."""
@@ -69,9 +95,10 @@ class Waits:
     def opened(self, where: str) -> None:
         """A session opened (and logged in): whatever the relay waited for is over."""
         outage = self.uplink.up(time.monotonic())
-        if self.runtime.uplink == "auth_failed":
+        state = self.status.get("state")
+        if state == "auth_failed":
             log.warning("%s accepted the login again; draining the queue", where)
-        elif self.runtime.uplink in ("paused", "throttled"):
+        elif state in ("paused", "throttled"):
             log.info("the relay's pause is over; trying %s again", where)
         elif outage is not None:
             log.warning(
@@ -79,9 +106,7 @@ class Waits:
                 where,
                 outage,
             )
-        self.runtime.uplink = "up"
-        self.runtime.relay_hold = None
-        self.runtime.next_probe_at = None
+        self._set(state="up", hold=None, next_probe_at=None)
 
     async def tcp_probe(self) -> None:
         timeout = self.uplink.tcp_probe_timeout()
@@ -103,11 +128,9 @@ class Waits:
                 self.smtp.port,
                 wait,
             )
-            self.runtime.next_probe_at = time.time() + wait
+            self._set(next_probe_at=time.time() + wait)
             return
-        self.runtime.next_probe_at = time.time() + max(
-            0.0, self.uplink.next_probe - time.monotonic()
-        )
+        self._set(next_probe_at=time.time() + max(0.0, self.uplink.next_probe - time.monotonic()))
 
     def failed(self, exc: UplinkDown, waiting: int) -> None:
         """No session could be opened, or the account was refused during one."""
@@ -121,11 +144,19 @@ class Waits:
             return
         first = self.uplink.down_since is None
         delay = self.uplink.down(exc.unreachable, time.monotonic())
-        self.runtime.uplink = "down"
-        self.runtime.next_probe_at = time.time() + delay
-        self.runtime.error(str(exc))
+        self._set(state="down", next_probe_at=time.time() + delay, error=str(exc))
         self.runtime.attempts["uplink_down"] += 1
-        if first:
+        if first and self.many:
+            # One of several smarthosts: the relay says whether another takes over.
+            log.warning(
+                "smarthost %s cannot be used: %s; none of the %d waiting messages is "
+                "charged; probing it again in %.0f s",
+                self.smtp.where,
+                exc,
+                waiting,
+                delay,
+            )
+        elif first:
             log.error(
                 "cannot deliver: %s; %d messages wait, none is charged an attempt; "
                 "probing again in %.0f s (`mailgw flush` probes now)",
@@ -139,12 +170,9 @@ class Waits:
     def _hold(self, state: str, reason: str, delay: float, waiting: int) -> None:
         """`state` auth_failed, paused or throttled: no session for `delay` (jittered
         longer). A throttle is the smarthost's normal flow control: a warning, not an error."""
-        first = self.runtime.uplink != state and state != "throttled"
+        first = self.status.get("state") != state and state != "throttled"
         delay = self.uplink.hold(delay, time.monotonic())
-        self.runtime.uplink = state
-        self.runtime.relay_hold = reason
-        self.runtime.next_probe_at = time.time() + delay
-        self.runtime.error(reason)
+        self._set(state=state, hold=reason, next_probe_at=time.time() + delay, error=reason)
         self.runtime.attempts[state] += 1
         log.log(
             logging.ERROR if first else logging.WARNING,

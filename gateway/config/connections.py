@@ -8,6 +8,7 @@ daemon will read them (checks.py), so a bad one stops check-config, not the daem
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +27,46 @@ from gateway.config.units import parse_duration, parse_rate
 from gateway.config.values import MqttSection, OAuthSection, SmtpSection
 
 
-def smtp_section(t: Table) -> SmtpSection:
+def _connection(t: Table) -> tuple[dict[str, Any], Any]:
+    """The keys of one smarthost's connection ([smtp] or a [[smtp.fallback]]), and its
+    host as written (None when missing or not a string)."""
     tls = t.text("tls", "starttls", choices=("starttls", "implicit", "none")) or "starttls"
     default_port = {"starttls": 587, "implicit": 465, "none": 25}[tls]
     host = t.text("host")
-    sender = t.text("from")
-    username = t.text("username", None)
-    password_file = t.path("password_file", None)
-    oauth_token_file = t.path("oauth_token_file", None)
     helo_name = t.text("helo_name", None)
     t.seen.add("oauth")
     oauth = (
-        oauth_section(t.loader.table("smtp.oauth", t.data["oauth"])) if "oauth" in t.data else None
+        oauth_section(t.loader.table(f"{t.name}.oauth", t.data["oauth"]))
+        if "oauth" in t.data
+        else None
     )
     if isinstance(helo_name, str) and (why := check_helo_name(helo_name)):
         t.loader.problem(t.name, "helo_name", why)
+    keys = {
+        "host": host or "",
+        "port": t.integer("port", default_port, lo=1, hi=65535),
+        "tls": tls,
+        "username": t.text("username", None),
+        "password_file": t.path("password_file", None),
+        "oauth_token_file": t.path("oauth_token_file", None),
+        "ca_file": t.path("ca_file", None, must_exist=True),
+        "helo_name": helo_name,
+        "oauth": oauth,
+        "rate_limit": _rate_limit(t),
+        # Most submission servers allow a few sessions per account or client (Postfix's
+        # smtpd_client_connection_count_limit is 50, Microsoft 365 allows 3 per mailbox);
+        # past 16 a gateway gains nothing and a shared smarthost sees a crowd.
+        "sessions": t.integer("sessions", 1, lo=1, hi=MAX_SESSIONS),
+    }
+    return keys, host
+
+
+MAX_SESSIONS = 16
+
+
+def smtp_section(t: Table) -> SmtpSection:
+    connection, host = _connection(t)
+    sender = t.text("from")
     if isinstance(sender, str):
         try:
             # Downstream code (envelope, From header) gets the IDNA form.
@@ -48,18 +74,11 @@ def smtp_section(t: Table) -> SmtpSection:
         except ValueError as exc:
             t.loader.problem(t.name, "from", str(exc))
     section = SmtpSection(
-        host=host or "",
-        port=t.integer("port", default_port, lo=1, hi=65535),
-        tls=tls,
+        **connection,
         sender=sender or "",
-        username=username,
-        password_file=password_file,
-        oauth_token_file=oauth_token_file,
-        ca_file=t.path("ca_file", None, must_exist=True),
         # aiosmtplib waits this long for each reply; the relay counts as stuck after
         # six of them, and RFC 5321 §4.5.3.2 asks for at most minutes.
         timeout=t.duration("timeout", 30.0, minimum=1, maximum=3600),
-        helo_name=helo_name,
         min_backoff=t.duration("min_backoff", 300.0, minimum=1),
         max_backoff=t.duration("max_backoff", 3600.0, minimum=1),
         probe_max=t.duration("probe_max", 60.0, minimum=1),
@@ -71,8 +90,6 @@ def smtp_section(t: Table) -> SmtpSection:
         # Quotas are counted over a rolling day (Gmail, Microsoft 365, SES) and the reply
         # does not say when it ends: one message an hour finds the end within the hour.
         quota_retry=t.duration("quota_retry", 3600.0, minimum=1),
-        oauth=oauth,
-        rate_limit=_rate_limit(t),
         # "Slow down" pauses double from 30 s up to this: long enough for a smarthost's
         # per-minute window to pass, short enough that the queue moves within minutes.
         throttle_max=t.duration("throttle_max", 600.0, minimum=1, maximum=86400),
@@ -82,9 +99,68 @@ def smtp_section(t: Table) -> SmtpSection:
         return_jitter=t.duration("return_jitter", 30.0, maximum=3600),
         drain_within=_drain_within(t),
     )
+    t.seen.add("fallback")
     t.done()
     _check_smtp(t, section, host)
+    tables = t.loader.tables("smtp.fallback", t.data.get("fallback"))
+    fallbacks = tuple(fallback_section(f, section) for f in tables)
+    _check_distinct(t, (section, *fallbacks))
+    return replace(section, fallbacks=fallbacks)
+
+
+# The keys that say how the relay behaves rather than where it connects: one value for
+# every smarthost, so that a failover changes the path, not the mail or its schedule.
+SHARED_KEYS = (
+    "from",
+    "timeout",
+    "min_backoff",
+    "max_backoff",
+    "probe_max",
+    "batch",
+    "auth_retry",
+    "quota_retry",
+    "throttle_max",
+    "return_jitter",
+    "drain_within",  # the drain plan reckons with the primary's rate_limit
+    "fallback",
+)
+
+
+def fallback_section(t: Table, primary: SmtpSection) -> SmtpSection:
+    """One [[smtp.fallback]]: its own connection keys, the primary's shared ones."""
+    connection, host = _connection(t)
+    for key in SHARED_KEYS:
+        if key in t.data:
+            t.seen.add(key)
+            t.loader.problem(
+                t.name,
+                key,
+                "is shared by every smarthost; set it once in [smtp], not in a "
+                "[[smtp.fallback]] (a fallback has only connection keys: host, port, tls, "
+                "ca_file, username, password_file, oauth_token_file, [smtp.fallback.oauth], "
+                "helo_name, sessions, rate_limit)",
+            )
+    t.done()
+    section = replace(primary, **connection, fallbacks=())
+    _check_smtp(t, section, host)
     return section
+
+
+def _check_distinct(t: Table, hosts: tuple[SmtpSection, ...]) -> None:
+    seen: dict[tuple[str, int], int] = {}
+    for i, h in enumerate(hosts):
+        if not h.host:
+            continue
+        key = (h.host.lower(), h.port)
+        if key in seen:
+            where = "[smtp]" if seen[key] == 0 else f"smtp.fallback[{seen[key] - 1}]"
+            t.loader.problem(
+                f"smtp.fallback[{i - 1}]",
+                "host",
+                f"{h.host}:{h.port} is already listed as {where}; a fallback must be "
+                "another smarthost (or another port)",
+            )
+        seen.setdefault(key, i)
 
 
 # Past these a rate limit is a mistake, not a limit: over 100 mails a second no smarthost
@@ -199,7 +275,7 @@ def _check_smtp(t: Table, section: SmtpSection, host: Any) -> None:
         t.loader.problem(t.name, key, "cannot be combined with [smtp.oauth]; remove one")
     if section.oauth and tls == "none":
         t.loader.problem(t.name, "tls", '"none" cannot be combined with [smtp.oauth]')
-    if section.min_backoff > section.max_backoff:
+    if section.min_backoff > section.max_backoff and not section.fallbacks and t.name == "smtp":
         t.loader.problem(t.name, "min_backoff", "must not exceed max_backoff")
 
 

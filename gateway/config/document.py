@@ -9,7 +9,12 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from gateway.config.connections import mqtt_section, oauth_section, smtp_section
+from gateway.config.connections import (
+    fallback_section,
+    mqtt_section,
+    oauth_section,
+    smtp_section,
+)
 from gateway.config.loader import Loader
 from gateway.config.sections import (
     gateway_section,
@@ -145,6 +150,9 @@ def known_keys() -> dict[str, set[str]]:
     outbox_section(loader.table("outbox", {}))
     smtp_section(loader.table("smtp", {}))
     oauth_section(loader.table("smtp.oauth", {}))
+    fallback_section(
+        loader.table("smtp.fallback", {}), smtp_section(Loader("", "").table("smtp", {}))
+    )
     mqtt_section(loader.table("mqtt", {}))
     serial_section(loader.table("serial", {}))
     route_section(loader.table("route", {}), 0)

@@ -92,6 +92,19 @@ class SmtpSection:
     # A backlog that would take longer than this at rate_limit is folded (gateway.drain);
     # None: no drain plan (no rate limit, or "off").
     drain_within: float | None = None
+    sessions: int = 1  # the most parallel sessions to this smarthost
+    # [[smtp.fallback]]: smarthosts tried in order while this one (the primary) cannot be
+    # used. Each is a whole SmtpSection: its own connection keys, the primary's shared ones.
+    fallbacks: tuple[SmtpSection, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[SmtpSection, ...]:
+        """Every smarthost in the order they are tried: this one, then the fallbacks."""
+        return (self, *self.fallbacks)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +227,10 @@ class Config:
         parts = [f"device {self.gateway.device_id}", f"outbox {self.outbox_path}"]
         if self.smtp:
             parts.append(f"smtp {self.smtp.host}:{self.smtp.port} ({self.smtp.tls})")
+            if self.smtp.sessions > 1:
+                parts.append(f"{self.smtp.sessions} sessions")
+            if self.smtp.fallbacks:
+                parts.append("fallback " + ", ".join(f.where for f in self.smtp.fallbacks))
         else:
             parts.append("no [smtp]: alerts are queued, not relayed")
         if self.mqtt:
