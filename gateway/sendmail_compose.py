@@ -31,6 +31,7 @@ from gateway.outbox.writer import Writer
 from gateway.routing import Router
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _DROPPED = (b"bcc", b"sender", b"return-path", b"x-original-from", b"x-mailgw-submitted-by")
 RETRY_AFTER = 30.0  # the outbox could not be read: try this message again after this
 
@@ -55,7 +56,9 @@ def rewrite(
             name_part = parseaddr(field_value(text))[0]
             out.append(b"From: " + _address(fullname or name_part, sender))
         elif name not in _DROPPED:
-            out.append(text)
+            # A CR inside a header line would become a line end on the wire (the SMTP
+            # client makes a lone CR a CRLF) and cut the field: it becomes a fold.
+            out.append(_BARE_CR.sub(b"\r\n ", text))
     if b"from" not in seen:
         out.insert(0, b"From: " + _address(fullname, sender))
     if original_from:

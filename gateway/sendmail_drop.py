@@ -18,6 +18,7 @@ import os
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 MAGIC = b"MAILGW-DROP 1\n"
 MAX_ARG = 998  # an envelope value longer than a header line is not an address
+MAX_RCPTS = 256  # the daemon's bound too (gateway/maildrop_parse.py): refused here first
 
 
 class Invocation:
@@ -39,6 +40,11 @@ class Invocation:
             f"Invocation(mode={self.mode!r}, sender={self.sender!r}, extract={self.extract}, "
             f"dot_ends={self.dot_ends}, recipients={self.recipients!r})"
         )
+
+
+def has_controls(value: str) -> bool:
+    """True if the value holds a character an envelope line cannot carry."""
+    return any(c < " " or c == "\x7f" for c in value)
 
 
 def _clean(value: str) -> str:

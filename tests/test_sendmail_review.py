@@ -1,0 +1,182 @@
+"""Regressions from the review of `sendmail` (-bs framing, client-side refusals, the
+header parse), each failing before its fix."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config.sendmail import Alias, SendmailSection
+from gateway.maildrop_parse import (
+    BadDrop,
+    header_fields,
+    header_recipients,
+    parse_drop,
+    plan,
+    split_message,
+    subject,
+)
+from gateway.sendmail import deliver, parse_args
+from gateway.sendmail_compose import rewrite
+from gateway.sendmail_drop import MAX_RCPTS
+from gateway.sendmail_smtp import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def drop(tmp_path: Path) -> Path:
+    d = tmp_path / "maildrop"
+    d.mkdir()
+    d.chmod(0o3733)
+    return d
+
+
+def _session(drop: Path, script: bytes) -> tuple[list[bytes], list[bytes]]:
+    out = io.BytesIO()
+    serve(parse_args(["-bs"]), io.BytesIO(script), out, str(drop))
+    replies = [line for line in out.getvalue().split(b"\r\n") if line]
+    return replies, [parse_drop(p.read_bytes()).message for p in drop.iterdir()]
+
+
+HEAD = b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"
+
+
+# --- -bs ------------------------------------------------------------------------------
+
+
+def test_bs_eof_inside_data_queues_nothing(drop: Path) -> None:
+    replies, files = _session(drop, HEAD + b"Subject: half\r\n\r\nfirst half of the")
+    assert files == []
+    assert replies[-1].startswith(b"421 ")
+    assert not any(b"queued" in r and r.startswith(b"250") for r in replies)
+
+
+def test_bs_a_body_line_over_64_kib_is_one_line(drop: Path) -> None:
+    long = b"x" * 65535 + b".\r\n"  # the read boundary falls just before the '.'
+    stuffed = b"y" * 65536 + b".abc\r\n"  # a piece starting with '.' mid-line
+    body = b"Subject: long\r\n\r\n" + long + stuffed + b"RSET\r\nline after\r\n"
+    replies, files = _session(drop, HEAD + body + b".\r\nQUIT\r\n")
+    assert [r[:3] for r in replies] == [b"220", b"250", b"250", b"354", b"250", b"221"]
+    assert files == [body]
+
+
+def test_bs_refuses_more_than_max_rcpts_with_452(drop: Path) -> None:
+    rcpts = b"".join(b"RCPT TO:<u%d@x>\r\n" % i for i in range(MAX_RCPTS + 4))
+    replies, files = _session(
+        drop, b"MAIL FROM:<a@x>\r\n" + rcpts + b"DATA\r\nSubject: s\r\n\r\nx\r\n.\r\n"
+    )
+    assert sum(r.startswith(b"452 ") for r in replies) == 4
+    (f,) = drop.iterdir()
+    assert len(parse_drop(f.read_bytes()).recipients) == MAX_RCPTS  # the daemon takes it
+    assert files == [b"Subject: s\r\n\r\nx\r\n"]
+
+
+@pytest.mark.parametrize("cmd", [b"MAIL FROM:<a\rb@x>", b"MAIL FROM:<a\x01@x>"])
+def test_bs_refuses_control_characters_in_addresses(drop: Path, cmd: bytes) -> None:
+    replies, files = _session(drop, cmd + b"\r\nRCPT TO:<c\rd@x>\r\nQUIT\r\n")
+    assert replies[1].startswith(b"501 ")
+    assert files == []
+    replies, files = _session(drop, b"MAIL FROM:<a@x>\r\nRCPT TO:<c\rd@x>\r\nQUIT\r\n")
+    assert replies[2].startswith(b"501 ")
+
+
+def test_bs_refuses_an_empty_message(drop: Path) -> None:
+    replies, files = _session(drop, HEAD + b"\r\n.\r\nQUIT\r\n")
+    assert replies[-2].startswith(b"554 ")
+    assert files == []
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def test_cmdline_refuses_too_many_recipients_and_empty_input(
+    drop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    many = [f"u{i}@x" for i in range(MAX_RCPTS + 1)]
+    assert deliver(parse_args(many), io.BytesIO(b"Subject: s\n\nx\n"), str(drop)) == 65
+    assert "recipients, at most 256" in capsys.readouterr().err
+    assert deliver(parse_args(["a@x"]), io.BytesIO(b""), str(drop)) == 65
+    assert deliver(parse_args(["a@x"]), io.BytesIO(b"\n.\n"), str(drop)) == 65
+    assert "empty" in capsys.readouterr().err
+    assert list(drop.iterdir()) == []
+
+
+def test_cmdline_with_stdin_closed_says_so(drop: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAILGW_MAILDROP": str(drop)}
+    p = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m gateway.sendmail a@x <&-'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 66, p.stderr
+    assert "standard input is closed" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert list(drop.iterdir()) == []
+
+
+# --- the header parse -----------------------------------------------------------------
+
+
+def _rw(data: bytes) -> bytes:
+    return rewrite(data, sender="gw@example.com", fullname="", message_id="<m@x>", date="D", uid=7)
+
+
+def test_a_bare_cr_in_a_field_keeps_the_rest_of_the_field() -> None:
+    out = _rw(b"Subject: disk sda\rreallocated sectors 12\nTo: a@x\n\nbody\n")
+    assert b"Subject: disk sda\r\n reallocated sectors 12\r\n" in out
+    # on the wire (a lone CR becomes CRLF there) it is still one folded field
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert all(line[:1] in (b" ", b"\t") or b":" in line for line in head.split(b"\r\n"))
+
+
+def test_a_message_with_cr_line_ends_keeps_its_body() -> None:
+    out = _rw(b"Subject: s\rTo: a@x\r\rbody line 1\rbody line 2\r")
+    assert out.endswith(b"\r\n\r\nbody line 1\r\nbody line 2\r\n")
+    assert b"Subject: s\r\n" in out
+
+
+def test_unrecognised_header_lines_are_kept_verbatim() -> None:
+    fields = header_fields(b"Subject: s\nnot a field \x01\nTo: a@x\n")
+    assert [t for _, t in fields] == [b"Subject: s", b"not a field \x01", b"To: a@x"]
+
+
+def test_from_space_colon_is_a_field_not_an_mbox_line() -> None:
+    msg = b"From : Cron <cron@host>\nSubject: s\n\nb\n"
+    head, body = split_message(msg)
+    assert (head, body) == (b"From : Cron <cron@host>\nSubject: s\n", b"b\n")
+    out = _rw(msg)
+    assert b"X-Original-From: Cron <cron@host>" in out
+    assert header_fields(b"From cron@host Mon Jan 1\nSubject: s\n") == [(b"subject", b"Subject: s")]
+
+
+# --- -t with very many addresses ------------------------------------------------------
+
+
+def test_header_recipients_beyond_max_rcpts_are_a_bad_drop() -> None:
+    to = b"To: " + b", ".join(b"u%d@x" % i for i in range(MAX_RCPTS + 1)) + b"\n"
+    with pytest.raises(BadDrop, match="recipients in To/Cc/Bcc"):
+        header_recipients(to)
+    dup = b"To: " + b", ".join(b"same@x" for _ in range(10_000)) + b"\n"
+    assert header_recipients(dup) == ["same@x"]
+
+
+def test_a_huge_to_header_and_subject_are_bounded_in_time() -> None:
+    section = SendmailSection(aliases={"root": Alias(routes=("ops",))})
+    to = b"To: " + b", ".join(b"u%d@x" % (i % 200) for i in range(40_000)) + b"\n"
+    subj = b"Subject: " + b" ".join(b"=?utf-8?q?a?=" for _ in range(40_000)) + b"\n"
+    t0 = time.monotonic()
+    rcpts = header_recipients(to + subj)
+    where, problems = plan(rcpts * 50, section)
+    text = subject(to + subj)
+    assert time.monotonic() - t0 < 5.0
+    assert len(where.addresses) == 200 and problems == []
+    assert text.startswith("aaaa")
