@@ -45,6 +45,7 @@ from gateway.maildrop_parse import (
 from gateway.outbox import Outbox, raw
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
+from gateway.sendmail_drop import read_limit
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +167,10 @@ class Maildrop:
         """Tell `sendmail` the size limit, so it can refuse with an exit code."""
         path = self.dir / LIMIT_FILE
         want = str(self.config.sendmail.max_size).encode()
-        try:
-            if path.read_bytes() == want:
-                return
-        except OSError:
-            pass
+        # Only our own regular file counts (read without blocking or following links);
+        # anything else a local user left there is replaced, atomically, below.
+        if read_limit(str(path), (os.geteuid(),)) == self.config.sendmail.max_size:
+            return
         # A fresh random name, created exclusively: anyone may create files here, and a
         # file someone else made in advance must never become the published limit.
         tmp = self.dir / f"{LIMIT_FILE}.{os.urandom(8).hex()}"

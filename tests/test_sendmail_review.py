@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from gateway.config import parse
 from gateway.config.sendmail import Alias, SendmailSection
+from gateway.maildrop import Maildrop
 from gateway.maildrop_parse import (
     BadDrop,
     header_fields,
@@ -22,9 +27,10 @@ from gateway.maildrop_parse import (
     split_message,
     subject,
 )
+from gateway.runtime import Runtime
 from gateway.sendmail import deliver, parse_args
 from gateway.sendmail_compose import rewrite
-from gateway.sendmail_drop import MAX_RCPTS
+from gateway.sendmail_drop import DEFAULT_MAX_SIZE, MAX_RCPTS, max_size
 from gateway.sendmail_smtp import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,3 +186,42 @@ def test_a_huge_to_header_and_subject_are_bounded_in_time() -> None:
     assert time.monotonic() - t0 < 5.0
     assert len(where.addresses) == 200 and problems == []
     assert text.startswith("aaaa")
+
+
+# --- <maildrop>/.max_size, which any local user may have created first ----------------
+
+
+def _maildrop(d: Path) -> Maildrop:
+    cfg = parse(
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        f'[sendmail]\nmaildrop = "{d}"\nmax_size = 4096\n'
+    )
+    return Maildrop(cfg, None, Runtime())  # type: ignore[arg-type]  # no store here
+
+
+def _within(seconds: float, fn: Callable[[], object]) -> object:
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked"
+    return got[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "foreign"])
+def test_a_planted_max_size_neither_blocks_nor_counts(drop: Path, kind: str) -> None:
+    limit = drop / ".max_size"
+    if kind == "fifo":
+        os.mkfifo(limit)
+    elif kind == "zero":
+        limit.symlink_to("/dev/zero")
+    else:
+        limit.write_text("1")
+        os.chown(limit, 1000, 1000)  # a local user's file: not the spool's owner
+    assert _within(5, lambda: max_size(str(drop))) == DEFAULT_MAX_SIZE
+    m = _maildrop(drop)
+    _within(5, m._list)
+    st = os.lstat(limit)  # replaced by the daemon's own regular file
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+    assert limit.read_text() == "4096"
+    assert max_size(str(drop)) == 4096
