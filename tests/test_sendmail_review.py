@@ -3,8 +3,10 @@ header parse), each failing before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import pwd
 import stat
 import subprocess
 import sys
@@ -27,6 +29,8 @@ from gateway.maildrop_parse import (
     split_message,
     subject,
 )
+from gateway.outbox import Outbox
+from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
 from gateway.sendmail import deliver, parse_args
 from gateway.sendmail_compose import rewrite
@@ -225,3 +229,56 @@ def test_a_planted_max_size_neither_blocks_nor_counts(drop: Path, kind: str) -> 
     assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
     assert limit.read_text() == "4096"
     assert max_size(str(drop)) == 4096
+
+
+# --- who sent it, and a maildrop name written twice -----------------------------------
+
+_FILE = b"MAILGW-DROP 1\nU root\nF \nN \nR root\n\nSubject: %s\n\nx\n"
+
+
+def _place(drop: Path, name: str, data: bytes, uid: int) -> None:
+    (drop / name).write_bytes(data)
+    os.chmod(drop / name, 0o640)
+    os.chown(drop / name, uid, uid)
+
+
+@pytest.mark.parametrize("uid", [1000, 54321])
+def test_the_sensor_is_the_files_owner_not_the_u_line(drop: Path, uid: int) -> None:
+    _place(drop, "f", _FILE % b"s", uid)
+    picked = _maildrop(drop)._read("f")
+    assert picked is not None
+    try:
+        want = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        want = str(uid)
+    assert (picked.alert.sensor, picked.alert.topic) == (want, f"sendmail/{want}")
+    assert picked.alert.fields["claimed_user"] == "root"  # kept, as information
+    assert picked.message.uid == uid
+    assert picked.plan.routes == ()  # recipient `root` still routes by alias: none here
+
+
+def test_a_reused_maildrop_name_with_new_content_is_queued_not_lost(tmp_path: Path) -> None:
+    drop = tmp_path / "maildrop"
+    drop.mkdir()
+    cfg = parse(
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        f'[sendmail]\nmaildrop = "{drop}"\n[sendmail.aliases]\nroot = "ops"\n'
+    )
+    ob = Outbox(tmp_path / "o.db", allow_volatile=True)
+    w = Writer(ob)
+    w.start()
+    try:
+        m = Maildrop(cfg, w, Runtime())
+        # the third: the same file again, as after a crash between commit and unlink
+        for subj, queued in ((b"first", 1), (b"second", 1), (b"second", 0)):
+            _place(drop, "report", _FILE % subj, 0)
+            assert asyncio.run(m.scan()) == queued
+            assert not (drop / "report").exists()
+        assert m.picked == 2
+        rows = ob.conn.execute("SELECT drop_name, data FROM raw_message ORDER BY alert_seq")
+        got = [(n, bytes(d)) for n, d in rows]
+        assert [d.split(b"Subject: ")[1][:6] for _, d in got] == [b"first\n", b"second"]
+        assert got[0][0] == "report" and got[1][0].startswith("report~")
+    finally:
+        w.stop()
+        ob.close()
