@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import parse
 from gateway.config.sendmail import Alias, SendmailSection
@@ -282,3 +284,27 @@ def test_a_reused_maildrop_name_with_new_content_is_queued_not_lost(tmp_path: Pa
     finally:
         w.stop()
         ob.close()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 100, 65534, 65535, 65536, 65537, 131072]),
+            st.sampled_from([b"", b".", b"..", b".\r", b"x."]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+@settings(max_examples=40, deadline=None)
+def test_bs_data_round_trips_any_lines(
+    tmp_path_factory: pytest.TempPathFactory, spec: list[tuple[int, bytes]]
+) -> None:
+    drop = tmp_path_factory.mktemp("maildrop")
+    # lines of any length, with dots where the 64 KiB read boundaries fall
+    lines = [b"a" * n + tail for n, tail in spec] + [b"Subject: s"]
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    replies, files = _session(drop, HEAD + stuffed + b".\r\nQUIT\r\n")
+    assert [r[:3] for r in replies] == [b"220", b"250", b"250", b"354", b"250", b"221"]
+    assert files == [body]
