@@ -11,7 +11,10 @@ rewritten, so that a smarthost accepts the mail from the gateway's account:
   from the time of pickup if missing;
 - X-Mailgw-Submitted-By says which local uid handed it in (the spool file's owner).
 Line ends: SMTP wants CRLF. A message written with CRLF keeps its bytes exactly; one
-with bare LF (what cron and most tools write) has each LF made CRLF, and nothing else.
+with bare LF (what cron and most tools write) has each LF made CRLF. A lone CR in the
+body is left here, but the SMTP client (aiosmtplib) sends it as CRLF; a lone CR inside a
+header field is made a fold so the field stays whole; a message with CR line ends only
+is read as lines (maildrop_parse.cr_line_ends).
 """
 
 from __future__ import annotations
