@@ -53,6 +53,12 @@ def serve(inv: Invocation, stdin: BinaryIO, stdout: BinaryIO, maildrop: str) -> 
     sender: str | None = None
     rcpts: list[str] = []
     while line := stdin.readline(4096):
+        if not line.endswith(b"\n") and len(line) == 4096:
+            # The rest of an overlong command must not run as a command of its own.
+            while (more := stdin.readline(4096)) and not more.endswith(b"\n"):
+                pass
+            reply("500 5.5.2 Line too long")
+            continue
         # Only the line end goes: a CR inside the line is the client's and is refused.
         cmd = line.decode("utf-8", "replace").rstrip("\r\n").strip(" \t")
         verb = cmd[:4].upper()

@@ -320,3 +320,9 @@ def test_header_fields_drop_no_line_but_the_mbox_separator(lines: list[bytes]) -
         want = want[1:]  # perhaps an mbox separator: test_from_space_colon... covers it
     for line in want:
         assert line in kept
+
+
+def test_bs_the_rest_of_an_overlong_command_is_not_a_command(drop: Path) -> None:
+    overlong = b"NOOP " + b"x" * (2 * 4096 - 5) + b"RSET\r\n"  # RSET begins a read
+    replies, _ = _session(drop, b"MAIL FROM:<a@x>\r\n" + overlong + b"RCPT TO:<b@x>\r\n")
+    assert [r[:3] for r in replies] == [b"220", b"250", b"500", b"250"]  # RSET did not run
