@@ -24,6 +24,7 @@ import asyncio
 import errno
 import logging
 import os
+import pwd
 import stat
 import time
 from dataclasses import dataclass
@@ -45,12 +46,22 @@ from gateway.maildrop_parse import (
 from gateway.outbox import Outbox, raw
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
+from gateway.sendmail_drop import MAX_RCPTS, read_limit
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5
 STALE = 3600.0  # a file still unfinished after this long was abandoned by its writer
 LIMIT_FILE = ".max_size"
+
+
+def _owner_name(uid: int) -> str:
+    """The user name of a uid, or the number. Under the unit's PrivateUsers= every
+    user but root and mailgw reads as the overflow uid 65534, usually "nobody"."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
 
 
 class Rejected(Exception):
@@ -114,7 +125,7 @@ class Maildrop:
             if picked is None:
                 continue
             try:
-                await self.writer.run(partial(_store, picked))
+                added = await self.writer.run(partial(_store, picked))
             except (GatewayError, OSError) as exc:
                 if not self._store_failing:
                     log.error(
@@ -127,6 +138,13 @@ class Maildrop:
                 return stored
             self._store_failing = False
             await asyncio.to_thread(self._unlink, name)
+            if not added:  # the same content is in the outbox already (raw.store)
+                log.info(
+                    "maildrop file %s was stored before (a pickup interrupted before its "
+                    "removal); removed now, not queued again",
+                    name,
+                )
+                continue
             stored += 1
             self.picked += 1
             self._log_stored(picked)
@@ -166,11 +184,10 @@ class Maildrop:
         """Tell `sendmail` the size limit, so it can refuse with an exit code."""
         path = self.dir / LIMIT_FILE
         want = str(self.config.sendmail.max_size).encode()
-        try:
-            if path.read_bytes() == want:
-                return
-        except OSError:
-            pass
+        # Only our own regular file counts (read without blocking or following links);
+        # anything else a local user left there is replaced, atomically, below.
+        if read_limit(str(path), (os.geteuid(),)) == self.config.sendmail.max_size:
+            return
         # A fresh random name, created exclusively: anyone may create files here, and a
         # file someone else made in advance must never become the published limit.
         tmp = self.dir / f"{LIMIT_FILE}.{os.urandom(8).hex()}"
@@ -214,6 +231,9 @@ class Maildrop:
                 rcpts += header_recipients(head)
             except BadDrop as exc:
                 raise Rejected("malformed", str(exc)) from None
+            rcpts = list(dict.fromkeys(rcpts))
+            if len(rcpts) > MAX_RCPTS:
+                raise Rejected("malformed", f"{len(rcpts)} recipients (at most {MAX_RCPTS})")
         where, problems = plan(rcpts, self.config.sendmail, self.config.gateway.default_route)
         return Picked(
             self._alert(drop.user, uid, subject(head), drop.fullname, len(drop.message)),
@@ -252,8 +272,12 @@ class Maildrop:
             os.close(fd)
 
     def _alert(self, user: str, uid: int, subj: str, fullname: str, size: int) -> Alert:
-        who = clean_sensor(user or str(uid)) or "unknown"
+        # The sensor is the file's owner, which the kernel set: the U line is whatever
+        # the client wrote (LOGNAME) and is kept only as an informational field.
+        who = clean_sensor(_owner_name(uid)) or "unknown"
         fields: dict[str, str | int] = {"uid": uid, "size": size}
+        if user:
+            fields["claimed_user"] = user[:64]
         if fullname:
             fields["fullname"] = fullname[:200]
         return Alert(

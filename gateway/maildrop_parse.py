@@ -21,10 +21,10 @@ from email.utils import getaddresses
 
 from gateway.config.sendmail import Alias, SendmailSection
 from gateway.outbox.raw import RawPlan
+from gateway.sendmail_drop import MAX_RCPTS
 
 MAGIC = b"MAILGW-DROP 1\n"
 MAX_ENVELOPE = 256 * 1024  # ~ 250 recipients of 998 bytes: more is not a cron mail
-MAX_RCPTS = 256
 MAX_HEADER = 1024 * 1024  # a header block larger than this is not parsed for -t
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _LOCAL = re.compile(r"[A-Za-z0-9._+-]{1,64}")
@@ -76,13 +76,29 @@ def parse_drop(data: bytes) -> Drop:
     )
 
 
+def cr_line_ends(data: bytes) -> bytes:
+    """A message with CR line ends and no LF at all (old Mac style) as LF lines: each
+    CR was a line end (the SMTP client would make each one a CRLF anyway). Any other
+    message is returned as it is."""
+    if b"\n" not in data and b"\r" in data:
+        return data.replace(b"\r", b"\n")
+    return data
+
+
+def _mbox_line(line: bytes) -> bool:
+    # "From " begins an mbox separator, but "From : x" or "From  :x" is a header field.
+    return line.startswith(b"From ") and _FIELD.match(line) is None
+
+
 def split_message(data: bytes) -> tuple[bytes, bytes]:
     """(header block, body). The body is every byte after the empty line, untouched.
 
-    A line that is neither a field nor a continuation ends the header block there (the
-    body begins with it, as Postfix reads it); a leading mbox "From " line is kept in
-    the block for header_fields to drop.
+    Lines end at LF only (a CR inside a line is part of it). A line that is neither a
+    field nor a continuation ends the header block there (the body begins with it, as
+    Postfix reads it); a leading mbox "From " line is kept in the block for
+    header_fields to drop. A message with CR line ends only: see cr_line_ends.
     """
+    data = cr_line_ends(data)
     pos, n = 0, len(data)
     while pos < n:
         nl = data.find(b"\n", pos)
@@ -91,7 +107,7 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
         if not line:
             return data[:pos], data[line_end:]
         folded = pos > 0 and line[:1] in (b" ", b"\t")
-        mbox = pos == 0 and line.startswith(b"From ")
+        mbox = pos == 0 and _mbox_line(line)
         if not (folded or mbox or _FIELD.match(line)):
             return data[:pos], data[pos:]
         pos = line_end
@@ -99,16 +115,27 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
 
 
 def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
-    """(lower-case name, the whole field with its folds, line ends stripped)."""
+    """(lower-case name, the whole field with its folds, line ends stripped).
+
+    Lines are split at LF, as split_message does, so a CR inside a line stays in it.
+    A line that is not a field (only a header block from elsewhere has one) is kept
+    verbatim under the name b"": nothing is dropped but the mbox separator.
+    """
     fields: list[tuple[bytes, bytes]] = []
-    for line in head.splitlines():
+    lines = head.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for raw_line in lines:
+        line = raw_line[:-1] if raw_line.endswith(b"\r") else raw_line
         if line[:1] in (b" ", b"\t") and fields:
             name, text = fields[-1]
             fields[-1] = (name, text + b"\r\n" + line)
-        elif line.startswith(b"From ") and not fields:
+        elif not fields and _mbox_line(line):
             continue  # mbox separator, not a header
         elif (m := _FIELD.match(line)) is not None:
             fields.append((m.group(0)[:-1].rstrip(b" \t").lower(), line))
+        else:
+            fields.append((b"", line))
     return fields
 
 
@@ -119,18 +146,25 @@ def field_value(field: bytes) -> str:
 
 
 def header_recipients(head: bytes) -> list[str]:
-    """The addresses in To, Cc and Bcc (sendmail -t)."""
+    """The addresses in To, Cc and Bcc (sendmail -t), each once, in order. More than
+    MAX_RCPTS distinct ones is a BadDrop, as on the envelope."""
     if len(head) > MAX_HEADER:
         raise BadDrop(f"a header block over {MAX_HEADER} bytes")
     values = [field_value(f) for n, f in header_fields(head) if n in (b"to", b"cc", b"bcc")]
-    return [addr for _, addr in getaddresses(values) if addr]
+    found = dict.fromkeys(addr for _, addr in getaddresses(values) if addr)
+    if len(found) > MAX_RCPTS:
+        raise BadDrop(f"{len(found)} recipients in To/Cc/Bcc (at most {MAX_RCPTS})")
+    return list(found)
+
+
+MAX_SUBJECT = 4096  # encoded bytes decoded for a listing that shows 200 characters
 
 
 def subject(head: bytes) -> str:
     """The Subject as text, for `mailgw queue` listings; never raises."""
     for name, f in header_fields(head[:MAX_HEADER]):
         if name == b"subject":
-            text = field_value(f)
+            text = field_value(f)[:MAX_SUBJECT]
             with contextlib.suppress(ValueError, LookupError, UnicodeError):
                 text = str(make_header(decode_header(text)))
             return "".join(c for c in text if c >= " ")[:200]
@@ -146,10 +180,11 @@ def plan(
     recipient at all the mail goes where `root`'s does."""
     from gateway.config.addresses import normalize_address
 
-    routes: list[str] = []
-    addresses: list[str] = []
+    # dicts as ordered sets: a -t message may name MAX_RCPTS addresses, many repeated
+    routes: dict[str, None] = {}
+    addresses: dict[str, None] = {}
     problems: list[str] = []
-    for rcpt in recipients or ["root"]:
+    for rcpt in dict.fromkeys(recipients or ["root"]):
         rcpt = rcpt.strip().strip("<>")
         if "@" not in rcpt:
             local = rcpt.lower()
@@ -161,14 +196,13 @@ def plan(
                     f"{rcpt!r}: no [sendmail.aliases] entry, no '*', no gateway.default_route"
                 )
                 continue
-            routes.extend(r for r in alias.routes if r not in routes)
-            addresses.extend(a for a in alias.addresses if a not in addresses)
+            routes.update(dict.fromkeys(alias.routes))
+            addresses.update(dict.fromkeys(alias.addresses))
             continue
         try:
             addr = normalize_address(rcpt)
         except ValueError as exc:
             problems.append(str(exc))
             continue
-        if addr not in addresses:
-            addresses.append(addr)
+        addresses[addr] = None
     return RawPlan(tuple(routes), tuple(addresses), section.priority), problems

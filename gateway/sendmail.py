@@ -18,7 +18,15 @@ from __future__ import annotations
 import os
 import sys
 
-from gateway.sendmail_drop import Invocation, _clean, drop, envelope, max_size, user
+from gateway.sendmail_drop import (
+    MAX_RCPTS,
+    Invocation,
+    _clean,
+    drop,
+    envelope,
+    max_size,
+    user,
+)
 
 DEFAULT_MAILDROP = "/var/spool/mailgw/maildrop"
 
@@ -26,6 +34,7 @@ DEFAULT_MAILDROP = "/var/spool/mailgw/maildrop"
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
@@ -128,6 +137,15 @@ def deliver(inv: Invocation, stdin: object, maildrop: str) -> int:
     if not inv.recipients and not inv.extract:
         _say("no recipients given; name them or use -t to take them from the headers")
         return EX_USAGE
+    if len(inv.recipients) > MAX_RCPTS:
+        _say(
+            f"message refused: {len(inv.recipients)} recipients, at most {MAX_RCPTS} per "
+            "message; split the list or use an alias; nothing was queued"
+        )
+        return EX_DATAERR
+    if stdin is None:  # `sendmail x <&-`: no stdin at all
+        _say("no message: standard input is closed; nothing was queued")
+        return EX_NOINPUT
     limit = max_size(maildrop)
     data = read_message(stdin, limit)
     if data is None:
@@ -138,6 +156,9 @@ def deliver(inv: Invocation, stdin: object, maildrop: str) -> int:
         return EX_DATAERR
     if inv.dot_ends:
         data = cut_at_dot(data)
+    if not data.strip():  # the daemon would refuse it: say so now, with an exit code
+        _say("message refused: it is empty (nothing on standard input); nothing was queued")
+        return EX_DATAERR
     try:
         drop(maildrop, envelope(inv, user()) + data)
     except FileNotFoundError:
@@ -156,14 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     inv = parse_args(args, sys.argv[0] if sys.argv else "sendmail")
     maildrop = os.environ.get("MAILGW_MAILDROP") or DEFAULT_MAILDROP
+    # sys.stdin/stdout are None when the descriptor is closed (`sendmail x <&-`).
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
     if inv.mode == "m":
-        return deliver(inv, sys.stdin.buffer, maildrop)
+        return deliver(inv, stdin, maildrop)
     if inv.mode == "i":
         return EX_OK  # newaliases: the alias table is [sendmail] aliases, read at start
     if inv.mode == "s":
         from gateway.sendmail_smtp import serve
 
-        return serve(inv, sys.stdin.buffer, sys.stdout.buffer, maildrop)
+        if stdin is None or sys.stdout is None:
+            _say("-bs needs standard input and output; one of them is closed")
+            return EX_NOINPUT
+        return serve(inv, stdin, sys.stdout.buffer, maildrop)
     if inv.mode == "p":
         from gateway.sendmail_queue import list_waiting
 

@@ -11,7 +11,10 @@ rewritten, so that a smarthost accepts the mail from the gateway's account:
   from the time of pickup if missing;
 - X-Mailgw-Submitted-By says which local uid handed it in (the spool file's owner).
 Line ends: SMTP wants CRLF. A message written with CRLF keeps its bytes exactly; one
-with bare LF (what cron and most tools write) has each LF made CRLF, and nothing else.
+with bare LF (what cron and most tools write) has each LF made CRLF. A lone CR in the
+body is left here, but the SMTP client (aiosmtplib) sends it as CRLF; a lone CR inside a
+header field is made a fold so the field stays whole; a message with CR line ends only
+is read as lines (maildrop_parse.cr_line_ends).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from gateway.outbox.writer import Writer
 from gateway.routing import Router
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _DROPPED = (b"bcc", b"sender", b"return-path", b"x-original-from", b"x-mailgw-submitted-by")
 RETRY_AFTER = 30.0  # the outbox could not be read: try this message again after this
 
@@ -55,7 +59,9 @@ def rewrite(
             name_part = parseaddr(field_value(text))[0]
             out.append(b"From: " + _address(fullname or name_part, sender))
         elif name not in _DROPPED:
-            out.append(text)
+            # A CR inside a header line would become a line end on the wire (the SMTP
+            # client makes a lone CR a CRLF) and cut the field: it becomes a fold.
+            out.append(_BARE_CR.sub(b"\r\n ", text))
     if b"from" not in seen:
         out.insert(0, b"From: " + _address(fullname, sender))
     if original_from:

@@ -7,17 +7,21 @@ The spool's contract (read by gateway/maildrop.py):
   the daemon), fsynced, then fchmod'ed to 0640: the group read bit says "complete";
 - its content: the line `MAILGW-DROP 1`, envelope lines `<letter> <value>`, an empty
   line, then the message bytes exactly as read from stdin.
-- `<maildrop>/.max_size` (written by the daemon) holds the size limit in bytes.
+- `<maildrop>/.max_size` (written by the daemon) holds the size limit in bytes. Anyone
+  may create files in the spool, so it is believed only if it is a regular file owned
+  by root or the spool's owner (read_limit).
 Standard library `os` only: this runs once per mail.
 """
 
 from __future__ import annotations
 
 import os
+import stat  # already loaded by os: no start-up cost
 
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 MAGIC = b"MAILGW-DROP 1\n"
 MAX_ARG = 998  # an envelope value longer than a header line is not an address
+MAX_RCPTS = 256  # the daemon's bound too (gateway/maildrop_parse.py): refused here first
 
 
 class Invocation:
@@ -41,6 +45,11 @@ class Invocation:
         )
 
 
+def has_controls(value: str) -> bool:
+    """True if the value holds a character an envelope line cannot carry."""
+    return any(c < " " or c == "\x7f" for c in value)
+
+
 def _clean(value: str) -> str:
     """An envelope value as one safe line: no controls (a newline would forge an
     envelope line), bounded. Bytes that were not UTF-8 stay as surrogate escapes."""
@@ -57,15 +66,37 @@ def envelope(inv: Invocation, user: str) -> bytes:
     return MAGIC + text.encode("utf-8", "surrogateescape")
 
 
+def read_limit(path: str, owners: tuple[int, ...]) -> int | None:
+    """The number in a .max_size file, or None if it is anything but a regular file
+    owned by one of `owners` holding a positive number. Never blocks, never follows a
+    link, never reads more than 32 bytes: a local user may have put a FIFO, a link to
+    /dev/zero or their own file there."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners:
+            return None
+        value = int(os.read(fd, 32).strip())
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return value if value > 0 else None
+
+
 def max_size(maildrop: str) -> int:
     """The limit the daemon published ([sendmail] max_size); the default without it.
     The daemon checks again at pickup: this is to refuse early, with an exit code."""
     try:
-        with open(os.path.join(maildrop, ".max_size"), "rb") as f:
-            value = int(f.read(32).strip())
-    except (OSError, ValueError):
-        return DEFAULT_MAX_SIZE
-    return value if value > 0 else DEFAULT_MAX_SIZE
+        owners: tuple[int, ...] = (0, os.stat(maildrop).st_uid)
+    except OSError:
+        owners = (0,)
+    value = read_limit(os.path.join(maildrop, ".max_size"), owners)
+    return DEFAULT_MAX_SIZE if value is None else value
 
 
 def drop(maildrop: str, data: bytes) -> str:

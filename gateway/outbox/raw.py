@@ -13,10 +13,11 @@ the message's own addresses. Storm control does not apply: these are not alerts.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.alert import Alert
 from gateway.errors import OutboxFull
@@ -49,8 +50,11 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
     """Store the message and its deliveries in one FULL transaction (writer thread).
 
     False if this maildrop file was stored before (a pickup that crashed between the
-    commit and the unlink): nothing is added. Raises OutboxFull at the bound, or what
-    store_error makes of a failing disk; then nothing is stored.
+    commit and the unlink): nothing is added. A file whose name was stored before with
+    other content (a writer that reuses a fixed name) is a different mail: it is stored
+    under reused_name(), which a later pickup of the same file finds again. Raises
+    OutboxFull at the bound, or what store_error makes of a failing disk; then nothing
+    is stored.
     """
     n = len(plan.routes) + (1 if plan.addresses else 0)
     ob._check_bound(max(n, 1))
@@ -58,11 +62,12 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
     created: set[str] = set()
     try:
         with ob.transaction() as c:
-            seen = c.execute(
-                "SELECT 1 FROM raw_message WHERE drop_name = ?", (raw.drop_name,)
-            ).fetchone()
-            if seen:
+            if _stored(c, raw):
                 return False
+            if _stored(c, raw, by_name_only=True):
+                raw = replace(raw, drop_name=reused_name(raw))
+                if _stored(c, raw, by_name_only=True):
+                    return False
             row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
             seq = int(row[0]) if row else 1
             rows = _BatchRows(next_seq=seq + 1)
@@ -97,6 +102,22 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
     ob._shards |= created
     ob.live += len(deliveries)
     return True
+
+
+def reused_name(raw: RawMessage) -> str:
+    """The name a reused maildrop name is stored under: derived from the content, so
+    that the same file picked up again (after a crash before its unlink) is known."""
+    digest = hashlib.sha256(b"%d\n" % raw.uid + raw.data).hexdigest()[:32]
+    return f"{raw.drop_name}~{digest}"
+
+
+def _stored(c: sqlite3.Connection, raw: RawMessage, *, by_name_only: bool = False) -> bool:
+    row = c.execute(
+        "SELECT uid, data FROM raw_message WHERE drop_name = ?", (raw.drop_name,)
+    ).fetchone()
+    if row is None:
+        return False
+    return by_name_only or (int(row[0]) == raw.uid and bytes(row[1]) == raw.data)
 
 
 def load(c: sqlite3.Connection, seq: int) -> RawMessage | None:
