@@ -319,6 +319,9 @@ class MqttSource:
         )
         self.client.loop_start()
         last_status = 0.0
+        # Receipts wait on the writer; in a task of their own, a busy or failing outbox
+        # never holds up this loop (stores again, PUBACK confirms, the delivery probe).
+        receipts = asyncio.create_task(self._publish_receipts(), name=f"{self.name}-receipts")
         try:
             while True:
                 await asyncio.sleep(RETRY_FULL)
@@ -332,7 +335,6 @@ class MqttSource:
                     self._check_delivery(now)
                 if tick.confirm is not None:
                     self._send_confirm(tick.confirm)
-                await self.receipts.tick(self._window.connected)
                 if self._window.connected and now - last_status >= self.cfg.status_interval:
                     last_status = now
                     self.client.publish(
@@ -345,6 +347,19 @@ class MqttSource:
             # Stop taking input; what was submitted still commits and is acked by
             # the writer's callbacks before close() disconnects.
             self._stopping = True
+            receipts.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receipts
+
+    async def _publish_receipts(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_FULL)
+            try:
+                await self.receipts.tick(self._window.connected)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never the end of intake: the next tick tries again
+                log.exception("publishing receipts failed; trying again")
 
     def _check_thread(self) -> None:
         """paho's network thread is ours to watch: if it ends, MQTT intake has stopped,
