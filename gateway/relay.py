@@ -213,8 +213,10 @@ class Relay:
             if h is using:
                 return False
             if h.uplink.holding(now) and h.uplink.tcp_probe_due(now):
-                for w in self.workers:
-                    w.heartbeat = time.monotonic()
+                # Only the lead probes, and only its own round is vouched for: a helper
+                # hung meanwhile must still age the relay's heartbeat (the oldest counts).
+                if self.workers:
+                    self.workers[0].heartbeat = time.monotonic()
                 await h.waits.tcp_probe()
                 return True
         return False
