@@ -4,10 +4,19 @@ bookkeeping, tested without sockets where the defect allows it."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import types
+from typing import Any
 
+import aiosmtplib
+
+from gateway.config import SmtpSection
 from gateway.relay import Relay
+from gateway.runtime import Runtime
+from gateway.smtp import AuthRefused, SmtpSession
+from gateway.uplink import Uplink
+from gateway.waits import Waits
 
 
 class _Held:
@@ -37,3 +46,26 @@ def test_the_leads_tcp_probe_does_not_vouch_for_a_hung_helper() -> None:
     relay_age, lead_age = asyncio.run(main())
     assert relay_age >= 999  # the oldest worker's heartbeat still counts
     assert lead_age < 1  # the prober's own round is fresh
+
+
+def _smtp_section(**kw: Any) -> SmtpSection:
+    return SmtpSection(
+        host="127.0.0.1", port=2525, tls="starttls", sender="gw@example.com", username="gw", **kw
+    )
+
+
+def test_a_4xx_to_auth_is_temporary_not_a_refused_login() -> None:
+    """ "454 4.7.0 Too many login attempts": backed off like a smarthost that answers
+    but fails, never held for smtp.auth_retry (15 min) as a wrong password is."""
+    cfg = _smtp_section()
+    session = SmtpSession(cfg)
+    temp = session._down(
+        aiosmtplib.SMTPAuthenticationError(454, "4.7.0 Too many login attempts"), True
+    )
+    assert not isinstance(temp, AuthRefused) and not temp.unreachable
+    wrong = session._down(aiosmtplib.SMTPAuthenticationError(535, "5.7.8 bad credentials"), True)
+    assert isinstance(wrong, AuthRefused)
+    waits = Waits(Uplink(60.0, random.Random(1)), Runtime(), cfg)
+    waits.failed(temp, 5)
+    assert not waits.uplink.held and waits.status["state"] == "down"
+    assert waits.uplink.probe_at - time.monotonic() < 10  # FIRST_PROBE, not auth_retry
