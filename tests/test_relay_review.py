@@ -13,6 +13,7 @@ import aiosmtplib
 
 from gateway.config import SmtpSection
 from gateway.relay import Relay
+from gateway.replies import THROTTLE
 from gateway.runtime import Runtime
 from gateway.smtp import AuthRefused, SmtpSession
 from gateway.uplink import Uplink
@@ -69,3 +70,19 @@ def test_a_4xx_to_auth_is_temporary_not_a_refused_login() -> None:
     waits.failed(temp, 5)
     assert not waits.uplink.held and waits.status["state"] == "down"
     assert waits.uplink.probe_at - time.monotonic() < 10  # FIRST_PROBE, not auth_retry
+
+
+def test_one_slow_down_seen_by_every_session_in_flight_pauses_once() -> None:
+    """Four sessions each get the 421 for the mail they had in flight: one episode, one
+    30 s pause, not 30 -> 60 -> 120 -> 240 s."""
+    uplink = Uplink(60.0, random.Random(1))
+    waits = Waits(uplink, Runtime(), _smtp_section(throttle_max=3600.0), {})
+    refusals = [waits.refusal(THROTTLE, "421 4.7.0 slow down") for _ in range(4)]
+    assert all(r.delay <= 30.0 for r in refusals)
+    for r in refusals:
+        waits.failed(r, 10)
+    assert uplink.probe_at - time.monotonic() <= 30.0 * 1.05
+    assert waits.runtime.attempts["throttled"] == 1
+    # After the pause, a new "slow down" is a new episode: it doubles.
+    waits.clock = lambda: time.monotonic() + 40
+    assert waits.refusal(THROTTLE, "421 4.7.0 slow down").delay == 60.0
