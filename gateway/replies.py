@@ -254,8 +254,8 @@ def judge(result: Result, recipients: tuple[str, ...]) -> Verdict:
                 # Every recipient refused with nothing said about an address ("554 5.7.1
                 # Relay access denied"): as likely the account's as the message's, so it
                 # counts towards the same-refusal streak like any such 5xx (invariant 12).
-                same = "|".join(sorted({_same(r) for _, r in refused}))
-                return Verdict("dead", error=v.error, same_as=f"rcpt {same}")
+                codes = "|".join(sorted({_same(r) for _, r in refused}))
+                return Verdict("dead", error=v.error, same_as=f"rcpt {codes}")
             return v
         case Refused(reply=reply, at=at) if (kind := account_refusal(reply, at)) is not None:
             return Verdict("queued", error=str(reply), pause=kind, reconnect=reply.code == 421)
