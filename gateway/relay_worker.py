@@ -154,19 +154,15 @@ class Worker:
             # Small claims, so that the sessions share even a short queue and a critical
             # alert that comes in is claimed within a few mails by whichever is free.
             limit = max(1, min(limit // allowed, PARALLEL_CLAIM))
-        reserved = 0
         if host.pace is not None:
             if (wait := host.pace.wait(now)) > 0:
                 await self._pace_wait(host, wait)
                 return
             # No more rows than tokens: what waits stays in the outbox, in priority
-            # order, so a critical alert that comes in meanwhile is sent next. Taken
-            # now, before the claim, so that two sessions never spend the same token.
-            limit = reserved = max(1, min(limit, int(host.pace.tokens(now))))
-            host.pace.take(now, reserved)
+            # order, so a critical alert that comes in meanwhile is sent next. Each
+            # token is taken right before its send (deliver_batch), after the login.
+            limit = max(1, min(limit, int(host.pace.tokens(now))))
         batch = await self.ledger.claim(limit)
-        if host.pace is not None and reserved > len(batch or ()):
-            host.pace.refund(reserved - len(batch or ()))
         self._backlog = bool(batch)
         relay.claimed(len(batch or ()), limit)
         if batch is None:
@@ -198,6 +194,8 @@ class Worker:
                     break  # held meanwhile, or the primary is back: the rest waits
                 if self.session is None or not self.session.usable:
                     await self.open_session(host)
+                if host.pace is not None and not host.pace.try_take(time.monotonic()):
+                    break  # another session spent the token: the rest waits, in order
                 self.ledger.record([await relay._deliver(item, now_stamp, self)])
                 pending.pop(0)
                 if self.trouble is not None:
@@ -215,8 +213,6 @@ class Worker:
             cancelled = True
             raise
         finally:
-            if host.pace is not None and pending:
-                host.pace.refund(len(pending))
             # Not sent yet: back to the queue, uncharged and due now.
             self.ledger.record(
                 [Outcome(c.key, State.QUEUED, due=0.0, count_attempt=False) for c in pending]
