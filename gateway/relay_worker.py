@@ -127,14 +127,17 @@ class Worker:
                 await self.sleep(relay.next_try(now) - now)
                 return
         elif host is None or not self._may_help(host, now):
+            # A session to another smarthost (the fallback, while the primary is tried
+            # again) is kept until one of ours to `host` works: a retry of the primary
+            # that fails must not close the sessions that send meanwhile.
             if self.session is not None and (
-                host is not self.host or now - self.last_used > IDLE_QUIT or host is None
+                host is None
+                or now - self.last_used > IDLE_QUIT
+                or (host is not self.host and host.open > 0)
             ):
                 await self.close_session()
             await self.sleep(IDLE_POLL if self.session is None else IDLE_QUIT)
             return
-        if self.session is not None and self.host is not host:
-            await self.close_session()  # another smarthost now: back to the primary
         if self.session is None and 0 < host.allowed(now) <= host.open:
             # Ours to it take every session it allows now: knocking would be turned away.
             await self.sleep(IDLE_POLL)
@@ -192,7 +195,7 @@ class Worker:
                     continue
                 if relay.pick(time.monotonic()) is not host:
                     break  # held meanwhile, or the primary is back: the rest waits
-                if self.session is None or not self.session.usable:
+                if self.session is None or not self.session.usable or self.host is not host:
                     await self.open_session(host)
                 if host.pace is not None and not host.pace.try_take(time.monotonic()):
                     break  # another session spent the token: the rest waits, in order
@@ -238,7 +241,10 @@ class Worker:
         info["next_send_at"] = None
 
     async def open_session(self, host: Host) -> None:
-        if self.session is not None:
+        """Open a session to `host`. One of ours to another smarthost that still works
+        is closed only once this one is open: should `host` (the primary, tried again)
+        fail, it goes on sending."""
+        if self.session is not None and (self.host is host or not self.session.usable):
             await self.close_session(polite=False)
         session = SmtpSession(host.cfg, self.relay.helo, host.tokens)
         try:
@@ -250,6 +256,8 @@ class Worker:
                 host.crowded(time.monotonic(), str(exc))
                 raise Crowded(str(exc)) from exc
             raise
+        if self.session is not None:
+            await self.close_session()  # to another smarthost: back to this one
         self.session, self.host = session, host
         host.opened()
         host.waits.opened(session.where)

@@ -181,6 +181,13 @@ class SmtpSession:
                 f"{self.where} refused the login for {self.cfg.username} "
                 f"({self.auth_mechanism}): {describe(exc)}; {hint}, then `mailgw flush`"
             )
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError) or isinstance(
+            exc.__cause__, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError
+        ):
+            # The socket connected, and the greeting was a refusal ("421 too many
+            # connections"), a hang-up or nothing: the smarthost is reached, so a TCP
+            # probe would tell nothing new; sessions back off like any that fail.
+            connected = True
         if isinstance(exc, aiosmtplib.SMTPException):
             # SMTPConnectError and its timeouts: no connection at all.
             unreachable = not connected and isinstance(

@@ -4,6 +4,7 @@ fallback; a refusal of one message does not."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +165,24 @@ def test_the_daemon_fails_over_and_status_shows_each_host(tmp_path: Path, pki: P
             assert "uplink     up" in out
         finally:
             gw.terminate()
+
+
+def test_a_primary_that_greets_421_backs_off_and_the_fallback_keeps_its_session(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path
+) -> None:
+    """The primary accepts TCP but turns every session away at the greeting: it is
+    reached (sessions back off to probe_max, no TCP probes that always succeed), and
+    each failed retry of it leaves the fallback's session open and sending."""
+    with SmtpServer(pki, "starttls") as primary, SmtpServer(pki, "starttls") as fallback:
+        primary.max_sessions = 0  # "421 4.7.0 Error: too many connections" to every one
+        gw = make_gateway(_conf(primary, fallback, pki, password_file))
+        sent = 0
+        deadline = time.monotonic() + 9
+        while time.monotonic() < deadline:
+            gw.add(alert(f"reading {sent}"))
+            sent += 1
+            time.sleep(0.3)
+        fallback.wait_for(sent, timeout=20)
+        assert primary.turned_away >= 2  # the primary was tried again meanwhile
+        assert len(fallback.auth_attempts) == 1  # and the fallback's one session was kept
+        assert gw.runtime.hosts[0]["state"] == "down"

@@ -15,7 +15,7 @@ from gateway.config import SmtpSection
 from gateway.relay import Relay
 from gateway.replies import THROTTLE
 from gateway.runtime import Runtime
-from gateway.smtp import AuthRefused, SmtpSession
+from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
 from gateway.uplink import Uplink
 from gateway.waits import Waits
 
@@ -86,3 +86,32 @@ def test_one_slow_down_seen_by_every_session_in_flight_pauses_once() -> None:
     # After the pause, a new "slow down" is a new episode: it doubles.
     waits.clock = lambda: time.monotonic() + 40
     assert waits.refusal(THROTTLE, "421 4.7.0 slow down").delay == 60.0
+
+
+def test_a_socket_that_connects_but_greets_421_or_nothing_is_reached() -> None:
+    """Not `unreachable`: a TCP probe would always succeed, and sessions would be tried
+    every 9-39 s for ever instead of backing off to probe_max."""
+
+    async def main() -> list[bool]:
+        async def refuse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"421 4.7.0 too many connections\r\n")
+            await w.drain()
+            w.close()
+
+        async def mute(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read()  # until the client gives up
+            w.close()
+
+        out = []
+        for handler in (refuse, mute):
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            cfg = SmtpSection(host="127.0.0.1", port=port, tls="none", sender="a@b.c", timeout=0.5)
+            try:
+                await SmtpSession(cfg, "x").open()
+            except UplinkDown as exc:
+                out.append(exc.unreachable)
+            server.close()
+        return out
+
+    assert asyncio.run(main()) == [False, False]
