@@ -51,7 +51,7 @@ from gateway.routing import Router
 from gateway.runtime import Runtime
 from gateway.sendmail_compose import compose_raw
 from gateway.smarthost import Host
-from gateway.smtp import SmtpSession, UplinkDown
+from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
 from gateway.uplink import Uplink
 from gateway.verdicts import Judge
 
@@ -233,6 +233,14 @@ class Relay:
     def failed(self, host: Host, exc: UplinkDown, waiting: int) -> None:
         """A session to `host` could not be opened, or its account was refused."""
         host.waits.failed(exc, waiting)
+        if isinstance(exc, AuthRefused) and host.account is not None:
+            # The same username and secret elsewhere: the same account, whose lockout
+            # counts every refused login, wherever it was tried. Held together.
+            for other in self.hosts:
+                if other is not host and other.account == host.account:
+                    other.waits.failed(
+                        AuthRefused(f"held with {host.name} (the same account): {exc}"), waiting
+                    )
         self.wake()  # the next smarthost, if any, at once
 
     def log_pacing(self, host: Host, wait: float) -> None:
