@@ -93,7 +93,8 @@ class Worker:
                 await asyncio.shield(self.close_session())
 
     async def sleep(self, seconds: float) -> None:
-        self.event.clear()
+        # The event is cleared at the start of each cycle, not here: a wake that came
+        # during the cycle (a critical alert stored meanwhile) ends this sleep at once.
         self.heartbeat = time.monotonic()
         deadline = time.monotonic() + max(0.0, seconds)
         # Wake at least every 5 s so the watchdog sees a live relay while idle.
@@ -109,6 +110,7 @@ class Worker:
 
     async def cycle(self) -> None:
         raise_if_cancelling()
+        self.event.clear()  # before the claim: what wakes us after it is not lost
         if _FREEZE and Path(_FREEZE).exists():
             await asyncio.Event().wait()  # test hook: a relay stuck forever, loop alive
         relay = self.relay
@@ -142,7 +144,23 @@ class Worker:
             # Ours to it take every session it allows now: knocking would be turned away.
             await self.sleep(IDLE_POLL)
             return
+        # A helper logs in before it claims: rows it claimed and could not send (the
+        # smarthost turned it away) would wait while other sessions are free.
+        helper_out = not self.lead and (self.session is None or self.host is not host)
+        if helper_out and not await self._open_first(host):
+            return
         await self._claim_and_send(host, now)
+
+    async def _open_first(self, host: Host) -> bool:
+        try:
+            await self.open_session(host)
+        except Crowded:
+            await asyncio.sleep(CROWDED_PAUSE)  # logged by the host
+            return False
+        except UplinkDown as exc:
+            self.relay.failed(host, exc, 0)
+            return False
+        return True
 
     def _may_help(self, host: Host, now: float) -> bool:
         """A helper sends while the claims find a backlog, a session of ours to `host`

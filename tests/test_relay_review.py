@@ -13,6 +13,7 @@ import aiosmtplib
 
 from gateway.config import SmtpSection
 from gateway.relay import Relay
+from gateway.relay_worker import Crowded, Worker
 from gateway.replies import THROTTLE
 from gateway.runtime import Runtime
 from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
@@ -115,3 +116,52 @@ def test_a_socket_that_connects_but_greets_421_or_nothing_is_reached() -> None:
         return out
 
     assert asyncio.run(main()) == [False, False]
+
+
+def _worker(lead: bool = False) -> Worker:
+    host = types.SimpleNamespace(open=1, pace=None, allowed=lambda now: 4)
+    relay = types.SimpleNamespace(
+        writer=None,
+        runtime=Runtime(),
+        backlog=True,
+        smtp=types.SimpleNamespace(batch=10),
+        pick=lambda now: host,
+        claimed=lambda count, limit: None,
+        failed=lambda host, exc, waiting: None,
+    )
+    return Worker(relay, 0 if lead else 1)  # type: ignore[arg-type]
+
+
+def test_a_wake_during_the_cycle_ends_the_sleep_after_it() -> None:
+    """A critical alert stored while a worker claimed: its wake is not lost."""
+
+    async def main() -> float:
+        w = _worker()
+        w.event.set()  # came in during the cycle
+        t0 = time.monotonic()
+        await w.sleep(10)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 1
+
+
+def test_a_helper_turned_away_claims_nothing() -> None:
+    """A helper logs in before it claims: turned away, it holds no rows."""
+    claims: list[int] = []
+
+    async def main() -> None:
+        w = _worker()
+
+        async def crowded(host: object) -> None:
+            raise Crowded("421 too many connections")
+
+        async def claim(limit: int) -> list[object]:
+            claims.append(limit)
+            return []
+
+        w.open_session = crowded  # type: ignore[method-assign]
+        w.ledger.claim = claim  # type: ignore[method-assign]
+        await w.cycle()
+
+    asyncio.run(main())
+    assert claims == []
