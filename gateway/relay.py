@@ -43,6 +43,7 @@ import time
 from gateway.clock import Stamp
 from gateway.compose import compose, compose_digest
 from gateway.config import Config
+from gateway.ledger import Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.relay_worker import Worker
@@ -89,6 +90,7 @@ class Relay:
         self.judge = Judge(self.smtp, runtime, self.rng)
         self.backlog = False  # the last claim was full: helpers may join
         self.workers: list[Worker] = []
+        self.shutdown = Shutdown()  # one deadline at SIGTERM for every session's records
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: Host | None = None
         self.helo = socket.getfqdn()

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from gateway.clock import Stamp
 from gateway.config import Config, SmtpSection
-from gateway.ledger import DISK_RETRY, Ledger
+from gateway.ledger import DISK_RETRY, Ledger, Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
@@ -55,6 +55,7 @@ class Relay(Protocol):
     runtime: Runtime
     helo: str
     backlog: bool
+    shutdown: Shutdown
 
     def wake(self) -> None: ...
     def pick(self, now: float) -> Host | None: ...
@@ -77,7 +78,7 @@ class Worker:
         self.lead = index == 0
         self.session: SmtpSession | None = None
         self.host: Host | None = None  # the smarthost `session` is open to
-        self.ledger = Ledger(relay.writer, relay.runtime)
+        self.ledger = Ledger(relay.writer, relay.runtime, relay.shutdown)
         self.heartbeat = time.monotonic()
         self.last_used = 0.0
         self.trouble: UplinkDown | None = None  # a broken session blamed on the uplink

@@ -12,6 +12,8 @@ from typing import Any
 import aiosmtplib
 
 from gateway.config import SmtpSection
+from gateway.ledger import Ledger, Shutdown
+from gateway.outbox import Outcome, State
 from gateway.relay import Relay
 from gateway.relay_worker import Crowded, Worker
 from gateway.replies import THROTTLE
@@ -124,6 +126,7 @@ def _worker(lead: bool = False) -> Worker:
         writer=None,
         runtime=Runtime(),
         backlog=True,
+        shutdown=Shutdown(),
         smtp=types.SimpleNamespace(batch=10),
         pick=lambda now: host,
         claimed=lambda count, limit: None,
@@ -165,3 +168,21 @@ def test_a_helper_turned_away_claims_nothing() -> None:
 
     asyncio.run(main())
     assert claims == []
+
+
+def test_cancelled_sessions_share_one_shutdown_deadline() -> None:
+    """Four sessions cancelled at SIGTERM with outcomes the writer never confirms: they
+    wait SHUTDOWN_WAIT in all, not SHUTDOWN_WAIT each."""
+    import concurrent.futures
+
+    shutdown = Shutdown(wait=0.5)
+    ledgers = []
+    for _ in range(4):
+        writer = types.SimpleNamespace(record=lambda o: concurrent.futures.Future())
+        ledger = Ledger(writer, Runtime(), shutdown)  # type: ignore[arg-type]
+        ledger.record([Outcome(1, State.QUEUED, due=0.0, count_attempt=False)])
+        ledgers.append(ledger)
+    t0 = time.monotonic()
+    for ledger in ledgers:
+        ledger.settle_at_shutdown()
+    assert time.monotonic() - t0 < 1.0  # 2 s with a wait each
