@@ -26,8 +26,9 @@ Queue discipline after Postfix's qmgr:
   The relay tries the held ones again on their schedules and returns to the first that
   answers. When every smarthost is held, the relay backs off as a whole.
 - A smarthost's sending limit is its account's: its rate_limit spaces the transactions
-  of all its sessions (`gateway.pace`, one row claimed per token, so priority order
-  holds), and after an outage the first session waits a random smtp.return_jitter.
+  of all its sessions (`gateway.pace`: claims bounded by the tokens there, each token
+  taken right before its send, so priority order holds), and after an outage the
+  first session waits a random smtp.return_jitter.
 - A row becomes `sent` only after the 2xx reply to the end of DATA (invariant 2).
 Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 """
