@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
+import time
 from functools import partial
 
 from gateway.clock import Stamp
@@ -34,10 +35,27 @@ def _finish(outcomes: list[Outcome], ob: Outbox) -> None:
     ob.finish(outcomes)
 
 
+class Shutdown:
+    """One deadline for every session's wait at shutdown: SHUTDOWN_WAIT from the first
+    that waits, not SHUTDOWN_WAIT each (N cancelled sessions would hold SIGTERM N times
+    as long, past systemd's TimeoutStopSec)."""
+
+    def __init__(self, wait: float = SHUTDOWN_WAIT) -> None:
+        self.wait = wait
+        self.at: float | None = None
+
+    def left(self) -> float:
+        now = time.monotonic()
+        if self.at is None:
+            self.at = now + self.wait
+        return max(0.0, self.at - now)
+
+
 class Ledger:
-    def __init__(self, writer: Writer, runtime: Runtime) -> None:
+    def __init__(self, writer: Writer, runtime: Runtime, shutdown: Shutdown | None = None) -> None:
         self.writer = writer
         self.runtime = runtime
+        self.shutdown = shutdown or Shutdown()  # the relay's, shared by its sessions
         self.unrecorded: list[Outcome] = []  # refused by the outbox; written first
         self._recorded: list[tuple[list[Outcome], concurrent.futures.Future[None]]] = []
         self._trouble = False
@@ -78,7 +96,8 @@ class Ledger:
         """Shutting down (the loop is being cancelled): block a little for what was
         recorded. What fails stays `sending` and goes out again after the restart."""
         recorded, self._recorded = self._recorded, []
-        concurrent.futures.wait([f for _, f in recorded], timeout=SHUTDOWN_WAIT)
+        if recorded:
+            concurrent.futures.wait([f for _, f in recorded], timeout=self.shutdown.left())
         for outcomes, f in recorded:
             if not f.done() or f.exception() is not None:
                 log.error("could not record %d delivery outcomes", len(outcomes))

@@ -190,10 +190,26 @@ class TokenSource:
         self._rotated: tuple[str, str] | None = None  # (refresh token, digest of the file's)
         self._file_digest: str | None = None  # of the refresh token file, when last read
         self._loaded = False
+        # The sessions of one smarthost share this source: one refresh at a time, and
+        # those that waited for it take its token instead of fetching their own (an
+        # endpoint that rotates refresh tokens would revoke all but one of them).
+        self._lock = asyncio.Lock()
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     async def get(self, force: bool = False) -> Token:
         """A token valid for a while yet; `force`: a new one whatever the old one's expiry
         (the smarthost refused it). Raises TokenRefused or TokenUnavailable."""
+        seen = self.token
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:  # a lock serves one loop (`mailgw smtp-test` runs its own)
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        async with self._lock:
+            if force and self.token is not seen and not due(self.token, time.time()):
+                assert self.token is not None
+                return self.token  # fetched while this session waited: a new one already
+            return await self._get(force)
+
+    async def _get(self, force: bool) -> Token:
         if not self._loaded or force or due(self.token, time.time()):
             # Read again: `mailgw oauth login` may have left a new refresh token there.
             self._loaded = True

@@ -4,8 +4,9 @@ A smarthost counts what one account sends, whatever route or priority it came fr
 (Microsoft 365: 30 messages a minute per mailbox; past it, 4xx replies and then a
 blocked account). So the cap is the gateway's, not a route's: storm control
 (`gateway.storm`) decides *whether* an alert is mailed, this decides *when* the relay
-may start the next transaction. The relay claims one row per token, so what waits
-stays in the outbox in its priority order: a critical alert that arrives during the
+may start the next transaction. The relay claims no more rows than there are tokens,
+and takes each token right before its send, so what waits stays in the outbox in its
+priority order: a critical alert that arrives during the
 wait is the next one sent.
 
 The bucket holds at most `burst` tokens and gains `count / period` a second. Over any
@@ -45,11 +46,15 @@ class Bucket:
         self._tokens = self.tokens(now) - count
         self._at = max(self._at, now)
 
-    def refund(self, count: int) -> None:
-        """`count` taken tokens were not used after all (rows not claimed, or given back
-        unsent): parallel sessions take their tokens before they claim, so that two
-        never spend the same one, and return what they did not send."""
-        self._tokens += count
+    def try_take(self, now: float) -> bool:
+        """One send starts at `now` if a token is there (taken); False if none is.
+        Parallel sessions take their token here, right before each send, never ahead
+        of it: a token taken early and given back later could be added to a bucket
+        that refilled meanwhile, and two sends would go out where one was allowed."""
+        if self.wait(now) > 0:
+            return False
+        self.take(now)
+        return True
 
 
 def describe(count: int, period: float) -> str:

@@ -26,8 +26,9 @@ Queue discipline after Postfix's qmgr:
   The relay tries the held ones again on their schedules and returns to the first that
   answers. When every smarthost is held, the relay backs off as a whole.
 - A smarthost's sending limit is its account's: its rate_limit spaces the transactions
-  of all its sessions (`gateway.pace`, one row claimed per token, so priority order
-  holds), and after an outage the first session waits a random smtp.return_jitter.
+  of all its sessions (`gateway.pace`: claims bounded by the tokens there, each token
+  taken right before its send, so priority order holds), and after an outage the
+  first session waits a random smtp.return_jitter.
 - A row becomes `sent` only after the 2xx reply to the end of DATA (invariant 2).
 Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 """
@@ -43,6 +44,7 @@ import time
 from gateway.clock import Stamp
 from gateway.compose import compose, compose_digest
 from gateway.config import Config
+from gateway.ledger import Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.relay_worker import Worker
@@ -51,7 +53,7 @@ from gateway.routing import Router
 from gateway.runtime import Runtime
 from gateway.sendmail_compose import compose_raw
 from gateway.smarthost import Host
-from gateway.smtp import SmtpSession, UplinkDown
+from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
 from gateway.uplink import Uplink
 from gateway.verdicts import Judge
 
@@ -89,6 +91,7 @@ class Relay:
         self.judge = Judge(self.smtp, runtime, self.rng)
         self.backlog = False  # the last claim was full: helpers may join
         self.workers: list[Worker] = []
+        self.shutdown = Shutdown()  # one deadline at SIGTERM for every session's records
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: Host | None = None
         self.helo = socket.getfqdn()
@@ -213,8 +216,10 @@ class Relay:
             if h is using:
                 return False
             if h.uplink.holding(now) and h.uplink.tcp_probe_due(now):
-                for w in self.workers:
-                    w.heartbeat = time.monotonic()
+                # Only the lead probes, and only its own round is vouched for: a helper
+                # hung meanwhile must still age the relay's heartbeat (the oldest counts).
+                if self.workers:
+                    self.workers[0].heartbeat = time.monotonic()
                 await h.waits.tcp_probe()
                 return True
         return False
@@ -231,6 +236,14 @@ class Relay:
     def failed(self, host: Host, exc: UplinkDown, waiting: int) -> None:
         """A session to `host` could not be opened, or its account was refused."""
         host.waits.failed(exc, waiting)
+        if isinstance(exc, AuthRefused) and host.account is not None:
+            # The same username and secret elsewhere: the same account, whose lockout
+            # counts every refused login, wherever it was tried. Held together.
+            for other in self.hosts:
+                if other is not host and other.account == host.account:
+                    other.waits.failed(
+                        AuthRefused(f"held with {host.name} (the same account): {exc}"), waiting
+                    )
         self.wake()  # the next smarthost, if any, at once
 
     def log_pacing(self, host: Host, wait: float) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from gateway.clock import Stamp
 from gateway.config import Config, SmtpSection
-from gateway.ledger import DISK_RETRY, Ledger
+from gateway.ledger import DISK_RETRY, Ledger, Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
@@ -55,6 +55,7 @@ class Relay(Protocol):
     runtime: Runtime
     helo: str
     backlog: bool
+    shutdown: Shutdown
 
     def wake(self) -> None: ...
     def pick(self, now: float) -> Host | None: ...
@@ -77,7 +78,7 @@ class Worker:
         self.lead = index == 0
         self.session: SmtpSession | None = None
         self.host: Host | None = None  # the smarthost `session` is open to
-        self.ledger = Ledger(relay.writer, relay.runtime)
+        self.ledger = Ledger(relay.writer, relay.runtime, relay.shutdown)
         self.heartbeat = time.monotonic()
         self.last_used = 0.0
         self.trouble: UplinkDown | None = None  # a broken session blamed on the uplink
@@ -93,7 +94,8 @@ class Worker:
                 await asyncio.shield(self.close_session())
 
     async def sleep(self, seconds: float) -> None:
-        self.event.clear()
+        # The event is cleared at the start of each cycle, not here: a wake that came
+        # during the cycle (a critical alert stored meanwhile) ends this sleep at once.
         self.heartbeat = time.monotonic()
         deadline = time.monotonic() + max(0.0, seconds)
         # Wake at least every 5 s so the watchdog sees a live relay while idle.
@@ -109,6 +111,7 @@ class Worker:
 
     async def cycle(self) -> None:
         raise_if_cancelling()
+        self.event.clear()  # before the claim: what wakes us after it is not lost
         if _FREEZE and Path(_FREEZE).exists():
             await asyncio.Event().wait()  # test hook: a relay stuck forever, loop alive
         relay = self.relay
@@ -127,19 +130,38 @@ class Worker:
                 await self.sleep(relay.next_try(now) - now)
                 return
         elif host is None or not self._may_help(host, now):
+            # A session to another smarthost (the fallback, while the primary is tried
+            # again) is kept until one of ours to `host` works: a retry of the primary
+            # that fails must not close the sessions that send meanwhile.
             if self.session is not None and (
-                host is not self.host or now - self.last_used > IDLE_QUIT or host is None
+                host is None
+                or now - self.last_used > IDLE_QUIT
+                or (host is not self.host and host.open > 0)
             ):
                 await self.close_session()
             await self.sleep(IDLE_POLL if self.session is None else IDLE_QUIT)
             return
-        if self.session is not None and self.host is not host:
-            await self.close_session()  # another smarthost now: back to the primary
         if self.session is None and 0 < host.allowed(now) <= host.open:
             # Ours to it take every session it allows now: knocking would be turned away.
             await self.sleep(IDLE_POLL)
             return
+        # A helper logs in before it claims: rows it claimed and could not send (the
+        # smarthost turned it away) would wait while other sessions are free.
+        helper_out = not self.lead and (self.session is None or self.host is not host)
+        if helper_out and not await self._open_first(host):
+            return
         await self._claim_and_send(host, now)
+
+    async def _open_first(self, host: Host) -> bool:
+        try:
+            await self.open_session(host)
+        except Crowded:
+            await asyncio.sleep(CROWDED_PAUSE)  # logged by the host
+            return False
+        except UplinkDown as exc:
+            self.relay.failed(host, exc, 0)
+            return False
+        return True
 
     def _may_help(self, host: Host, now: float) -> bool:
         """A helper sends while the claims find a backlog, a session of ours to `host`
@@ -154,19 +176,15 @@ class Worker:
             # Small claims, so that the sessions share even a short queue and a critical
             # alert that comes in is claimed within a few mails by whichever is free.
             limit = max(1, min(limit // allowed, PARALLEL_CLAIM))
-        reserved = 0
         if host.pace is not None:
             if (wait := host.pace.wait(now)) > 0:
                 await self._pace_wait(host, wait)
                 return
             # No more rows than tokens: what waits stays in the outbox, in priority
-            # order, so a critical alert that comes in meanwhile is sent next. Taken
-            # now, before the claim, so that two sessions never spend the same token.
-            limit = reserved = max(1, min(limit, int(host.pace.tokens(now))))
-            host.pace.take(now, reserved)
+            # order, so a critical alert that comes in meanwhile is sent next. Each
+            # token is taken right before its send (deliver_batch), after the login.
+            limit = max(1, min(limit, int(host.pace.tokens(now))))
         batch = await self.ledger.claim(limit)
-        if host.pace is not None and reserved > len(batch or ()):
-            host.pace.refund(reserved - len(batch or ()))
         self._backlog = bool(batch)
         relay.claimed(len(batch or ()), limit)
         if batch is None:
@@ -196,8 +214,10 @@ class Worker:
                     continue
                 if relay.pick(time.monotonic()) is not host:
                     break  # held meanwhile, or the primary is back: the rest waits
-                if self.session is None or not self.session.usable:
+                if self.session is None or not self.session.usable or self.host is not host:
                     await self.open_session(host)
+                if host.pace is not None and not host.pace.try_take(time.monotonic()):
+                    break  # another session spent the token: the rest waits, in order
                 self.ledger.record([await relay._deliver(item, now_stamp, self)])
                 pending.pop(0)
                 if self.trouble is not None:
@@ -215,8 +235,6 @@ class Worker:
             cancelled = True
             raise
         finally:
-            if host.pace is not None and pending:
-                host.pace.refund(len(pending))
             # Not sent yet: back to the queue, uncharged and due now.
             self.ledger.record(
                 [Outcome(c.key, State.QUEUED, due=0.0, count_attempt=False) for c in pending]
@@ -242,7 +260,10 @@ class Worker:
         info["next_send_at"] = None
 
     async def open_session(self, host: Host) -> None:
-        if self.session is not None:
+        """Open a session to `host`. One of ours to another smarthost that still works
+        is closed only once this one is open: should `host` (the primary, tried again)
+        fail, it goes on sending."""
+        if self.session is not None and (self.host is host or not self.session.usable):
             await self.close_session(polite=False)
         session = SmtpSession(host.cfg, self.relay.helo, host.tokens)
         try:
@@ -254,6 +275,8 @@ class Worker:
                 host.crowded(time.monotonic(), str(exc))
                 raise Crowded(str(exc)) from exc
             raise
+        if self.session is not None:
+            await self.close_session()  # to another smarthost: back to this one
         self.session, self.host = session, host
         host.opened()
         host.waits.opened(session.where)

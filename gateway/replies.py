@@ -249,7 +249,14 @@ def judge(result: Result, recipients: tuple[str, ...]) -> Verdict:
             if len(kinds) == 1 and (kind := kinds.pop()) is not None:
                 # Every recipient refused for the account's sake (530 at RCPT).
                 return Verdict("queued", error=explain(result), pause=kind)
-            return judge_refusals(refused, recipients, accepted=False)
+            v = judge_refusals(refused, recipients, accepted=False)
+            if v.state == "dead" and not any(about_the_message(r) for _, r in refused):
+                # Every recipient refused with nothing said about an address ("554 5.7.1
+                # Relay access denied"): as likely the account's as the message's, so it
+                # counts towards the same-refusal streak like any such 5xx (invariant 12).
+                codes = "|".join(sorted({_same(r) for _, r in refused}))
+                return Verdict("dead", error=v.error, same_as=f"rcpt {codes}")
+            return v
         case Refused(reply=reply, at=at) if (kind := account_refusal(reply, at)) is not None:
             return Verdict("queued", error=str(reply), pause=kind, reconnect=reply.code == 421)
         # An Accepted without a 2xx is judged by its reply: `sent` follows from the 2xx

@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 CROWDED_FOR = 60.0
 
 
+def account(cfg: SmtpSection) -> tuple[str, str] | None:
+    """(username, where its secret comes from): smarthosts with the same one log in as
+    the same account, so a login refused by one would be refused by the others, and
+    each refusal counts towards the account's lockout. None without AUTH."""
+    if not cfg.username:
+        return None
+    if cfg.oauth is not None:
+        o = cfg.oauth
+        source = f"oauth {o.token_url} {o.client_id} {o.client_secret_file} {o.refresh_token_file}"
+    else:
+        source = str(cfg.oauth_token_file or cfg.password_file or "credential smtp-password")
+    return cfg.username, source
+
+
 class Host:
     def __init__(
         self, index: int, cfg: SmtpSection, runtime: Runtime, rng: random.Random, state_dir: Path
@@ -75,6 +89,7 @@ class Host:
             self.pace_info.update(rate_limit=describe(*rate), waits=0, next_send_at=None)
             self.status["rate_limit"] = self.pace_info["rate_limit"]
         self.open = 0  # sessions of ours open to it now
+        self.account = account(cfg)
         self._crowded_until = 0.0
         self._crowd_limit = cfg.sessions
 

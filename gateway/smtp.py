@@ -156,6 +156,15 @@ class SmtpSession:
     def _down(self, exc: Exception, connected: bool) -> UplinkDown:
         """Why a session could not be opened. `unreachable` only when no connection was
         made at all and TLS played no part: then a TCP connect tells when it is back."""
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and 400 <= exc.code < 500:
+            # RFC 4954 §6: 454 "temporary authentication failure" ("too many login
+            # attempts", a directory that did not answer): not a wrong secret, so backed
+            # off like any smarthost that answers but fails (and, while other sessions of
+            # ours to it work, taken as "no more sessions"), not held for smtp.auth_retry.
+            return UplinkDown(
+                f"{self.where} refused the login for {self.cfg.username} for now "
+                f"({self.auth_mechanism}): {describe(exc)}"
+            )
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
             hint = (
                 "a freshly fetched token was refused too: check that the app may send as "
@@ -172,6 +181,13 @@ class SmtpSession:
                 f"{self.where} refused the login for {self.cfg.username} "
                 f"({self.auth_mechanism}): {describe(exc)}; {hint}, then `mailgw flush`"
             )
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError) or isinstance(
+            exc.__cause__, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError
+        ):
+            # The socket connected, and the greeting was a refusal ("421 too many
+            # connections"), a hang-up or nothing: the smarthost is reached, so a TCP
+            # probe would tell nothing new; sessions back off like any that fail.
+            connected = True
         if isinstance(exc, aiosmtplib.SMTPException):
             # SMTPConnectError and its timeouts: no connection at all.
             unreachable = not connected and isinstance(

@@ -139,9 +139,9 @@ class Login:
             try:
                 await self._bearer(client, mechanism, self.cfg.username, token.access_token)
                 return
-            except aiosmtplib.SMTPAuthenticationError:
-                if force:
-                    raise
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                if force or 400 <= exc.code < 500:
+                    raise  # a 4xx is "not now", which a new token cannot change
 
     async def _bearer(self, client: aiosmtplib.SMTP, mechanism: str, user: str, token: str) -> None:
         """SASL XOAUTH2 (Google's) or OAUTHBEARER (RFC 7628), one AUTH command. Done here,

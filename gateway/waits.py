@@ -46,6 +46,7 @@ class AccountRefused(UplinkDown):
         super().__init__(text)
         self.delay = delay
         self.state = state  # paused | throttled, as status shows it
+        self.again = False  # the pause in force already covers it: no new hold
 
 
 class Waits:
@@ -60,7 +61,11 @@ class Waits:
         self.uplink = uplink
         self.runtime = runtime
         self.smtp = smtp
-        self.throttles = 0  # "slow down" replies since a mail was last accepted
+        self.throttles = 0  # "slow down" pauses since a mail was last accepted
+        # When the current "slow down" pause ends: replies to the mails that were in
+        # flight on other sessions when it began are the same episode, not a new one.
+        self.throttle_end = 0.0
+        self.clock: Callable[[], float] = time.monotonic
         # This smarthost's line in status (gateway.smarthost), and how the relay's
         # overall state is made from every smarthost's (Runtime.sum_hosts).
         self.status: dict[str, Any] = status if status is not None else {}
@@ -82,8 +87,18 @@ class Waits:
     def refusal(self, kind: str, error: str | None) -> AccountRefused:
         """What to raise once the message's outcome is recorded: pause the relay."""
         if kind == THROTTLE:
+            now = self.clock()
+            if now < self.throttle_end:
+                # Another session's mail, in flight when the pause began: the same
+                # episode, so the pause neither grows nor starts again.
+                refused = AccountRefused(
+                    f"{_PAUSED[kind]}: {error}", self.throttle_end - now, "throttled"
+                )
+                refused.again = True
+                return refused
             self.throttles += 1
             delay = throttle_delay(self.throttles, self.smtp.throttle_max)
+            self.throttle_end = now + delay
             return AccountRefused(f"{_PAUSED[kind]}: {error}", delay, "throttled")
         delay = self.smtp.quota_retry if kind == QUOTA else self.smtp.auth_retry
         return AccountRefused(f"{_PAUSED[kind]}: {error}", delay)
@@ -140,6 +155,9 @@ class Waits:
             self._hold("auth_failed", str(exc), self.smtp.auth_retry, waiting)
             return
         if isinstance(exc, AccountRefused):
+            if exc.again and self.uplink.holding(time.monotonic()):
+                log.debug("%s: %s (the pause in force covers it)", self.smtp.where, exc)
+                return
             self._hold(exc.state, str(exc), exc.delay, waiting)
             return
         first = self.uplink.down_since is None

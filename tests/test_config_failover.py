@@ -160,3 +160,48 @@ def test_check_config_names_the_fallbacks_line_and_accepts_the_fix(tmp_path: Pat
     cfg.write_text(BASE.format(extra='[[smtp.fallback]]\nhost = "relay.example.net"\n'))
     r = run_cli("check-config", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
+
+
+OAUTH_FALLBACK = (
+    '[[smtp.fallback]]\nhost = "smtp.office365.com"\nusername = "gw@example.com"\n'
+    "[smtp.fallback.oauth]\n"
+    'token_url = "https://login.example.com/token"\nclient_id = "app"\n'
+)
+
+
+def test_a_fallbacks_device_grant_is_refused_with_what_to_do() -> None:
+    """`mailgw oauth login` signs in only the primary: a fallback's device grant would
+    never get a token."""
+    found = problems(
+        OAUTH_FALLBACK + 'grant = "refresh_token"\ndevice_url = "https://login.example.com/dev"\n'
+    )
+    assert any(
+        "smtp.fallback[0].oauth.device_url" in p and "refresh_token_file" in p for p in found
+    ), found
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('grant = "refresh_token"\n', "refresh_token_file"),
+        ('scope = "https://outlook.office365.com/.default"\n', "client_secret_file"),
+    ],
+)
+def test_a_fallbacks_oauth_secrets_are_its_own_files(
+    extra: str, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service credentials are the primary's: a fallback must not log in with them."""
+    (tmp_path / "smtp-oauth-refresh-token").write_text("rt\n")
+    (tmp_path / "smtp-oauth-secret").write_text("cs\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    found = problems(OAUTH_FALLBACK + extra)
+    assert any(f"smtp.fallback[0].oauth.{key}" in p and "primary" in p for p in found), found
+
+
+def test_a_fallbacks_password_is_a_file_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "smtp-password").write_text("primary's\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    found = problems('[[smtp.fallback]]\nhost = "relay.example.net"\nusername = "gw"\n')
+    assert any("smtp.fallback[0].password_file" in p and "primary" in p for p in found), found

@@ -4,6 +4,7 @@ fallback; a refusal of one message does not."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.parts import (
     daemon_config,
     smtp_conf,
     wait_for,
+    write_password,
 )
 
 
@@ -76,7 +78,13 @@ def test_a_refused_login_moves_to_the_fallback(
         SmtpServer(pki, "starttls", users={"gw@example.com": "another"}) as primary,
         SmtpServer(pki, "starttls") as fallback,
     ):
-        gw = make_gateway(_conf(primary, fallback, pki, password_file))
+        # The primary's account has a password file of its own (a wrong one): another
+        # account than the fallback's, so its refusal does not hold the fallback.
+        wrong = write_password(password_file.parent / "primary-pw")
+        conf = _conf(primary, fallback, pki, password_file)
+        gw = make_gateway(
+            conf.replace(f'password_file = "{password_file}"', f'password_file = "{wrong}"', 1)
+        )
         a = alert()
         gw.add(a)
         fallback.wait_for(1, timeout=20)
@@ -164,3 +172,48 @@ def test_the_daemon_fails_over_and_status_shows_each_host(tmp_path: Path, pki: P
             assert "uplink     up" in out
         finally:
             gw.terminate()
+
+
+def test_a_primary_that_greets_421_backs_off_and_the_fallback_keeps_its_session(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path
+) -> None:
+    """The primary accepts TCP but turns every session away at the greeting: it is
+    reached (sessions back off to probe_max, no TCP probes that always succeed), and
+    each failed retry of it leaves the fallback's session open and sending."""
+    with SmtpServer(pki, "starttls") as primary, SmtpServer(pki, "starttls") as fallback:
+        primary.max_sessions = 0  # "421 4.7.0 Error: too many connections" to every one
+        gw = make_gateway(_conf(primary, fallback, pki, password_file))
+        sent = 0
+        deadline = time.monotonic() + 9
+        while time.monotonic() < deadline:
+            gw.add(alert(f"reading {sent}"))
+            sent += 1
+            time.sleep(0.3)
+        fallback.wait_for(sent, timeout=20)
+        assert primary.turned_away >= 2  # the primary was tried again meanwhile
+        assert len(fallback.auth_attempts) == 1  # and the fallback's one session was kept
+        assert gw.runtime.hosts[0]["state"] == "down"
+
+
+def test_a_password_shared_with_the_fallback_holds_both_after_one_refusal(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path
+) -> None:
+    """Same username, same password_file: one account. One refused login holds every
+    smarthost it logs in to, so the account sees one failure per auth_retry, not one
+    per smarthost."""
+    users = {"gw@example.com": "another"}
+    with (
+        SmtpServer(pki, "starttls", users=users) as primary,
+        SmtpServer(pki, "starttls", users=users) as fallback,
+    ):
+        conf = _conf(primary, fallback, pki, password_file)
+        gw = make_gateway(conf.replace("[[smtp.fallback]]", 'auth_retry = "1h"\n[[smtp.fallback]]'))
+        gw.add(alert())
+        wait_for(
+            lambda: [h["state"] for h in gw.runtime.hosts] == ["auth_failed", "auth_failed"],
+            what="both held",
+        )
+        time.sleep(1)
+        assert len(primary.auth_attempts) + len(fallback.auth_attempts) == 1
+        assert "the same account" in (gw.runtime.hosts[1]["last_error"] or "")
+        assert gw.counts()["queued"] == 1

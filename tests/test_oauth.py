@@ -331,3 +331,24 @@ def test_smtp_test_fetches_a_token_and_logs_in(pki: Pki, tmp_path: Path) -> None
         r = run_cli("smtp-test", "-c", str(cfg))
         assert r.returncode == 1 and "invalid_client" in r.stdout
         assert "client-s3cret" not in r.stdout + r.stderr
+
+
+def test_sessions_refreshing_at_once_fetch_one_token(pki: Pki, tmp_path: Path) -> None:
+    """Several sessions of one smarthost ask at once, with none cached (or all refused):
+    one request to the endpoint, and every session gets its token."""
+    with TokenEndpoint(pki, lifetime=3600) as ep:
+        cfg = OAuthSection(
+            token_url=ep.url,
+            client_id=ep.client_id,
+            client_secret_file=_secret(tmp_path / "s", ep.client_secret),
+            scope="x",
+            ca_file=pki.ca_file,
+        )
+        source = TokenSource(cfg, 5)
+
+        async def main(force: bool) -> set[str]:
+            got = await asyncio.gather(*(source.get(force=force) for _ in range(4)))
+            return {t.access_token for t in got}
+
+        assert len(asyncio.run(main(False))) == 1 and len(ep.requests) == 1
+        assert len(asyncio.run(main(True))) == 1 and len(ep.requests) == 2

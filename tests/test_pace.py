@@ -86,3 +86,49 @@ def test_no_window_holds_more_than_rate_times_t_plus_burst(
     for i, start in enumerate(sent):
         for j in range(i, len(sent)):
             assert j - i + 1 <= burst + rate * (sent[j] - start) + 1e-6
+
+
+@given(
+    burst=st.integers(1, 3),
+    steps=st.lists(
+        st.tuples(st.integers(0, 3), st.floats(0.0, 4.0, allow_nan=False), st.booleans()),
+        min_size=1,
+        max_size=80,
+    ),
+)
+def test_parallel_sessions_interleaved_never_exceed_the_rate(
+    burst: int, steps: list[tuple[int, float, bool]]
+) -> None:
+    """Four sessions as gateway/relay_worker.py drives them: claim no more rows than
+    tokens (none taken), log in for a while (or fail to), then take a token right
+    before each send and give the rest back when there is none."""
+    b = Bucket(30, 60.0, now=0.0, burst=burst)
+    now, sent = 0.0, []
+    claimed = [0, 0, 0, 0]
+    for worker, gap, fails in steps:
+        now += gap
+        if claimed[worker] == 0:
+            if b.wait(now) == 0.0:
+                claimed[worker] = max(1, int(b.tokens(now)))
+            continue
+        if fails:  # the login failed (crowded, failover): the rows go back unsent
+            claimed[worker] = 0
+            continue
+        while claimed[worker] and b.try_take(now):
+            sent.append(now)
+            claimed[worker] -= 1
+        claimed[worker] = 0
+    rate = 30 / 60.0
+    for i, start in enumerate(sent):
+        for j in range(i, len(sent)):
+            assert j - i + 1 <= burst + rate * (sent[j] - start) + 1e-6
+
+
+def test_a_token_is_spent_at_the_send_not_before_a_slow_login() -> None:
+    """The review's case: session A claims (burst 1), logs in slowly; B sends at 10 s;
+    A's login then ends: no second send at 10 s (it was two, with a refund)."""
+    b = Bucket(30, 60.0, now=0.0)
+    assert b.wait(0.0) == 0.0  # A claims one row, takes nothing yet
+    assert b.try_take(10.0)  # B
+    assert not b.try_take(10.0)  # A, after its login: the row goes back, in order
+    assert b.try_take(12.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,46 @@ def test_replies_about_each_message_dead_letter_without_pausing(
         gw.add(*[alert(f"a{i}") for i in range(6)])
         wait_for(lambda: gw.counts()["dead"] == 6, what="all dead")
         assert gw.runtime.uplink == "up" and gw.runtime.attempts["paused"] == 0
+
+
+RELAY_DENIED = "554 5.7.1 <ops@example.com>: Relay access denied"
+
+
+def test_relay_access_denied_for_every_recipient_pauses_after_a_streak(
+    pki: Pki, make_gateway: Callable[..., Gateway]
+) -> None:
+    """Every RCPT refused with the same 5.7.1: the account's problem (a relay that will
+    not relay for it), so the relay pauses after SAME_REFUSALS - 1 dead letters instead
+    of dead-lettering the whole queue (invariant 12)."""
+    with SmtpServer(pki, "starttls") as server:
+        server.script.rcpt_replies["ops@example.com"] = RELAY_DENIED
+        gw = make_gateway(smtp_conf(server, pki, extra='auth_retry = "1h"\n'))
+        gw.add(*[alert(f"a{i}") for i in range(12)])
+        wait_for(lambda: gw.runtime.uplink == "paused", what="paused")
+        wait_for(lambda: gw.counts()["queued"] == 12 - (uplink.SAME_REFUSALS - 1), what="kept")
+        time.sleep(0.5)
+        assert gw.counts()["dead"] == uplink.SAME_REFUSALS - 1
+        assert "Relay access denied" in (gw.runtime.relay_hold or "")
+
+
+def test_relay_access_denied_at_the_primary_hands_over_to_the_fallback(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path
+) -> None:
+    with SmtpServer(pki, "starttls") as primary, SmtpServer(pki, "starttls") as fallback:
+        primary.script.rcpt_replies["ops@example.com"] = RELAY_DENIED
+        conf = smtp_conf(
+            primary,
+            pki,
+            extra=(
+                f'auth_retry = "1h"\npassword_file = "{password_file}"\n[[smtp.fallback]]\n'
+                f'host = "127.0.0.1"\nport = {fallback.port}\nca_file = "{pki.ca_file}"\n'
+                f'username = "gw@example.com"\npassword_file = "{password_file}"\n'
+            ),
+        )
+        gw = make_gateway(conf)
+        gw.add(*[alert(f"a{i}") for i in range(12)])
+        kept = 12 - (uplink.SAME_REFUSALS - 1)
+        fallback.wait_for(kept, timeout=20)
+        wait_for(lambda: gw.counts()["sent"] == kept, what="the rest sent via the fallback")
+        assert gw.counts()["dead"] == uplink.SAME_REFUSALS - 1
+        assert gw.runtime.hosts[0]["state"] == "paused"

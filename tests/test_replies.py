@@ -49,7 +49,19 @@ CASES: list[tuple[str, Result, Verdict]] = [
     (
         "every recipient refused with 5xx",
         NoRecipients((("a@x", rc(550, "no")), ("b@x", rc(550, "no")))),
-        Verdict("dead", error="a@x: 550 no; b@x: 550 no"),
+        Verdict("dead", error="a@x: 550 no; b@x: 550 no", same_as="rcpt 550"),
+    ),
+    (
+        "every recipient refused for its address: the message's, no streak",
+        NoRecipients((("a@x", rc(550, "5.1.1 no such user")),)),
+        Verdict("dead", error="a@x: 550 5.1.1 no such user"),
+    ),
+    (
+        "relaying denied for every recipient: counts towards the same-refusal streak",
+        NoRecipients((("a@x", rc(554, "5.7.1 <a@x>: Relay access denied")),)),
+        Verdict(
+            "dead", error="a@x: 554 5.7.1 <a@x>: Relay access denied", same_as="rcpt 554 5.7.1"
+        ),
     ),
     (
         "every recipient refused, one with 4xx",

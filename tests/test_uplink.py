@@ -157,10 +157,17 @@ def test_the_relay_throttle_pause_grows_then_starts_afresh_after_an_accepted_mai
 
     smtp = SmtpSection(host="h", port=587, tls="starttls", sender="a@b", throttle_max=100.0)
     waits = Waits(Uplink(60.0, random.Random(1)), Runtime(), smtp)
-    delays = [waits.refusal("throttle", "421 4.7.0 slow down").delay for _ in range(4)]
+    clock = [1000.0]
+    waits.clock = lambda: clock[0]
+    delays = []
+    for _ in range(4):
+        delays.append(waits.refusal("throttle", "421 4.7.0 slow down").delay)
+        clock[0] += delays[-1]  # the next one after this pause
     assert delays == [30.0, 60.0, 100.0, 100.0]
+    clock[0] += 100
     refused = waits.refusal("throttle", "x")
     assert refused.state == "throttled" and "slow down" in str(refused)
+    clock[0] += refused.delay
     waits.accepted()
     assert waits.refusal("throttle", "x").delay == 30.0
     assert waits.refusal("quota", "x").state == "paused"  # the other pauses are unchanged

@@ -143,7 +143,50 @@ def fallback_section(t: Table, primary: SmtpSection) -> SmtpSection:
     t.done()
     section = replace(primary, **connection, fallbacks=())
     _check_smtp(t, section, host)
+    _check_fallback_secrets(t, section)
     return section
+
+
+def _check_fallback_secrets(t: Table, section: SmtpSection) -> None:
+    """A fallback's secrets are its own files: the service's credentials (smtp-password,
+    smtp-oauth-secret, smtp-oauth-refresh-token) and `mailgw oauth login` are the
+    primary's, so a fallback relying on them would log in with the primary's secret, or
+    never get a token at all."""
+    oauth = section.oauth
+    where = f"{t.name}.oauth"
+    if oauth is None:
+        if section.username and not (section.password_file or section.oauth_token_file):
+            t.loader.problem(
+                t.name,
+                "password_file",
+                "is required with username in a [[smtp.fallback]]: the service credential "
+                "smtp-password is the primary's; write this account's password to a file "
+                "of its own (mode 0600) and name it here",
+            )
+        return
+    if oauth.device_url:
+        t.loader.problem(
+            where,
+            "device_url",
+            "`mailgw oauth login` signs in only the primary's [smtp.oauth], so this fallback "
+            "would never get a token: sign in for it with a copy of the config where this "
+            "table is [smtp.oauth], put the refresh token in a file (mode 0600), set "
+            "refresh_token_file here and remove device_url",
+        )
+    elif oauth.grant == "refresh_token" and oauth.refresh_token_file is None:
+        t.loader.problem(
+            where,
+            "refresh_token_file",
+            "is required in a [[smtp.fallback]]: the service credential "
+            "smtp-oauth-refresh-token is the primary's",
+        )
+    if oauth.grant == "client_credentials" and oauth.client_secret_file is None:
+        t.loader.problem(
+            where,
+            "client_secret_file",
+            "is required in a [[smtp.fallback]]: the service credential smtp-oauth-secret "
+            "is the primary's",
+        )
 
 
 def _check_distinct(t: Table, hosts: tuple[SmtpSection, ...]) -> None:
