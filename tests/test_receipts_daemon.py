@@ -270,7 +270,9 @@ def test_the_documented_mosquitto_pub_commands_get_their_receipts(
         gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
-        port = ("-p", str(broker.port))
+        # The documented commands with the broker's loopback address and port made
+        # explicit: a bare Debian root may have no "localhost" in /etc/hosts.
+        port = ("-h", "127.0.0.1", "-p", str(broker.port))
         json_alert = json.dumps(
             {"message": "cold room at 9.5 C", "severity": "critical", "correlation_id": "cr3-0042"}
         )

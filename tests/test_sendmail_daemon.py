@@ -4,6 +4,7 @@ the stdlib and the worktree on its path: what cron would run."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -52,13 +53,31 @@ def config(tmp: Path, pki: Pki, port: int, drop: Path, extra: str = "") -> Path:
     return cfg
 
 
+_CLIENT: list[Path] = []
+
+
+def client() -> Path:
+    """Where `nobody` finds the package: the checkout may sit where only root can read
+    (/root/project on a fresh Debian), so the client runs from a world-readable copy."""
+    if not _CLIENT:
+        top = Path(tempfile.mkdtemp(prefix="mailgw-client-"))
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(
+            ROOT / "gateway", top / "gateway", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for path in (top, *top.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _CLIENT.append(top)
+    return _CLIENT[0]
+
+
 def sendmail(
     drop: Path, args: list[str], message: bytes, user: str = "nobody"
 ) -> subprocess.CompletedProcess[bytes]:
     cmd = [SYSTEM_PYTHON, "-m", "gateway.sendmail", *args]
     if user != "root":
         cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MAILGW_MAILDROP": str(drop)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(client()), "MAILGW_MAILDROP": str(drop)}
     return subprocess.run(
         cmd,
         input=message,
