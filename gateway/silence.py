@@ -10,6 +10,13 @@ nor hide a silence); the wall clock only writes the mail. After a restart the da
 `restore`s each source with the time it was itself down: a source gets a fresh window
 from the start (what was said while nobody listened cannot be known), and the mail says
 how much of the quiet time the gateway itself was down.
+
+A source is heard through a path (`via`: mqtt, serial, local). While the path itself
+is down (the MQTT broker unreachable), the sources behind it cannot be heard whatever
+they do: their silence is the path's, said once by the self-alert on that path, not a
+mail per sensor and another when the path returns. So a paused path's sources do not
+fire, and when it returns each one gets a fresh `expect_every` from the return: a
+sensor still quiet then is reported one window after the path came back.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class Source:
     last_mono: float  # the same instant on this boot's monotonic clock, or our start
     fired: bool = False
     down: float = 0.0  # seconds the gateway itself was down since last_wall
+    via: str = ""  # the path it was last heard through (mqtt, serial, local)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,7 @@ class Watcher:
         self.by_name = {r.name: r for r in self.rules}
         self.sources: dict[str, Source] = {}
         self.dropped = 0  # observations of new sources refused past MAX_SOURCES
+        self.paused: frozenset[str] = frozenset()  # paths that cannot be heard now
 
     def restore(self, key: str, src: Source, down_for: float, now_mono: float) -> bool:
         """A source as persisted before the gateway stopped; its window restarts now.
@@ -81,7 +90,9 @@ class Watcher:
         self.sources[key] = src
         return True
 
-    def observe(self, topic: str, sensor: str, now_wall: float, now_mono: float) -> list[Event]:
+    def observe(
+        self, topic: str, sensor: str, now_wall: float, now_mono: float, via: str = ""
+    ) -> list[Event]:
         """The source spoke; an "again" event if it had been declared silent."""
         key = source_key(topic, sensor)
         src = self.sources.get(key)
@@ -92,8 +103,9 @@ class Watcher:
             if len(self.sources) >= MAX_SOURCES:
                 self.dropped += 1
                 return []
-            self.sources[key] = Source(rule.name, now_wall, now_mono)
+            self.sources[key] = Source(rule.name, now_wall, now_mono, via=via)
             return []
+        src.via = via or src.via
         events = []
         if src.fired:
             quiet = _quiet(src, now_wall, now_mono)
@@ -103,11 +115,25 @@ class Watcher:
         src.last_wall, src.last_mono, src.fired, src.down = now_wall, now_mono, False, 0.0
         return events
 
+    def pause(self, paths: frozenset[str], now_mono: float) -> None:
+        """The paths that cannot be heard now. A path that returns gives each of its
+        sources a fresh window from now."""
+        back = self.paused - paths
+        self.paused = paths
+        if not back:
+            return
+        for src in self.sources.values():
+            if src.via in back and not src.fired:
+                src.last_mono = max(src.last_mono, now_mono)
+
     def due(self, now_wall: float, now_mono: float) -> list[Event]:
-        """Sources quiet for longer than their rule allows, each reported once."""
+        """Sources quiet for longer than their rule allows, each reported once; none
+        heard through a paused path."""
         events = []
         for key, src in self.sources.items():
             rule = self.by_name[src.rule]
+            if src.via in self.paused:
+                continue
             if not src.fired and now_mono - src.last_mono >= rule.expect_every:
                 src.fired = True
                 quiet = _quiet(src, now_wall, now_mono)

@@ -103,6 +103,7 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         if isinstance(watch, dict)
         else {},
         "pace": _pace(raw.get("pace")),
+        "drain": _drain(raw.get("drain")),
         "smarthosts": _smarthosts(raw.get("smarthosts")),
     }
 
@@ -142,6 +143,19 @@ def _pace(raw: object) -> dict[str, Any]:
         "rate_limit": raw["rate_limit"],
         "next_send_at": float(at) if _is_number(at) else None,
         "waits": waits if type(waits) is int else 0,
+    }
+
+
+def _drain(raw: object) -> dict[str, Any]:
+    """The drain plan's folds so far (gateway/drainer.py), keeping only well-typed values;
+    empty when smtp.drain_within is off."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("drain_within"), str):
+        return {}
+    last = raw.get("last")
+    return {
+        "drain_within": raw["drain_within"],
+        **{k: v if type(v := raw.get(k)) is int else 0 for k in ("folds", "folded", "digests")},
+        "last": float(last) if _is_number(last) else None,
     }
 
 
@@ -193,6 +207,7 @@ def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None
         "threads",
         "watch",
         "pace",
+        "drain",
         "smarthosts",
     ):
         result[key] = rt.get(key) if rt else None
@@ -207,9 +222,8 @@ def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
     lines = []
     for h in hosts:
         state = printable(h.get("state") or "unknown")
-        at = h.get("next_probe_at")
-        if state != "up" and at:
-            state += f", next try in {_age(max(0.0, at - time.time()))}"
+        if state != "up" and (at := h.get("next_probe_at")):
+            state += f", {_next_try(at)}"
         mark = "*" if h.get("active") else " "
         line = (
             f"smarthost {mark}{printable(h['host'])} ({printable(h.get('role') or '?')}): "
@@ -220,6 +234,16 @@ def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
             line += f"; last error: {printable(h['last_error'])}"
         lines.append(line)
     return lines
+
+
+def _next_try(at: float) -> str:
+    """When a held smarthost is tried again. Once its wait is over it is tried with the
+    next session the relay opens: at once when mail waits, or with the next message
+    while a fallback carries the traffic. Said so, not as a countdown stuck at 0 s."""
+    left = at - time.time()
+    if left >= 1:
+        return f"next try in {_age(left)}"
+    return "tried again with the next message"
 
 
 def _age(seconds: float | None) -> str:
@@ -279,7 +303,7 @@ def render(r: dict[str, Any]) -> str:
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
         if uplink in ("down", "auth_failed", "paused", "throttled") and r.get("next_probe_at"):
-            uplink += f", next try in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
+            uplink += f", {_next_try(r['next_probe_at'])}"
         lines.append(f"uplink     {uplink}")
         if r.get("relay_hold") and uplink != "up":
             lines.append(
@@ -295,6 +319,12 @@ def render(r: dict[str, Any]) -> str:
                 f"; {pace.get('waits', 0)} waits for it"
             )
         lines += _host_lines(r.get("smarthosts") or [])
+        if (drain := r.get("drain")) and drain.get("folds"):
+            lines.append(
+                f"drain      {drain['folded']} alerts folded into {drain['digests']} digests in "
+                f"{drain['folds']} folds (smtp.drain_within {printable(drain['drain_within'])}),"
+                f" last {_when(drain.get('last'))}"
+            )
         lines.append(f"success    {_when(r.get('last_success'))}")
         err = r.get("last_error")
         err_text = f"{printable(err)} at {_when(r.get('last_error_at'))}" if err else "none"

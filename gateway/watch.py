@@ -10,6 +10,13 @@ neither, so a silence is never lost and never fired twice.
 
 Threads: observations arrive in the writer's thread (after each commit), commit results
 too; the tick runs on the loop. One lock guards the two sans-IO watchers.
+
+A source seen for the first time is written to the `watch` table at once, by the
+writer's next operation, not at the next periodic save: a `kill -9` a moment after a
+new sensor's first reading must not leave that sensor unwatched. How long the gateway
+itself was down is learnt from the last of the periodic save (`alive_at`, every
+SAVE_EVERY seconds, on the card) and the previous daemon's status file (every tick, on
+tmpfs, kept across an automatic restart): the later one is the better bound.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -32,9 +40,20 @@ from gateway.heartbeat import Beat, is_due, summary
 from gateway.ingest import Ingest, storm_keys
 from gateway.outbox import Outbox, watch_state
 from gateway.outbox.writer import Stored
+from gateway.repeats import Repeats
 from gateway.runtime import Runtime
 from gateway.selfwatch import Bounds, Change, Condition, SelfWatch
-from gateway.silence import MAX_SOURCES, Event, Source, Watcher, describe, human, split_key
+from gateway.silence import (
+    MAX_SOURCES,
+    Event,
+    Source,
+    Watcher,
+    describe,
+    human,
+    rule_for,
+    source_key,
+    split_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +69,13 @@ class Watches:
         self.silence = Watcher(config.silence)
         self.selfwatch = SelfWatch()
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], float] = {}  # (topic, sensor) → wall, from commits
+        # (topic, sensor) → (wall, path it came through), from commits
+        self._seen: dict[tuple[str, str], tuple[float, str]] = {}
         self._pending: set[str] = set()  # sources whose change is not yet committed
         self._last_save = -1e9
         self._forget: list[tuple[str, str]] = []  # watch rows to delete with the next save
-        self._unstored: set[str] = set()  # changes whose alert failed: logged once each
+        # Changes whose alert could not be stored: said once, then ever more rarely.
+        self._unstored = Repeats()
         self.started_mono = time.monotonic()
         self._last_tick: float | None = None
         self.beat = Beat(time.time()) if config.heartbeat.every else None
@@ -71,6 +92,7 @@ class Watches:
         """In the writer's thread, before intake: load the watches' state."""
         rows, alive_at = watch_state.load(outbox)
         now_wall, now_mono = time.time(), time.monotonic()
+        alive_at = _last_alive(alive_at, self.config.gateway.runtime_dir / "status.json", now_wall)
         down = max(0.0, now_wall - alive_at) if alive_at is not None else 0.0
         if down >= 1:
             log.info("the gateway was down for %s before this start", human(down))
@@ -92,17 +114,33 @@ class Watches:
 
     def observed(self, alerts: Sequence[Alert]) -> None:
         """A source spoke (its alerts were stored, or refused by a full outbox)."""
+        rows = []
         with self._lock:
             for a in alerts:
+                if a.source == "gateway":
+                    continue
+                key = source_key(a.topic, a.sensor)
+                if key not in self.silence.sources and rule_for(
+                    self.silence.rules, a.topic, a.sensor
+                ):
+                    # A new source: watched from now on, and remembered at once.
+                    wall = a.received.wall
+                    self.silence.observe(a.topic, a.sensor, wall, time.monotonic(), a.source)
+                    if (src := self.silence.sources.get(key)) is not None:
+                        rows.append(("silence", key, _source_json(src)))
                 # Bounded like the watcher's table: a flood of invented topics costs
                 # legitimate sources at most one tick's observation.
-                if a.source != "gateway" and len(self._seen) < MAX_SOURCES:
-                    self._seen[(a.topic, a.sensor)] = a.received.wall
+                elif len(self._seen) < MAX_SOURCES:
+                    self._seen[(a.topic, a.sensor)] = (a.received.wall, a.source)
+        if rows:
+            self._write(rows, time.time(), [])
 
     # --- the tick (the loop) -------------------------------------------------------------
 
     def tick(self, outbox_live: int) -> None:
         now_wall, now_mono = time.time(), time.monotonic()
+        with self._lock:
+            self.silence.pause(self._unheard(), now_mono)
         self._judge_silence(now_wall, now_mono, due=True)
         if self.config.selfalerts.enabled:
             self._check_self(outbox_live, now_wall, now_mono)
@@ -113,6 +151,17 @@ class Watches:
         if now_mono - self._last_save >= SAVE_EVERY:
             self._last_save = now_mono
             self._save(now_wall)
+
+    def _unheard(self) -> frozenset[str]:
+        """The paths whose sources cannot be heard now. Only while the self-alert on the
+        path speaks for them: without [selfalerts], a sensor's silence mail is the only
+        sign that the broker is gone."""
+        cfg = self.config
+        if cfg.mqtt is None or not cfg.selfalerts.enabled:
+            return frozenset()
+        if self.runtime.sources.get("mqtt", "not connected") == "connected":
+            return frozenset()
+        return frozenset({"mqtt"})
 
     def _show(self) -> None:
         """What `mailgw status` shows: silent sources, raised conditions, since when."""
@@ -141,8 +190,8 @@ class Watches:
             seen, self._seen = self._seen, {}
             events: list[Event] = []
             known = len(self.silence.sources)
-            for (topic, sensor), wall in seen.items():
-                events += self.silence.observe(topic, sensor, wall, now_mono)
+            for (topic, sensor), (wall, via) in seen.items():
+                events += self.silence.observe(topic, sensor, wall, now_mono, via)
             if len(self.silence.sources) != known:
                 self._last_save = -1e9  # a new source: remember it at once, not in 10 s
             if due:
@@ -162,7 +211,11 @@ class Watches:
             forget, self._forget = self._forget, []
             if self.beat is not None and not self._beat_pending:
                 rows.append(("heartbeat", "heartbeat", json.dumps(dataclasses.asdict(self.beat))))
+        self._write(rows, now_wall, forget)
 
+    def _write(
+        self, rows: list[tuple[str, str, str]], now_wall: float, forget: list[tuple[str, str]]
+    ) -> None:
         def save(outbox: Outbox) -> None:
             watch_state.save(outbox, rows, now_wall, forget)
 
@@ -193,7 +246,8 @@ class Watches:
                 "gateway_down_s": round(e.down_for),
             },
         )
-        log.warning("silence watch: %s", alert.message)
+        if f"silence {e.key}" not in self._unstored:  # a retry was said already
+            log.warning("silence watch: %s", alert.message)
 
         def done(result: Stored | BaseException) -> None:
             with self._lock:
@@ -274,7 +328,8 @@ class Watches:
             text,
             {"selfalert": change.kind, "condition": change.name},
         )
-        log.warning("self-alert: %s", text)
+        if f"self-alert {change.name}" not in self._unstored:  # a retry was said already
+            log.warning("self-alert: %s", text)
 
         def done(result: Stored | BaseException) -> None:
             self._failed(f"self-alert {change.name}", result)
@@ -285,15 +340,29 @@ class Watches:
         self._submit(alert, sa.route, mark, done)
 
     def _failed(self, what: str, result: Stored | BaseException) -> None:
-        """Log a change whose alert could not be stored once, not at every retry: while
-        the outbox fails, the tick tries again each second."""
+        """Log a change whose alert could not be stored once, then ever more rarely with
+        a count (gateway/repeats.py): while the outbox fails, the tick tries again each
+        second."""
+        with self._lock:
+            if isinstance(result, Stored):
+                over = self._unstored.over(what)
+            else:
+                again = self._unstored.occurred(what, time.monotonic())
         if isinstance(result, Stored):
-            if what in self._unstored:
-                self._unstored.discard(what)
+            if over:
                 log.warning("the alert for %s is stored after all", what)
-        elif what not in self._unstored:
-            self._unstored.add(what)
-            log.error("could not store the alert for %s (%s); trying again", what, result)
+        elif again == 0:
+            log.error(
+                "could not store the alert for %s (%s); trying again every second", what, result
+            )
+        elif again is not None:
+            log.error(
+                "still cannot store the alert for %s (%s): %d more failed tries since it "
+                "was last said; trying again every second",
+                what,
+                result,
+                again,
+            )
 
     # --- the heartbeat ---------------------------------------------------------------------
 
@@ -384,6 +453,25 @@ def _disk(state_dir: Path, free_percent: int) -> tuple[str, bool, str, float]:
         f"the disk holding {state_dir} has {free:.1f} % free ({usage.free // 2**20} MiB)",
         0.0,
     )
+
+
+def _last_alive(alive_at: float | None, status_path: Path, now_wall: float) -> float | None:
+    """The later of the outbox's `alive_at` and the previous daemon's status file (written
+    every tick). The file is the service's own, but read as input: a value that is not a
+    number or lies in the future is ignored."""
+    try:
+        raw = json.loads(status_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return alive_at
+    written = raw.get("written_at") if isinstance(raw, dict) else None
+    if (
+        not isinstance(written, int | float)
+        or isinstance(written, bool)
+        or not math.isfinite(written)
+        or written > now_wall
+    ):
+        return alive_at
+    return float(written) if alive_at is None else max(alive_at, float(written))
 
 
 def _hhmm(wall: float) -> str:

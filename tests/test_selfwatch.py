@@ -19,7 +19,8 @@ def test_raised_after_holding_resolved_after_clearing() -> None:
     assert w.update("mqtt", True, 500.0, 1500.0, B) is None  # once
     assert w.update("mqtt", False, 600.0, 1600.0, B) is None
     down = w.update("mqtt", False, 630.0, 1630.0, B)
-    assert down is not None and down.kind == "resolved" and down.lasted == 570.0
+    # From when it began to hold (1000) to when it was seen clear (1600).
+    assert down is not None and down.kind == "resolved" and down.lasted == 600.0
 
 
 def test_a_blink_shorter_than_raise_after_says_nothing() -> None:
@@ -50,7 +51,43 @@ def test_a_raised_condition_restored_after_a_restart_is_resolved_not_raised_agai
     assert w.update("outbox", True, 0.0, 200.0, B) is None
     w.update("outbox", False, 1.0, 300.0, B)
     c = w.update("outbox", False, 31.0, 330.0, B)
-    assert c is not None and c.kind == "resolved" and c.lasted == 230.0
+    assert c is not None and c.kind == "resolved" and c.lasted == 200.0
+
+
+def test_the_state_found_at_the_start_is_not_a_flap() -> None:
+    # The broker is not yet connected at the first check, connects, and later goes
+    # away for good: one episode, not "came and went 1 more times".
+    w = SelfWatch()
+    q = Bounds(raise_after=10.0, clear_after=5.0, min_interval=900.0)
+    assert w.update("mqtt", True, 0.0, 0.0, q, "not connected") is None
+    assert w.update("mqtt", False, 1.0, 1.0, q) is None
+    assert w.update("mqtt", True, 50.0, 50.0, q, "disconnected") is None
+    up = w.update("mqtt", True, 60.0, 60.0, q)
+    assert up is not None and up.kind == "raised" and up.flaps == 0
+
+
+def test_blinks_after_the_start_are_counted_as_flaps() -> None:
+    w = SelfWatch()
+    q = Bounds(raise_after=10.0, clear_after=5.0, min_interval=900.0)
+    w.update("mqtt", False, 0.0, 0.0, q)
+    for t in (10.0, 20.0):  # two blinks shorter than raise_after
+        w.update("mqtt", True, t, t, q)
+        w.update("mqtt", False, t + 1, t + 1, q)
+    w.update("mqtt", True, 50.0, 50.0, q)
+    up = w.update("mqtt", True, 60.0, 60.0, q)
+    assert up is not None and up.flaps == 2
+
+
+def test_how_long_it_lasted_counts_from_when_it_began_to_hold() -> None:
+    # Down from 1000 to 1029 (wall): raised at 1010, resolved at 1034; it lasted 29 s.
+    w = SelfWatch()
+    q = Bounds(raise_after=10.0, clear_after=5.0, min_interval=900.0)
+    w.update("mqtt", False, 0.0, 990.0, q)
+    w.update("mqtt", True, 10.0, 1000.0, q)
+    assert w.update("mqtt", True, 20.0, 1010.0, q) is not None
+    assert w.update("mqtt", False, 39.0, 1029.0, q) is None
+    down = w.update("mqtt", False, 44.0, 1034.0, q)
+    assert down is not None and down.kind == "resolved" and down.lasted == 29.0
 
 
 def test_put_back_undoes_a_change_whose_alert_was_not_stored() -> None:

@@ -201,3 +201,59 @@ def test_status_reads_the_watch_back_and_drops_what_is_not_text(tmp_path: Path) 
     assert rt is not None and rt["watch"] == {"silent alerts/cold/t": "since 2026-01-01 00:00 UTC"}
     text = render(report(tmp_path / "none.db", path))
     assert "watch      silent alerts/cold/t since 2026-01-01 00:00 UTC" in text
+
+
+# --- a path that cannot be heard (the MQTT broker away) ----------------------------------
+
+MQTT = frozenset({"mqtt"})
+
+
+def test_sources_behind_a_paused_path_do_not_fire_and_get_a_fresh_window_on_its_return() -> None:
+    w = Watcher([COLD])
+    w.observe("alerts/cold-room-3/temp1", "temp1", 1000.0, 0.0, "mqtt")
+    w.observe("alerts/cold-room-3/temp2", "temp2", 1000.0, 0.0, "serial")
+    w.pause(MQTT, 100.0)  # the broker goes away
+    fired = w.due(3000.0, 2000.0)
+    # The serial sensor is still heard, and silent; the MQTT one is the broker's.
+    assert [e.key for e in fired] == ["alerts/cold-room-3/temp2|temp2"]
+    w.pause(frozenset(), 2500.0)  # the broker is back
+    assert w.due(3399.0, 3399.0) == []  # within expect_every of the return
+    [late] = w.due(3400.0, 3400.0)  # still quiet one window after the return
+    assert late.key == "alerts/cold-room-3/temp1|temp1" and late.quiet_for == 2400.0
+
+
+def test_a_source_that_speaks_after_the_return_is_not_reported() -> None:
+    w = Watcher([COLD])
+    w.observe("alerts/cold-room-3/temp1", "temp1", 1000.0, 0.0, "mqtt")
+    w.pause(MQTT, 10.0)
+    assert w.due(5000.0, 4000.0) == []
+    w.pause(frozenset(), 4000.0)
+    assert w.observe("alerts/cold-room-3/temp1", "temp1", 5001.0, 4001.0, "mqtt") == []
+    assert w.due(5800.0, 4800.0) == []
+
+
+def test_a_source_silent_before_the_outage_stays_reported_once() -> None:
+    w = Watcher([COLD])
+    w.observe("alerts/cold-room-3/temp1", "temp1", 1000.0, 0.0, "mqtt")
+    assert len(w.due(1900.0, 900.0)) == 1
+    w.pause(MQTT, 1000.0)
+    w.pause(frozenset(), 2000.0)
+    assert w.due(9000.0, 8000.0) == []  # fired already: no second mail
+    [again] = w.observe("alerts/cold-room-3/temp1", "temp1", 9000.0, 8000.0, "mqtt")
+    assert again.kind == "again"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(0.0, 2000.0)), max_size=60))
+def test_nothing_behind_a_paused_path_ever_fires(plan: list[tuple[bool, float]]) -> None:
+    w = Watcher([COLD])
+    w.observe("alerts/cold-room-3/temp1", "temp1", 0.0, 0.0, "mqtt")
+    now = 0.0
+    for paused, dt in plan:
+        now += dt
+        w.pause(MQTT if paused else frozenset(), now)
+        fired = w.due(now, now)
+        assert not (paused and fired)
+        for e in fired:
+            # Never sooner than a whole window after the path was last heard again.
+            assert e.quiet_for >= COLD.expect_every

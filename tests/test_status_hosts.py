@@ -94,3 +94,37 @@ def test_metrics_carry_a_host_label() -> None:
     assert got[("mailgw_smarthost_active", fallback)] == 1
     assert got[("mailgw_smarthost_sessions", fallback)] == 2
     assert got[("mailgw_smarthost_sent_total", primary)] == 10
+
+
+def test_status_json_carries_the_drain_plans_folds(tmp_path: Path) -> None:
+    rt = Runtime()
+    rt.drain = {"drain_within": "30 min", "folds": 2, "folded": 900, "digests": 3, "last": 5.0}
+    path = tmp_path / "status.json"
+    rt.write(path)
+    report = status.report(tmp_path / "none.db", path)
+    assert report["drain"] == rt.drain
+    assert "drain      900 alerts folded into 3 digests in 2 folds" in status.render(report)
+    snap = Runtime().snapshot()
+    snap["drain"] = {"drain_within": 5, "folds": "x"}  # not the daemon's: dropped
+    path.write_text(json.dumps(snap))
+    assert status.report(tmp_path / "none.db", path)["drain"] == {}
+
+
+def test_a_primary_whose_wait_is_over_is_shown_tried_with_the_next_message(
+    tmp_path: Path,
+) -> None:
+    # Failover: the fallback carries the mail; the primary's backoff ended a while ago
+    # and it is tried with the next session, not "in 0s" for ever.
+    rt = Runtime()
+    rt.hosts = [dict(h) for h in HOSTS]
+    rt.hosts[0].update(state="down", hold=None, next_probe_at=time.time() - 120)
+    rt.sum_hosts()
+    path = tmp_path / "status.json"
+    rt.write(path)
+    text = status.render(status.report(tmp_path / "none.db", path))
+    assert "next try in 0s" not in text
+    assert "smtp.office365.com:587 (primary): down, tried again with the next message" in text
+    rt.hosts[0]["next_probe_at"] = time.time() + 300
+    rt.write(path)
+    text = status.render(status.report(tmp_path / "none.db", path))
+    assert "(primary): down, next try in 4m" in text or "(primary): down, next try in 5m" in text
