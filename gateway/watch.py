@@ -220,8 +220,17 @@ class Watches:
             watch_state.save(outbox, rows, now_wall, forget)
 
         def logged(fut: concurrent.futures.Future[None]) -> None:
-            if (exc := fut.exception()) is not None:
+            exc = fut.exception()
+            with self._lock:
+                said = (
+                    self._unstored.over("state")
+                    if exc is None
+                    else self._unstored.occurred("state", time.monotonic())
+                )
+            if exc is not None and said is not None:
                 log.warning("could not save the silence watch's state: %s", exc)
+            elif exc is None and said:
+                log.info("the silence watch's state is saved again")
 
         self.ingest.writer.call(save).add_done_callback(logged)
 
