@@ -194,3 +194,44 @@ def test_a_change_whose_alert_cannot_be_stored_is_tried_again(
     assert topics.count("gateway/gw-w/clock") == 1
     # The failure itself was a condition (store_after = 0): reported once it could be.
     assert topics.count("gateway/gw-w/store") == 1
+
+
+def test_a_new_source_is_in_the_watch_table_before_any_tick(rig: Callable[[str], Rig]) -> None:
+    r: Rig = rig('[[silence]]\nmatch = "alerts/cold/#"\nexpect_every = "1m"\n')
+    a = normalize(b"4 C", Draft("alerts/cold/t1", "mqtt", "t1"))
+    r.ingest.submit([(a, None)], lambda result: None)
+
+    def rows() -> list[tuple[str, str]]:
+        return r.writer.call(
+            lambda ob: ob.conn.execute("SELECT kind, key FROM watch").fetchall()
+        ).result(10)
+
+    # No tick runs here: a kill -9 now must still find the source at the next start.
+    wait_for(lambda: ("silence", "alerts/cold/t1|t1") in rows(), what="the row")
+    r.stop()
+    again: Rig = rig('[[silence]]\nmatch = "alerts/cold/#"\nexpect_every = "1m"\n')
+    src = again.watches.silence.sources["alerts/cold/t1|t1"]
+    assert src.via == "mqtt" and not src.fired
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"written_at": 150.0}', 150.0),  # later than alive_at: the better bound
+        ('{"written_at": 50.0}', 100.0),  # older: alive_at stands
+        ('{"written_at": 1e12}', 100.0),  # in the future: not believed
+        ('{"written_at": "150"}', 100.0),
+        ('{"written_at": true}', 100.0),
+        ("[1, 2]", 100.0),
+        ("not json", 100.0),
+    ],
+)
+def test_the_downtime_starts_at_the_later_sign_of_life(
+    tmp_path: Path, text: str, expected: float
+) -> None:
+    from gateway.watch import _last_alive
+
+    path = tmp_path / "status.json"
+    path.write_text(text)
+    assert _last_alive(100.0, path, now_wall=200.0) == expected
+    assert _last_alive(100.0, tmp_path / "missing.json", now_wall=200.0) == 100.0
