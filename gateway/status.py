@@ -220,10 +220,11 @@ def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
     if len(hosts) < 2 and all((h.get("limit") or 1) <= 1 for h in hosts):
         return []
     lines = []
+    failover = any(h.get("state") == "up" for h in hosts)
     for h in hosts:
         state = printable(h.get("state") or "unknown")
         if state != "up" and (at := h.get("next_probe_at")):
-            state += f", {_next_try(at)}"
+            state += f", {_next_try(at, failover)}"
         mark = "*" if h.get("active") else " "
         line = (
             f"smarthost {mark}{printable(h['host'])} ({printable(h.get('role') or '?')}): "
@@ -236,14 +237,14 @@ def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _next_try(at: float) -> str:
-    """When a held smarthost is tried again. Once its wait is over it is tried with the
-    next session the relay opens: at once when mail waits, or with the next message
-    while a fallback carries the traffic. Said so, not as a countdown stuck at 0 s."""
+def _next_try(at: float, failover: bool) -> str:
+    """When a held smarthost is tried again. Once its wait is over while another one
+    carries the mail, it is tried with the next session the relay opens (at once when
+    mail waits): said so, not as a countdown stuck at 0 s."""
     left = at - time.time()
     if left >= 1:
         return f"next try in {_age(left)}"
-    return "tried again with the next message"
+    return "tried again with the next message" if failover else "next try now"
 
 
 def _age(seconds: float | None) -> str:
@@ -303,7 +304,7 @@ def render(r: dict[str, Any]) -> str:
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
         if uplink in ("down", "auth_failed", "paused", "throttled") and r.get("next_probe_at"):
-            uplink += f", {_next_try(r['next_probe_at'])}"
+            uplink += f", next try in {_age(max(0.0, r['next_probe_at'] - time.time()))}"
         lines.append(f"uplink     {uplink}")
         if r.get("relay_hold") and uplink != "up":
             lines.append(
