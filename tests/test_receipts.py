@@ -30,23 +30,29 @@ ASK = {"sensor": "door", "device_id": "gw", "template": "receipts/{sensor}", "pr
 
 
 def test_mqtt5_properties_ask_on_their_response_topic() -> None:
-    got = ask_mqtt({}, b"\x00\xffid", "receipts/app-1", **ASK)
-    assert got == Ask("mqtt", "receipts/app-1", b"\x00\xffid", v5=True)
+    got = ask_mqtt({}, b"\x00\xffid", "receipts/door/app-1", **ASK)
+    assert got == Ask("mqtt", "receipts/door/app-1", b"\x00\xffid", v5=True)
+    assert ask_mqtt({}, b"id", "receipts/door", **ASK) == Ask("mqtt", "receipts/door", b"id", True)
 
 
 def test_a_json_correlation_id_asks_on_the_configured_topic_or_its_reply_to() -> None:
     assert ask_mqtt({"correlation_id": "c-1"}, None, None, **ASK) == Ask(
         "mqtt", "receipts/door", b"c-1"
     )
-    got = ask_mqtt({"correlation_id": 42, "reply_to": "receipts/x/y"}, None, None, **ASK)
-    assert got == Ask("mqtt", "receipts/x/y", b"42")
+    got = ask_mqtt({"correlation_id": 42, "reply_to": "receipts/door/y"}, None, None, **ASK)
+    assert got == Ask("mqtt", "receipts/door/y", b"42")
     assert ask_mqtt({"message": "no id"}, None, None, **ASK) is None
 
 
 @pytest.mark.parametrize(
     ("fields", "corr", "topic", "reason"),
     [
-        ({}, b"x" * (MAX_CORRELATION + 1), "receipts/a", "receipt_id_too_long"),
+        ({}, b"x" * (MAX_CORRELATION + 1), "receipts/door", "receipt_id_too_long"),
+        # Another sensor's receipt topic, or one that only starts like this sensor's.
+        ({}, b"id", "receipts/temp1", "receipt_topic"),
+        ({}, b"id", "receipts/doorbell", "receipt_topic"),
+        ({}, b"id", "receipts/", "receipt_topic"),
+        ({"correlation_id": "c", "reply_to": "receipts/temp1/x"}, None, None, "receipt_topic"),
         ({"correlation_id": "x" * 129}, None, None, "receipt_id_too_long"),
         ({}, b"id", "alerts/other-sensor", "receipt_bad_topic"),  # not under the prefix
         ({}, b"id", "receipts/+", "receipt_bad_topic"),
@@ -78,9 +84,34 @@ def test_whatever_a_publisher_sends_a_receipt_stays_bounded_and_under_the_prefix
 ) -> None:
     got = ask_mqtt(fields, corr, topic, **ASK)
     if isinstance(got, Ask):
-        assert got.reply.startswith("receipts/") and "+" not in got.reply and "#" not in got.reply
+        assert got.reply == "receipts/door" or got.reply.startswith("receipts/door/")
+        assert "+" not in got.reply and "#" not in got.reply
         assert len(got.reply.encode("utf-8", "surrogatepass")) <= MAX_TOPIC
         assert len(got.correlation) <= MAX_CORRELATION
+
+
+def test_the_sensor_whose_receipt_topic_is_allowed_comes_from_the_topic() -> None:
+    """Not from the payload: `{"sensor": "temp1"}` on alerts/x/door does not make the
+    publisher temp1's (the alert is still called temp1 in its mail)."""
+    assert receipts.topic_sensor("alerts/cold-room-3/temp1") == "temp1"
+    assert receipts.topic_sensor("alerts/x/") == "unknown"
+    forged = normalize(
+        b'{"sensor": "temp1", "correlation_id": "t1-7"}', Draft("alerts/x/door", "mqtt")
+    )
+    assert forged.sensor == "temp1"
+    sensor = receipts.topic_sensor(forged.topic)
+    got = ask_mqtt(forged.fields, None, None, **{**ASK, "sensor": sensor})
+    assert got == Ask("mqtt", "receipts/door", b"t1-7")
+    got = ask_mqtt({}, b"t1-7", "receipts/temp1", **{**ASK, "sensor": sensor})
+    assert isinstance(got, Refused) and got.reason == "receipt_topic"
+
+
+def test_refusal_log_lines_are_throttled_per_reason() -> None:
+    t = receipts.Throttle(60.0)
+    assert t.note("receipt_topic", 0.0) == 1
+    assert [t.note("receipt_topic", 1.0 + i) for i in range(50)] == [None] * 50
+    assert t.note("receipt_bad_id", 2.0) == 1  # its own reason, its own line
+    assert t.note("receipt_topic", 60.5) == 51  # the count since the last line
 
 
 def test_the_message_id_is_the_mails() -> None:

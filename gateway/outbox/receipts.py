@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.outbox.model import Outcome, State
 from gateway.outbox.rows import fetch_alerts
-from gateway.receipts import MAX_CARRIED, MAX_KEPT, Ask, Due
+from gateway.receipts import MAX_CARRIED, MAX_KEPT, SLOTS_FULL, Ask, Due
+from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
     from gateway.outbox.store import Outbox
@@ -31,19 +33,32 @@ REFUSAL_LOG_EVERY = 60.0  # the cap's log line, at most this often, with the cou
 
 class _Refusals:
     """Requests not kept at the cap: counted, and logged once a minute, not per batch
-    (a publisher asking for every alert while nobody reads would flood the journal)."""
+    (a publisher asking for every alert while nobody reads would flood the journal).
+    `uncounted` waits for a source to move it into status (`take_refused`): the writer
+    thread that refuses has no status of its own."""
 
     def __init__(self) -> None:
         self.since = 0
         self.logged_at = -REFUSAL_LOG_EVERY
+        self.uncounted = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            n, self.uncounted = self.uncounted, 0
+        return n
 
     def add(self, n: int) -> None:
+        with self._lock:
+            self.uncounted += n
         self.since += n
         now = time.monotonic()
         if now - self.logged_at >= REFUSAL_LOG_EVERY:
             log.warning(
                 "%d receipt requests were not kept: %d receipts already wait to be "
-                "published (is anything reading them? see OPERATIONS.md, Receipts)",
+                "published; their alerts are stored and mailed as usual (counted as "
+                "receipt_slots_full in mailgw status; is anything reading them? see "
+                "OPERATIONS.md, Receipts)",
                 self.since,
                 MAX_KEPT,
             )
@@ -209,6 +224,14 @@ def forget_orphans(c: sqlite3.Connection) -> int:
 
 
 # --- for the sources, through the writer (Writer.call) -------------------------------
+
+
+def count_refused(runtime: Runtime) -> None:
+    """Requests refused at MAX_KEPT since the last call, into status: the writer thread
+    that refuses them has no status of its own; the sources' ticks bring them there."""
+    n = _refusals.take()
+    if n:
+        runtime.rejected[SLOTS_FULL] += n
 
 
 def take_due(ob: Outbox, origin: str, limit: int, reply: str | None = None) -> list[Due]:

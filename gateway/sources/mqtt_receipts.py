@@ -20,9 +20,17 @@ from paho.mqtt.properties import Properties
 
 from gateway.alert import Alert
 from gateway.config import MqttSection
-from gateway.outbox.receipts import mark_published, take_due
+from gateway.outbox.receipts import count_refused, mark_published, take_due
 from gateway.outbox.writer import Writer
-from gateway.receipts import MQTT, Ask, Refused, ask_mqtt, payload
+from gateway.receipts import (
+    MQTT,
+    Ask,
+    Refused,
+    Throttle,
+    ask_mqtt,
+    payload,
+    topic_sensor,
+)
 from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,18 @@ class Receipts:
         # (seq, route) → (paho's handle, when published): waiting for the PUBACK
         self._inflight: dict[tuple[int, str], tuple[mqtt.MQTTMessageInfo, float]] = {}
         self.published = 0
+        self._throttle = Throttle()
+        if cfg.receipts and cfg.protocol != "5":
+            # The broker drops MQTT 5 properties on their way to an MQTT 3.1.1 session:
+            # a request made with Correlation Data never reaches the gateway, so it can
+            # be neither answered nor counted here. Said once, at start.
+            log.warning(
+                "mqtt.protocol is %s: receipt requests made with MQTT 5 properties "
+                "(Correlation Data, Response Topic) never reach the gateway and get no "
+                'receipt; publishers must ask with a JSON "correlation_id", or set '
+                'mqtt.protocol = "5"',
+                cfg.protocol,
+            )
         if not cfg.receipts:
             log.info(
                 "receipts are off (mqtt.receipts = false, or mqtt.topics covers "
@@ -67,20 +87,25 @@ class Receipts:
             alert.fields,
             bytes(corr) if isinstance(corr, bytes | bytearray) else None,
             topic if isinstance(topic, str) else None,
-            sensor=alert.sensor,
+            sensor=topic_sensor(alert.topic),
             device_id=self.device_id,
             template=self.cfg.receipt_topic,
             prefix=self.cfg.receipt_prefix,
         )
         if isinstance(got, Refused):
             self.runtime.reject(got.reason)
-            log.warning(
-                "alert %s on %s asked for a receipt that is refused: %s; the alert is "
-                "stored, no receipt will be published",
-                alert.id,
-                ascii(alert.topic),
-                got.why,
-            )
+            n = self._throttle.note(got.reason, time.monotonic())
+            if n is not None:
+                log.warning(
+                    "alert %s on %s asked for a receipt that is refused: %s; the alert is "
+                    "stored, no receipt will be published (%d such refusal(s) since the "
+                    "last line like this; counted as %s in mailgw status)",
+                    alert.id,
+                    ascii(alert.topic),
+                    got.why,
+                    n,
+                    got.reason,
+                )
             return None
         return got
 
@@ -94,6 +119,7 @@ class Receipts:
             del self._inflight[k]
         for k in [k for k, (_, at) in self._inflight.items() if now - at > RESEND_AFTER]:
             del self._inflight[k]  # published again below: a duplicate, never a loss
+        count_refused(self.runtime)
         if acked:
             self.published += len(acked)
             self.writer.call(partial(mark_published, keys=acked)).add_done_callback(_logged)
