@@ -78,8 +78,8 @@ class Due:
     correlation: bytes
     v5: bool
     alert_id: str
-    outcome: str  # sent | dead
-    reason: str | None  # the smarthost's reply for a dead letter (or notes on a sent one)
+    outcome: str  # sent | dead | deferred (not final: sent or dead follows; MQTT only)
+    reason: str | None  # the server's reply for a dead letter or a deferral
     mail_alert: str  # the alert whose Message-ID the mail had (a digest's or lead's)
     kind: str  # mail | digest
     carried: tuple[str, ...]  # alert ids the mail carried (at most MAX_CARRIED)
@@ -89,6 +89,12 @@ class Due:
     @property
     def key(self) -> tuple[int, str]:
         return (self.alert_seq, self.route)
+
+    @property
+    def mark(self) -> tuple[int, str, float]:
+        """What marks this receipt published: its key and when its outcome was recorded,
+        so that an outcome recorded since (a deferral overtaken) is never marked."""
+        return (self.alert_seq, self.route, self.at)
 
 
 class Throttle:

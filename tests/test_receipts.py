@@ -146,7 +146,8 @@ def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path
     [c1, c2, c3] = ob.claim(10)
     assert _due(ob) == []  # stored, claimed, sending: nothing said yet
     ob.finish([Outcome(c1.key, State.QUEUED, due=0.0, error="451 later")])
-    assert _due(ob) == []  # a temporary failure is not an outcome
+    [deferred] = _due(ob)  # not an outcome, but the publisher is told: not yet, and why
+    assert (deferred.outcome, deferred.reason) == ("deferred", "451 later")
     ob.finish([Outcome(c1.key, State.SENT), Outcome(c3.key, State.SENT)])
     [d] = _due(ob)
     assert (d.alert_id, d.route, d.outcome, d.reason, d.correlation) == (
@@ -162,7 +163,7 @@ def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path
     body = json.loads(receipts.payload(dead[0], "gw"))
     assert body["outcome"] == "dead" and body["reason"] == "550 5.1.1 no such user"
     assert body["message_id"] == compose.message_id(c2.alert, c2.route, "gw")
-    assert stored.mark_published(ob, [d.key for d in _due(ob)]) == 2
+    assert stored.mark_published(ob, [d.mark for d in _due(ob)]) == 2
     assert _due(ob) == []
     states = ob.conn.execute("SELECT state FROM receipt").fetchall()
     assert states == [("published",), ("published",)]
@@ -176,12 +177,53 @@ def test_a_retried_dead_letter_that_goes_out_gets_a_sent_receipt(tmp_path: Path)
     [c] = ob.claim(10)
     ob.finish([Outcome(c.key, State.DEAD, error="550 5.1.1 no such user")])
     [dead] = _due(ob)
-    stored.mark_published(ob, [dead.key])
+    stored.mark_published(ob, [dead.mark])
     assert retry(ob.conn, c.alert.id) == 1  # the operator fixed the address
     [again] = ob.claim(10)
     ob.finish([Outcome(again.key, State.SENT)])
     [sent] = _due(ob)
     assert (sent.outcome, sent.reason) == ("sent", None)
+
+
+def test_a_deferral_is_said_once_then_the_final_outcome_follows(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    ob.add([_routed("serial", Ask("serial", "/dev/ttyS1", b"s"))])
+    claimed = ob.claim(10)
+    refusal = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+    ob.finish([Outcome(c.key, State.QUEUED, error=refusal, count_attempt=False) for c in claimed])
+    [deferred] = _due(ob)
+    assert (deferred.outcome, deferred.reason) == ("deferred", refusal)
+    assert json.loads(receipts.payload(deferred, "gw"))["outcome"] == "deferred"
+    # RCPT has no such outcome (PROTOCOL.md v1): a serial device waits for the final one.
+    assert stored.take_due(ob, "serial", 10) == []
+    assert stored.mark_published(ob, [deferred.mark]) == 1
+    # Once: the relay's next try refused again says nothing more.
+    claimed = ob.claim(10, now=1e12)
+    ob.finish([Outcome(c.key, State.QUEUED, error=refusal, count_attempt=False) for c in claimed])
+    assert _due(ob) == []
+    claimed = ob.claim(10, now=2e12)
+    ob.finish([Outcome(c.key, State.SENT) for c in claimed])
+    [sent] = _due(ob)
+    assert (sent.outcome, sent.correlation) == ("sent", b"c")
+    assert [d.outcome for d in stored.take_due(ob, "serial", 10)] == ["sent"]
+
+
+def test_a_deferral_overtaken_in_flight_never_marks_the_final_one(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    [c] = ob.claim(10)
+    ob.finish([Outcome(c.key, State.QUEUED, error="451 later")])
+    [deferred] = _due(ob)  # published; its PUBACK not back yet...
+    [c] = ob.claim(10, now=1e12)
+    ob.finish([Outcome(c.key, State.SENT)])  # ...when the 250 is recorded
+    assert stored.mark_published(ob, [deferred.mark]) == 0  # the late PUBACK
+    [sent] = _due(ob)
+    assert sent.outcome == "sent"
+    assert stored.mark_published(ob, [sent.mark]) == 1
+    assert ob.conn.execute("SELECT state, outcome FROM receipt").fetchall() == [
+        ("published", "sent")
+    ]
 
 
 def test_a_request_lands_with_its_alert_or_not_at_all(tmp_path: Path) -> None:

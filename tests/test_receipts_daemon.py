@@ -399,3 +399,37 @@ def test_an_mqtt5_request_to_a_311_gateway_is_said_once(
         app.close()
         assert app.receipts() == []
         assert gw.log_text().count("receipt requests made with MQTT 5 properties") == 1
+
+
+def test_an_account_refusal_at_mail_from_says_deferred_then_sent(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """A 550 to MAIL FROM refuses the account, not the message: the relay pauses (for
+    15 minutes by default) instead of dead-lettering. The publisher hears `deferred`,
+    with the server's words, at once; and `sent` once the operator has fixed it."""
+    import signal
+
+    refusal = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.script.mail_reply = refusal
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "door open", b"acct-1", "receipts/door")
+        wait_for(lambda: app.receipts(), what="a receipt while the relay is paused")
+        [deferred] = app.receipts()
+        assert deferred.correlation == b"acct-1"
+        assert deferred.body["outcome"] == "deferred" and refusal in deferred.body["reason"]
+        assert smtp.received == []
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: states(db) == [("waiting", "deferred")], what="waiting for the end")
+        smtp.script.mail_reply = None  # the operator fixed the account, and flushes
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: len(app.receipts()) == 2, what="the final receipt")
+        sent = app.receipts()[1]
+        [mail] = smtp.received
+        assert sent.body["outcome"] == "sent" and sent.body["message_id"] == mail.message_id
+        wait_for(lambda: states(db) == [("published", "sent")], what="marked published")
+        assert gw.terminate() == 0
+        app.close()

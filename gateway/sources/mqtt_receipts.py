@@ -53,8 +53,10 @@ class Receipts:
         self.writer = writer
         self.runtime = runtime
         self.device_id = device_id
-        # (seq, route) → (paho's handle, when published): waiting for the PUBACK
-        self._inflight: dict[tuple[int, str], tuple[mqtt.MQTTMessageInfo, float]] = {}
+        # (seq, route) → (paho's handle, when published, its Due.mark): for the PUBACK
+        self._inflight: dict[
+            tuple[int, str], tuple[mqtt.MQTTMessageInfo, float, tuple[int, str, float]]
+        ] = {}
         self.published = 0
         self._throttle = Throttle()
         if cfg.receipts and cfg.protocol != "5":
@@ -114,15 +116,14 @@ class Receipts:
     async def tick(self, connected: bool) -> None:
         """Mark what the broker acknowledged; publish what is due and not in flight."""
         now = time.monotonic()
-        acked = [k for k, (info, _) in self._inflight.items() if info.is_published()]
-        for k in acked:
-            del self._inflight[k]
-        for k in [k for k, (_, at) in self._inflight.items() if now - at > RESEND_AFTER]:
+        acked = [k for k, (info, _, _) in self._inflight.items() if info.is_published()]
+        marks = [self._inflight.pop(k)[2] for k in acked]
+        for k in [k for k, (_, at, _) in self._inflight.items() if now - at > RESEND_AFTER]:
             del self._inflight[k]  # published again below: a duplicate, never a loss
         count_refused(self.runtime)
         if acked:
             self.published += len(acked)
-            self.writer.call(partial(mark_published, keys=acked)).add_done_callback(_logged)
+            self.writer.call(partial(mark_published, keys=marks)).add_done_callback(_logged)
         if not connected or not self.cfg.receipts:
             return
         try:
@@ -147,12 +148,12 @@ class Receipts:
                 # Stored requests were checked (gateway/receipts.py); should one still be
                 # refused, it must not come back every second.
                 log.error("receipt for %s cannot be published, dropped: %s", d.alert_id, exc)
-                self.writer.call(partial(mark_published, keys=[d.key])).add_done_callback(_logged)
+                self.writer.call(partial(mark_published, keys=[d.mark])).add_done_callback(_logged)
                 continue
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 log.debug("receipt for %s not queued (%s); next tick", d.alert_id, info.rc)
                 break
-            self._inflight[d.key] = (info, now)
+            self._inflight[d.key] = (info, now, d.mark)
 
 
 def _logged(fut: object) -> None:

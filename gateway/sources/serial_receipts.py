@@ -58,6 +58,7 @@ class _Sent:
     receipt: str
     at: float
     sends: int
+    mark: tuple[int, str, float]  # the Due's: what its RACK marks published
 
 
 class SerialReceipts:
@@ -119,11 +120,11 @@ class SerialReceipts:
                     log.error(
                         "%s: receipt for %s cannot be framed: %s", self.port_name, d.alert_id, exc
                     )
-                    self._mark([d.key])
+                    self._mark([d.mark])
                     continue
                 frames.append(frame)
                 prev = self._sent.get(d.key)
-                self._sent[d.key] = _Sent(frame_id(d), now, (prev.sends if prev else 0) + 1)
+                self._sent[d.key] = _Sent(frame_id(d), now, (prev.sends if prev else 0) + 1, d.mark)
                 if len(frames) >= BATCH:
                     break
         if frames:
@@ -141,13 +142,12 @@ class SerialReceipts:
         ids = set(receipt_ids)
         with self._lock:
             keys = [k for k, s in self._sent.items() if s.receipt in ids]
-            for k in keys:
-                del self._sent[k]
+            marks = [self._sent.pop(k).mark for k in keys]
         if keys:
             self.acknowledged += len(keys)
-            self._mark(keys)
+            self._mark(marks)
 
-    def _mark(self, keys: list[tuple[int, str]]) -> None:
+    def _mark(self, keys: list[tuple[int, str, float]]) -> None:
         self.writer.call(partial(mark_published, keys=keys)).add_done_callback(_logged)
 
 
