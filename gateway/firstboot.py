@@ -136,8 +136,10 @@ def write_file(
     _fsync_dir(path.parent)
 
 
-class NotAFile(Exception):
-    """A name on the card that is not a regular file (a symbolic link, a directory)."""
+class NotAFile(OSError):
+    """A name on the card that is not a regular file (a symbolic link, a directory),
+    found while opening it (swapped in after `card_file` looked): an OSError, so that
+    `mailgw firstboot` reports it like any other file error, in words."""
 
 
 def _open_regular(path: Path, flags: int) -> int:
