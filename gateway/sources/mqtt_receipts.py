@@ -62,8 +62,9 @@ class Receipts:
         if cfg.receipts and cfg.protocol != "5":
             # The broker drops MQTT 5 properties on their way to an MQTT 3.1.1 session:
             # a request made with Correlation Data never reaches the gateway, so it can
-            # be neither answered nor counted here. Said once, at start.
-            log.warning(
+            # be neither answered nor counted here. Said once, at start (as information:
+            # most 3.1.1 fleets ask for no receipts, or ask with JSON).
+            log.info(
                 "mqtt.protocol is %s: receipt requests made with MQTT 5 properties "
                 "(Correlation Data, Response Topic) never reach the gateway and get no "
                 'receipt; publishers must ask with a JSON "correlation_id", or set '
