@@ -17,7 +17,13 @@ installs it as /etc/mailgw/gateway.toml. What it guarantees:
 - **Every other byte is kept** on the card: the password line becomes a comment (line
   numbers in problems still match the file the operator edits).
 - **A power cut at any point is safe**: every file is replaced by a temporary file,
-  fsync and rename; the card's own rewrite is rolled forward on the next run.
+  fsync and rename; the card's own rewrite is rolled forward on the next run, and a
+  file left zeroed but not yet unlinked is known as that leftover and removed.
+- **Any encoding, any syntax**: the password is found by a line scan of every plausible
+  reading of the bytes (UTF-8, UTF-16 either way, any line ends), not by the TOML
+  parser, and the file is written back in its own encoding.
+- **No link is followed**: the card's names are opened with O_NOFOLLOW and must be
+  regular files; a link is refused, and neither it nor its target is touched.
 
 The text work (`strip_passwords`, `decode`, `choose_password`, `password_problems`) is
 pure, in `gateway.firstboot_text`; `take` does the file operations in the order above:
@@ -29,6 +35,7 @@ clusters, not the copies an SD card's wear levelling may keep in flash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import time
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.firstboot_text import (
+    MAX_PASSWORD_FILE,
     MAX_SCAN,
     PASSWORD_NAME,
     Stripped,
@@ -47,7 +55,7 @@ from gateway.firstboot_text import (
     decode,
     password_problems,
     read_password_file,
-    strip_passwords,
+    strip_card,
 )
 
 CONFIG_NAME = "mailgw.toml"
@@ -56,6 +64,7 @@ REJECTED_SUFFIX = ".rejected"
 SECRET_NAME = "smtp-password"
 INSTALLED_NAME = "gateway.toml"
 BEFORE_NAME = "gateway.toml.before-firstboot"
+FROM_CARD_NAME = "mailgw.toml.from-card"
 
 # --- files ---------------------------------------------------------------------------
 
@@ -127,13 +136,67 @@ def write_file(
     _fsync_dir(path.parent)
 
 
+class NotAFile(OSError):
+    """A name on the card that is not a regular file (a symbolic link, a directory),
+    found while opening it (swapped in after `card_file` looked): an OSError, so that
+    `mailgw firstboot` reports it like any other file error, in words."""
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open a file on the card without ever following a symbolic link: `mailgw
+    firstboot` runs as root, and a link named mailgw-smtp-password pointing at
+    /etc/shadow must not get that file read, zeroed or removed. O_NOFOLLOW refuses the
+    link itself; fstat on what was opened refuses a FIFO or a device."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile(f"{path}: is a symbolic link; firstboot never follows one") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotAFile(f"{path}: is not a regular file")
+    return fd
+
+
+def card_file(path: Path) -> str | None:
+    """None when `path` is a regular file (not a link to one), "" when there is nothing
+    at that name, else why it is refused (said to the operator)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+    return (
+        f"{path}: is {what}; firstboot never follows a link on the card (nor reads, "
+        "zeroes or removes what it points to): put the file itself on the card"
+    )
+
+
+def read_card(path: Path, limit: int) -> tuple[bytes | None, int]:
+    """(the file's bytes, its size); the bytes are None when it is over `limit`."""
+    fd = _open_regular(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return None, size
+        chunks = []
+        while chunk := os.read(fd, 64 * 1024):
+            chunks.append(chunk)
+        return b"".join(chunks), size
+    finally:
+        os.close(fd)
+
+
 def _zero(path: Path) -> None:
     """Overwrite a file's bytes with zeros where they lie. On FAT (no copy-on-write) this
     reaches the same clusters, the best a program can do; an SD card's wear levelling
     may still keep an old copy in flash no file system can reach."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_WRONLY)
+    fd = _open_regular(path, os.O_WRONLY)
     try:
+        size = os.fstat(fd).st_size
         chunk = bytes(min(size, 64 * 1024))
         left = size
         while left:
@@ -144,9 +207,19 @@ def _zero(path: Path) -> None:
 
 
 def shred(path: Path) -> None:
+    """Zero, then unlink. A power cut between the two leaves a file of NULs (or, cut
+    during the zeroing, one that begins with NULs) at the same name: `is_zeroed` tells
+    the next run it is such a leftover, already off the card, to finish removing."""
     _zero(path)
     path.unlink()
     _fsync_dir(path.parent)
+
+
+def is_zeroed(data: bytes) -> bool:
+    """A leftover of `shred`: it zeroes from the first byte, and no password file or
+    configuration begins with a NUL (TOML and the password forbid it; UTF-16 big endian
+    without a BOM does begin with one, but never holds NULs alone)."""
+    return data[:1] == b"\0" and (data.count(0) == len(data) or data[:2] == b"\0\0")
 
 
 def _pending(card: Path) -> Path:
@@ -166,18 +239,35 @@ def rewrite_card(card: Path, data: bytes) -> None:
 
 
 def recover_card(card: Path) -> None:
+    """Finish what a power cut interrupted: the card's rewrite (`rewrite_card`), rolled
+    forward once the old copy is zeroed; a zeroed file whose unlink was cut (`shred`)."""
     pending = _pending(card)
-    if not pending.exists():
+    if card_file(pending) is None:
+        try:
+            old, _ = read_card(card, MAX_SCAN)
+            done = old is not None and old.count(0) == len(old)
+        except FileNotFoundError:
+            done = True
+        except NotAFile:
+            done = False
+        if done:
+            os.replace(pending, card)
+        else:
+            pending.unlink()
+        _fsync_dir(card.parent)
         return
-    try:
-        done = card.read_bytes().count(0) == card.stat().st_size
-    except FileNotFoundError:
-        done = True
-    if done:
-        os.replace(pending, card)
-    else:
-        pending.unlink()
-    _fsync_dir(card.parent)
+    _finish_shred(card)
+
+
+def _finish_shred(path: Path) -> bool:
+    """Remove a zeroed leftover of `shred` at `path`; True when there was one."""
+    if card_file(path) is not None:
+        return False
+    data, _ = read_card(path, MAX_SCAN)
+    if data is None or not is_zeroed(data):
+        return False
+    shred(path)
+    return True
 
 
 # --- the whole job -------------------------------------------------------------------
@@ -233,46 +323,82 @@ class Handover:
     given: bool  # a password was given, in any form
     problems: tuple[str, ...]
     note: str  # for the .rejected file: what became of the password
+    moved: Path | None = None  # the whole file, moved off the card to root's /etc
+
+
+def _inline_password(stripped: Stripped) -> bool:
+    """A password the line scan found inside an inline table, confirmed by the parser
+    when the file parses (a string that merely reads ", password =" is not one); when
+    it does not parse, the scan's word is taken: the password must leave either way."""
+    if not stripped.inline:
+        return False
+    text, _ = decode(stripped.text)
+    if text is None:
+        return True
+    try:
+        return _has_password_key(tomllib.loads(text))
+    except tomllib.TOMLDecodeError:
+        return True
 
 
 def hand_over(card: Path, beside: Path, secret: Path, owner: Owner) -> Handover:
     """Step 1: the password to `secret`, then off the card (never the other way round: a
-    failed write leaves it on the card rather than nowhere)."""
+    failed write leaves it on the card rather than nowhere). Neither name is followed if
+    it is a link (`take` has refused it already)."""
     problems: list[str] = []
     raw: bytes | None = None
     stripped = Stripped(b"", ())
-    if card.is_file():
-        size = card.stat().st_size
-        if size > MAX_SCAN:
+    if card_file(card) is None:
+        raw, size = read_card(card, MAX_SCAN)
+        if raw is None:
             problems.append(f"{card}: is {size} bytes: not a configuration; it was not read")
         else:
-            raw = card.read_bytes()
-            moved = f"# password moved to {secret} by mailgw firstboot".encode()
-            stripped = strip_passwords(raw, moved)
-    pw_file = read_password_file(beside.read_bytes()) if beside.is_file() else None
+            stripped = strip_card(raw, f"# password moved to {secret} by mailgw firstboot")
+    pw_file = None
+    if card_file(beside) is None:
+        pw_raw, _ = read_card(beside, MAX_PASSWORD_FILE + 1)
+        pw_file = read_password_file(pw_raw if pw_raw is not None else bytes(MAX_PASSWORD_FILE + 1))
     password, why = choose_password(str(card), stripped.found, pw_file)
     problems += why
     if password is not None:
         _etc_dir(secret.parent, owner)
         write_file(secret, password.encode() + b"\n", 0o600, owner.uid, owner.root_gid)
-    if raw is not None and stripped.found:
+    moved = None
+    if raw is not None and _inline_password(stripped):
+        # A password the line scan could not separate (an inline table): nothing of the
+        # file may stay on the card. Root keeps it, for the operator.
+        moved = secret.parent / FROM_CARD_NAME
+        _etc_dir(moved.parent, owner)
+        write_file(moved, raw, 0o600, owner.uid, owner.root_gid)
+        shred(card)
+        problems.append(
+            f"{card}: holds a password that is not on a line of its own "
+            f'(password = "..." under [smtp]); the file was moved to {moved} (root only); '
+            "write it again"
+        )
+    elif raw is not None and stripped.found:
         rewrite_card(card, stripped.text)
     if pw_file is not None:
         shred(beside)
     if password is not None:
         note = f"The SMTP password was moved to {secret} and removed from this card."
+    elif moved is not None:
+        note = (
+            f"The file held a password, so it was moved off this card to {moved} "
+            "(readable by root only); nothing of it is left here."
+        )
     elif stripped.found or pw_file is not None:
         note = "The password was removed from this card and not installed."
     else:
         note = ""
-    given = bool(stripped.found) or pw_file is not None
-    return Handover(raw, stripped, password, given, tuple(problems), note)
+    given = bool(stripped.found) or pw_file is not None or moved is not None
+    return Handover(raw, stripped, password, given, tuple(problems), note, moved)
 
 
-def judge(h: Handover, card: Path, etc: Path, owner: Owner) -> tuple[str | None, list[str]]:
+def judge(h: Handover, card: Path, etc: Path) -> tuple[str | None, list[str]]:
     """Step 2: (the text to install, every problem): check-config's and the password's."""
     problems = list(h.problems)
-    if h.raw is None:
+    if h.raw is None or h.moved is not None:
         return None, problems
     text, why = decode(h.stripped.text)
     if text is None:
@@ -281,19 +407,6 @@ def judge(h: Handover, card: Path, etc: Path, owner: Owner) -> tuple[str | None,
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         data = {}  # check() says why
-    if _has_password_key(data):
-        # A password the line scan could not separate (an inline table, an escaped key):
-        # nothing of the file may stay on the card. Root keeps it, for the operator.
-        kept = etc / "mailgw.toml.from-card"
-        _etc_dir(etc, owner)
-        write_file(kept, h.raw, 0o600, owner.uid, owner.root_gid)
-        shred(card)
-        problems.append(
-            f"{card}: holds a password that is not on a line of its own "
-            f'(password = "..." under [smtp]); the file was moved to {kept} (root only); '
-            "write it again"
-        )
-        return None, problems
     secret = etc / SECRET_NAME
     problems += check(text, str(card), etc / INSTALLED_NAME)
     secret_ok = h.password is not None or _holds_secret(secret)
@@ -308,17 +421,25 @@ def take(boot: Path, etc: Path, owner: Owner | None = None, now: float | None = 
     now = time.time() if now is None else now
     card, beside = boot / CONFIG_NAME, boot / PASSWORD_NAME
     secret, installed = etc / SECRET_NAME, etc / INSTALLED_NAME
-    recover_card(card)
-    if not (card.is_file() or beside.is_file()):
+    refused = [why for why in (card_file(card), card_file(beside)) if why]
+    if not refused:
+        recover_card(card)
+        _finish_shred(beside)
+    if card_file(card) == "" and card_file(beside) == "":
         return Outcome(0, "")
 
     h = hand_over(card, beside, secret, owner)
-    if h.raw is None and not card.exists():
+    if refused:
+        # A link on the card is left as it is, and so is what it points to; whatever
+        # regular file is beside it has given its password up all the same.
+        name = card if card_file(card) else beside
+        return _reject(name, [*refused, *h.problems], h.note, installed, now)
+    if h.raw is None and h.moved is None and card_file(card) == "":
         # A password alone: for a device already configured.
         if h.problems:
             return _reject(beside, list(h.problems), h.note, installed, now)
         return Outcome(0, f"moved the SMTP password from {beside} to {secret}")
-    text, problems = judge(h, card, etc, owner)
+    text, problems = judge(h, card, etc)
     if problems or text is None:
         return _reject(card, problems, h.note, installed, now)
 

@@ -31,9 +31,66 @@ BOM = b"\xef\xbb\xbf"  # Windows Notepad's UTF-8 signature
 
 _HEADER = re.compile(rb"^[ \t]*\[\[?([^\]]*)\]")
 _PART = rb"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
-_KEY = re.compile(rb"^[ \t]*(" + _PART + rb"(?:[ \t]*\.[ \t]*" + _PART + rb")*)[ \t]*=(.*)$")
+_DOTTED = _PART + rb"(?:[ \t]*\.[ \t]*" + _PART + rb")*"
+_KEY = re.compile(rb"^[ \t]*(" + _DOTTED + rb")[ \t]*=(.*)$")
+# A key inside an inline table (`smtp = { password = "..." }`): after `{` or `,`. A
+# string value holding ", password =" matches too; that costs a refusal, never a leak.
+_INLINE_KEY = re.compile(rb"[{,][ \t]*(" + _DOTTED + rb")[ \t]*=")
 # A value that may continue on the next lines: a multi-line string, an array, a table.
 _OPENS = (b'"""', b"'''", b"[", b"{")
+# Every line end an editor may write: Windows CRLF, Unix LF, classic Mac CR.
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|$)")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the card's file was written, so that it can be written back the same way."""
+
+    codec: str  # "utf-8", "utf-16-le" or "utf-16-be"
+    bom: bytes
+
+    def encode(self, text: str) -> bytes:
+        return self.bom + text.encode(self.codec, "surrogatepass")
+
+
+UTF8 = Encoding("utf-8", b"")
+_BOMS = (
+    (Encoding("utf-8", BOM), BOM),
+    (Encoding("utf-16-le", b"\xff\xfe"), b"\xff\xfe"),
+    (Encoding("utf-16-be", b"\xfe\xff"), b"\xfe\xff"),
+)
+
+
+def sniff(raw: bytes) -> Encoding:
+    """The encoding of a card's file: by its BOM (Notepad's "UTF-8 with BOM", "Unicode",
+    "Unicode big endian"), else UTF-16 without a BOM when its NULs say so, else UTF-8.
+
+    UTF-16 without a BOM is told by its NUL bytes: a TOML file is mostly ASCII, so UTF-16
+    puts a NUL in every other byte, nearly all on one side; UTF-8 text has no NUL at all
+    (TOML forbids it). Only the install depends on this guess: `strip_card` scans every
+    reading whatever it says.
+    """
+    for enc, bom in _BOMS:
+        if raw.startswith(bom):
+            return enc
+    if len(raw) >= 2 and len(raw) % 2 == 0:
+        even, odd = raw[0::2].count(0), raw[1::2].count(0)
+        units = len(raw) // 2
+        if odd * 4 >= units and even * 8 <= odd:
+            return Encoding("utf-16-le", b"")
+        if even * 4 >= units and odd * 8 <= even:
+            return Encoding("utf-16-be", b"")
+    return UTF8
+
+
+def as_utf8(raw: bytes) -> tuple[Encoding, bytes]:
+    """(the encoding, the file's bytes as UTF-8 without a BOM), for the install."""
+    enc = sniff(raw)
+    body = raw[len(enc.bom) :]
+    if enc.codec == "utf-8":
+        return enc, body
+    even = body[: len(body) // 2 * 2]
+    return enc, even.decode(enc.codec, "surrogatepass").encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -49,6 +106,9 @@ class Found:
 class Stripped:
     text: bytes  # the file with every password line replaced by a comment
     found: tuple[Found, ...]
+    # Lines with a password key inside an inline table (`smtp = { password = "..." }`):
+    # the line scan cannot take the password out of them alone.
+    inline: tuple[int, ...] = ()
 
 
 def _names(dotted: bytes) -> list[str]:
@@ -70,26 +130,37 @@ def _value(snippet: bytes) -> tuple[bool, str | None]:
     return True, value if isinstance(value, str) else None
 
 
+def _is_password(dotted: bytes) -> bool:
+    return _names(dotted)[-1:] == ["password"]
+
+
 def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
     """Replace every `password = ...` line (and the lines a multi-line value continues
     on) by `comment`, keeping every other byte. Works on bytes, so a file that is not
-    UTF-8, or not TOML at all, still gives its password lines up.
+    UTF-8, or not TOML at all, still gives its password lines up. Lines end in LF, CRLF
+    or a lone CR (each is kept as it was). `raw` is UTF-8 (see `strip_card` for others).
 
     A light scan, not a parser: a table header inside a multi-line string can mislead
     the table name, never the removal (any key named password goes, wherever it is).
     """
-    lines = raw.split(b"\n")
+    parts = [(m.group(1), m.group(2)) for m in _LINE.finditer(raw)]
+    if parts and parts[-1] == (b"", b""):
+        parts.pop()  # finditer's empty match at the very end
+    lines = [body for body, _ in parts]
     found: list[Found] = []
+    inline: list[int] = []
     table: list[str] = []
     i = 0
     while i < len(lines):
         line = lines[i]
         body = line[len(BOM) :] if i == 0 and line.startswith(BOM) else line
         head = _HEADER.match(body)
-        key = None if head else _KEY.match(body.rstrip(b"\r"))
+        key = None if head else _KEY.match(body)
         if head:
             table = _names(head.group(1))
-        if key is None or _names(key.group(1))[-1:] != ["password"]:
+        if any(_is_password(m.group(1)) for m in _INLINE_KEY.finditer(body)):
+            inline.append(i + 1)
+        if key is None or not _is_password(key.group(1)):
             i += 1
             continue
         where = ".".join(table + _names(key.group(1))[:-1])
@@ -102,42 +173,87 @@ def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
                 end, value = len(lines) - 1, None
                 break
             end += 1
-            snippet += b"\n" + lines[end].rstrip(b"\r")
+            snippet += b"\n" + lines[end]
             complete, value = _value(snippet)
         for j in range(i, end + 1):
-            cr = b"\r" if lines[j].endswith(b"\r") else b""
             bom = BOM if j == 0 and lines[j].startswith(BOM) else b""
-            lines[j] = bom + (comment if j == i else b"#") + cr
+            lines[j] = bom + (comment if j == i else b"#")
         found.append(Found(where, i + 1, value))
         i = end + 1
-    return Stripped(b"\n".join(lines), tuple(found))
+    text = b"".join(body + eol for body, (_, eol) in zip(lines, parts, strict=True))
+    return Stripped(text, tuple(found), tuple(inline))
+
+
+def _strip_as(raw: bytes, enc: Encoding, comment: bytes) -> Stripped:
+    """`strip_passwords` on `raw` read as UTF-16 `enc` (after its BOM, if any). Any bytes
+    decode as UTF-16 with lone surrogates passed through, so when nothing is found the
+    bytes come back exactly as they were; an odd last byte is kept as it was."""
+    body = raw[len(enc.bom) :]
+    even = body[: len(body) // 2 * 2]
+    utf8 = even.decode(enc.codec, "surrogatepass").encode("utf-8", "surrogatepass")
+    s = strip_passwords(utf8, comment)
+    if not (s.found or s.inline):
+        return Stripped(raw, ())
+    text = enc.encode(s.text.decode("utf-8", "surrogatepass")) + body[len(even) :]
+    return Stripped(text, s.found, s.inline)
+
+
+def strip_card(raw: bytes, comment: str) -> Stripped:
+    """`strip_passwords` on a card's file in whatever encoding it was saved (UTF-8 with or
+    without BOM, UTF-16 LE/BE with or without BOM): each line scanned as UTF-8, the file
+    written back in its own encoding. Every plausible reading is scanned, not only the
+    one `sniff` picks: a UTF-8 line after a stray BOM, or UTF-16 without a BOM whose
+    NULs fall on both sides, must give its password up all the same."""
+    found: tuple[Found, ...] = ()
+    inline: tuple[int, ...] = ()
+    text = raw
+    readings = [e for e, bom in _BOMS[1:] if raw.startswith(bom)]
+    if not readings and 0 in raw:
+        readings = [Encoding("utf-16-le", b""), Encoding("utf-16-be", b"")]
+    for enc in readings:
+        s = _strip_as(text, enc, comment.encode())
+        text, found, inline = s.text, found + s.found, inline + s.inline
+    s = strip_passwords(text, comment.encode())
+    return Stripped(s.text, found + s.found, inline + s.inline)
+
+
+def leaks(raw: bytes, password: str) -> bool:
+    """Whether `raw` still holds `password` in any encoding a card's file may use."""
+    return any(
+        password.encode(codec, "surrogatepass") in raw
+        for codec in ("utf-8", "utf-16-le", "utf-16-be")
+    )
 
 
 def decode(raw: bytes) -> tuple[str | None, str | None]:
-    """(the text to install, or None; the problem). Notepad's BOM and CRLF line ends
-    are undone: the daemon reads /etc/mailgw/gateway.toml as plain UTF-8."""
-    if len(raw) > MAX_CONFIG:
+    """(the text to install, or None; the problem). What Windows and old Mac editors
+    write is undone (a BOM, UTF-16, CRLF or CR line ends): the daemon reads
+    /etc/mailgw/gateway.toml as plain UTF-8 with LF."""
+    _, utf8 = as_utf8(raw)
+    if len(utf8) > MAX_CONFIG:
         return None, (
-            f"is {len(raw)} bytes: too large for a configuration (at most {MAX_CONFIG}); "
+            f"is {len(utf8)} bytes: too large for a configuration (at most {MAX_CONFIG}); "
             "is it the right file?"
         )
     try:
-        text = raw.removeprefix(BOM).decode("utf-8")
+        text = utf8.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        line = utf8.count(b"\n", 0, exc.start) + 1
         return None, f"line {line}: not UTF-8 text; save the file as UTF-8"
-    return text.replace("\r\n", "\n"), None
+    return text.replace("\r\n", "\n").replace("\r", "\n"), None
 
 
 def read_password_file(raw: bytes) -> tuple[str | None, str | None]:
-    """(the password, the problem) from `mailgw-smtp-password`: one line, UTF-8."""
+    """(the password, the problem) from `mailgw-smtp-password`: one line, UTF-8 (or
+    UTF-16 with its BOM, as Notepad's "Unicode" writes it)."""
     if len(raw) > MAX_PASSWORD_FILE:
         return None, f"is {len(raw)} bytes: not a password (one line)"
+    enc = sniff(raw)
     try:
-        text = raw.removeprefix(BOM).decode("utf-8")
+        text = raw.removeprefix(enc.bom).decode(enc.codec)
     except UnicodeDecodeError:
         return None, "is not UTF-8 text; save the password as UTF-8"
-    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n")
     if len(lines) > 1:
         return None, "holds more than one line; write the password alone on one line"
     return lines[0], None

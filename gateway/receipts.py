@@ -14,10 +14,14 @@ the outbox records outcomes for, so it needs no state of its own across routes, 
 publisher whose alert reaches two routes learns about each.
 
 What a publisher controls is bounded here: the correlation id's size, and the topic,
-which must lie under the operator's `mqtt.receipt_prefix` so that a sensor cannot make
-the gateway publish anywhere else (onto another sensor's alert topic, say). A request
-that breaks a bound is refused and counted; the alert itself is stored as usual, since
-losing an alert over its receipt would be the worse failure.
+which must be its own sensor's receipt topic: `mqtt.receipt_topic` filled in for the
+sensor its alert's MQTT topic names (the topic's last level), or a topic below that.
+The sensor comes from the topic the broker delivered on, never from the payload (whose
+`sensor` field anyone can write), so a publisher allowed by the broker's ACL to publish
+on alerts/+/door gets receipts only on receipts/door/...; it cannot answer with another
+sensor's correlation id on another sensor's receipt topic. A request that breaks a
+bound is refused and counted; the alert itself is stored as usual, since losing an
+alert over its receipt would be the worse failure.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.alert import clean_sensor
+
 MAX_CORRELATION = 128  # bytes: an id, not a payload (it is copied into every receipt)
 MAX_TOPIC = 256  # bytes: under MQTT's 65535, and short enough to store per alert
 MAX_CARRIED = 100  # alert ids a digest's receipt lists; `count` says how many in all
@@ -33,6 +39,7 @@ MAX_CARRIED = 100  # alert ids a digest's receipt lists; `count` says how many i
 # this new requests are refused with a log line: a publisher that asks for receipts
 # while nobody reads them (no broker, for weeks) must not fill the disk.
 MAX_KEPT = 10_000
+SLOTS_FULL = "receipt_slots_full"  # the status counter of requests refused at MAX_KEPT
 MQTT = "mqtt"
 SERIAL = "serial"
 
@@ -71,8 +78,8 @@ class Due:
     correlation: bytes
     v5: bool
     alert_id: str
-    outcome: str  # sent | dead
-    reason: str | None  # the smarthost's reply for a dead letter (or notes on a sent one)
+    outcome: str  # sent | dead | deferred (not final: sent or dead follows; MQTT only)
+    reason: str | None  # the server's reply for a dead letter or a deferral
     mail_alert: str  # the alert whose Message-ID the mail had (a digest's or lead's)
     kind: str  # mail | digest
     carried: tuple[str, ...]  # alert ids the mail carried (at most MAX_CARRIED)
@@ -82,6 +89,32 @@ class Due:
     @property
     def key(self) -> tuple[int, str]:
         return (self.alert_seq, self.route)
+
+    @property
+    def mark(self) -> tuple[int, str, float]:
+        """What marks this receipt published: its key and when its outcome was recorded,
+        so that an outcome recorded since (a deferral overtaken) is never marked."""
+        return (self.alert_seq, self.route, self.at)
+
+
+class Throttle:
+    """One log line per reason at most every `every` seconds, carrying the count since:
+    a publisher flooding refused requests is told about in a line a minute, not one per
+    message (every refusal is still counted in status). Fed with `now`; no clock."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._logged_at: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, reason: str, now: float) -> int | None:
+        """Count one `reason`; how many to report now (this one included), or None."""
+        self._since[reason] = self._since.get(reason, 0) + 1
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self.every:
+            return None
+        self._logged_at[reason] = now
+        return self._since.pop(reason)
 
 
 def topic_problem(topic: str, prefix: str) -> str | None:
@@ -93,6 +126,22 @@ def topic_problem(topic: str, prefix: str) -> str | None:
     if not topic.startswith(prefix):
         return f"the receipt topic {topic!a} is not under mqtt.receipt_prefix {prefix!r}"
     return None
+
+
+def topic_sensor(topic: str) -> str:
+    """The sensor an alert's MQTT topic names (its last level), as the MQTT source takes
+    it before a payload may rename it: whose receipt topic the publisher may ask for."""
+    return clean_sensor(topic.rsplit("/", 1)[-1] or "unknown")
+
+
+def own_topic_problem(topic: str, own: str) -> str | None:
+    """Why `topic` is not the sensor's own receipt topic `own` (or below it), or None."""
+    if topic == own or topic.startswith(own.rstrip("/") + "/"):
+        return None
+    return (
+        f"the receipt topic {topic!a} is not this sensor's ({own!a}, or a topic below it): "
+        "a publisher gets receipts only on the receipt topic of the sensor it publishes as"
+    )
 
 
 def fill_topic(template: str, sensor: str, device_id: str) -> str:
@@ -114,7 +163,8 @@ def ask_mqtt(
 ) -> Ask | Refused | None:
     """The receipt an MQTT message asks for (None: none), from its MQTT 5 properties or
     its JSON fields `correlation_id` / `reply_to`. Properties win: they are the
-    protocol's own way to ask."""
+    protocol's own way to ask. `sensor`: the one the alert's topic names
+    (`topic_sensor`), which picks the only receipt topics allowed."""
     v5 = correlation is not None and response_topic is not None
     if v5:
         assert correlation is not None and response_topic is not None
@@ -137,6 +187,8 @@ def ask_mqtt(
         )
     if (why := topic_problem(topic, prefix)) is not None:
         return Refused("receipt_bad_topic", why)
+    if (why := own_topic_problem(topic, fill_topic(template, sensor, device_id))) is not None:
+        return Refused("receipt_topic", why)
     return Ask(MQTT, topic, corr, v5)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.config import parse
 from gateway.errors import ConfigError
-from gateway.firstboot import Owner, recover_card, take
+from gateway.firstboot import Owner, recover_card, shred, take
 from gateway.firstboot_text import MAX_CONFIG, Stripped, strip_passwords
 from tests.conftest import run_cli
 
@@ -42,9 +42,18 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return boot, etc
 
 
+ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be")
+
+
 def card_leaks(boot: Path, secret: bytes = SECRET_BYTES) -> list[str]:
-    """Every file on the card that still holds the password's bytes (grep -r)."""
-    return [p.name for p in boot.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    """Every file on the card that still holds the password's bytes, in any encoding a
+    card's file may be saved in (grep -r for each)."""
+    forms = [secret.decode().encode(codec) for codec in ENCODINGS]
+    return [
+        p.name
+        for p in boot.rglob("*")
+        if p.is_file() and not p.is_symlink() and any(f in p.read_bytes() for f in forms)
+    ]
 
 
 def mode(path: Path) -> int:
@@ -448,3 +457,182 @@ def test_a_bad_password_alone_is_refused_and_still_removed(dirs: tuple[Path, Pat
     assert "write the password alone on one line" in note
     assert sorted(p.name for p in boot.iterdir()) == ["mailgw-smtp-password.rejected"]
     assert not (etc / "smtp-password").exists()
+
+
+# --- any encoding, any line end, any syntax ------------------------------------------
+
+# What editors on any computer save: Notepad's UTF-8 (with BOM) and "Unicode" (UTF-16 LE
+# with BOM), "Unicode big endian", UTF-16 without a BOM, classic Mac line ends.
+SAVED_AS = {
+    "utf-8": ("utf-8", b""),
+    "utf-8-bom": ("utf-8", b"\xef\xbb\xbf"),
+    "utf-16-le-bom": ("utf-16-le", b"\xff\xfe"),
+    "utf-16-be-bom": ("utf-16-be", b"\xfe\xff"),
+    "utf-16-le": ("utf-16-le", b""),
+    "utf-16-be": ("utf-16-be", b""),
+}
+
+
+def saved(text: str, how: str, eol: str) -> bytes:
+    codec, bom = SAVED_AS[how]
+    return bom + text.replace("\n", eol).encode(codec)
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("how", list(SAVED_AS))
+def test_taken_whatever_the_encoding_and_line_ends(
+    dirs: tuple[Path, Path], tmp_path: Path, how: str, eol: str
+) -> None:
+    boot, etc = dirs
+    raw = saved(config(tmp_path / "s", f'password = "{SECRET}"\n'), how, eol)
+    (boot / "mailgw.toml").write_bytes(raw)
+
+    out = take(boot, etc)
+
+    assert out.code == 0, out.problems
+    assert card_leaks(boot) == []
+    assert (etc / "smtp-password").read_text() == SECRET + "\n"
+    installed = (etc / "gateway.toml").read_bytes()
+    assert b"\r" not in installed and b"\0" not in installed
+    parse(installed.decode())
+    # The card's copy is written back in its own encoding, with its own line ends.
+    codec, bom = SAVED_AS[how]
+    taken = (boot / "mailgw.toml.taken").read_bytes()
+    assert taken.startswith(bom)
+    back = taken[len(bom) :].decode(codec)
+    assert "# password moved to" in back and back.count(eol) == raw[len(bom) :].decode(codec).count(
+        eol
+    )
+
+
+@pytest.mark.parametrize("how", ["utf-8", "utf-16-le-bom", "utf-16-be-bom"])
+def test_a_syntax_error_elsewhere_still_takes_the_password_off(
+    dirs: tuple[Path, Path], tmp_path: Path, how: str
+) -> None:
+    boot, etc = dirs
+    text = config(tmp_path / "s", f'password = "{SECRET}"\nport = = 587\n')
+    (boot / "mailgw.toml").write_bytes(saved(text, how, "\r\n"))
+
+    out = take(boot, etc)
+
+    assert out.code == 1 and out.problems
+    assert card_leaks(boot) == []
+    assert (etc / "smtp-password").read_text() == SECRET + "\n"
+    note = (boot / "mailgw.toml.rejected").read_text()
+    assert f"moved to {etc / 'smtp-password'} and removed from this card" in note
+
+
+@pytest.mark.parametrize("how", ["utf-8", "utf-16-le-bom"])
+def test_an_inline_table_password_in_a_broken_file_leaves_the_card(
+    dirs: tuple[Path, Path], tmp_path: Path, how: str
+) -> None:
+    boot, etc = dirs
+    text = (
+        config(tmp_path / "s").replace(
+            '[smtp]\nhost = "smtp.example.com"\nfrom = "gw@example.com"\n'
+            'username = "gw@example.com"\n',
+            f'smtp = {{ host = "smtp.example.com", password = "{SECRET}" }}\n',
+        )
+        + "\n[mqtt\nhost = oops\n"
+    )
+    raw = saved(text, how, "\n")
+    (boot / "mailgw.toml").write_bytes(raw)
+
+    out = take(boot, etc)
+
+    assert out.code == 1
+    assert card_leaks(boot) == [] and not (boot / "mailgw.toml").exists()
+    kept = etc / "mailgw.toml.from-card"
+    assert kept.read_bytes() == raw and mode(kept) == 0o600
+    note = (boot / "mailgw.toml.rejected").read_text()
+    assert f"moved off this card to {kept}" in note
+
+
+def test_a_string_that_reads_like_an_inline_password_is_not_one(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    boot, etc = dirs
+    extra = '\n[[route]]\nname = "b"\nmatch = "x/#"\nto = ["a@example.com"]\n'
+    extra += 'subject = "{sensor}, password = reset"\n'
+    (boot / "mailgw.toml").write_text(
+        config(tmp_path / "s", f'password = "{SECRET}"\n', extra=extra)
+    )
+    out = take(boot, etc)
+    assert out.code == 0, out.problems
+
+
+# --- power cuts and links ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zeroed", [300, 4096], ids=["whole", "begun"])
+def test_a_cut_after_zeroing_the_password_file_then_a_good_config_boots(
+    dirs: tuple[Path, Path], tmp_path: Path, zeroed: int
+) -> None:
+    """The cut fell between `shred`'s zeroing and its unlink (or inside the zeroing)."""
+    boot, etc = dirs
+    beside = boot / "mailgw-smtp-password"
+    beside.write_bytes(bytes(min(zeroed, 300)) + (b"tail-of-old-pw" if zeroed > 300 else b""))
+    (boot / "mailgw.toml").write_text(config(tmp_path / "s", f'password = "{SECRET}"\n'))
+
+    r = run_cli("firstboot", "--boot", str(boot), "--etc", str(etc))
+
+    assert r.returncode == 0, r.stderr
+    assert (etc / "smtp-password").read_text() == SECRET + "\n"
+    assert sorted(p.name for p in boot.iterdir()) == ["mailgw.toml.taken"]
+
+
+def test_a_cut_after_zeroing_the_card_config_is_no_config(dirs: tuple[Path, Path]) -> None:
+    boot, etc = dirs
+    (boot / "mailgw.toml").write_bytes(bytes(200))
+    assert take(boot, etc) == take(boot, etc)
+    assert list(boot.iterdir()) == []
+
+
+def test_shred_refuses_a_link(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("precious\n")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(Exception, match="symbolic link"):
+        shred(tmp_path / "link")
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["mailgw-smtp-password", "mailgw.toml"])
+def test_a_link_on_the_card_is_refused_and_its_target_untouched(
+    dirs: tuple[Path, Path], tmp_path: Path, name: str
+) -> None:
+    boot, etc = dirs
+    target = tmp_path / "shadow"
+    target.write_text(f'password = "{SECRET}"\nroot:x:0:0\n')
+    (boot / name).symlink_to(target)
+    if name == "mailgw-smtp-password":
+        (boot / "mailgw.toml").write_text(config(tmp_path / "s", 'password = "another-1"\n'))
+
+    r = run_cli("firstboot", "--boot", str(boot), "--etc", str(etc))
+
+    assert r.returncode == 1
+    assert "symbolic link" in r.stderr or "symbolic link" in (boot / f"{name}.rejected").read_text()
+    assert target.read_text() == f'password = "{SECRET}"\nroot:x:0:0\n'
+    assert (boot / name).is_symlink()
+    assert "symbolic link" in (boot / f"{name}.rejected").read_text()
+    assert card_leaks(boot, b"another-1") == []
+    assert not (etc / "gateway.toml").exists()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.text(max_size=200),
+    st.text(max_size=200),
+    st.sampled_from(list(SAVED_AS)),
+    st.sampled_from(["\n", "\r\n", "\r"]),
+    st.booleans(),
+)
+def test_arbitrary_text_in_any_encoding_keeps_no_password(
+    before: str, after: str, how: str, eol: str, inline: bool
+) -> None:
+    assume(SECRET not in before + after)
+    line = f'smtp = {{ password = "{SECRET}" }}\n' if inline else f'[smtp]\npassword = "{SECRET}"\n'
+    codec, bom = SAVED_AS[how]
+    raw = bom + (before + "\n" + line + after).replace("\n", eol).encode(codec, "surrogatepass")
+    leaks, _ = _run_in_fresh_dirs(raw, None)
+    assert leaks == []

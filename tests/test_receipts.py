@@ -30,23 +30,29 @@ ASK = {"sensor": "door", "device_id": "gw", "template": "receipts/{sensor}", "pr
 
 
 def test_mqtt5_properties_ask_on_their_response_topic() -> None:
-    got = ask_mqtt({}, b"\x00\xffid", "receipts/app-1", **ASK)
-    assert got == Ask("mqtt", "receipts/app-1", b"\x00\xffid", v5=True)
+    got = ask_mqtt({}, b"\x00\xffid", "receipts/door/app-1", **ASK)
+    assert got == Ask("mqtt", "receipts/door/app-1", b"\x00\xffid", v5=True)
+    assert ask_mqtt({}, b"id", "receipts/door", **ASK) == Ask("mqtt", "receipts/door", b"id", True)
 
 
 def test_a_json_correlation_id_asks_on_the_configured_topic_or_its_reply_to() -> None:
     assert ask_mqtt({"correlation_id": "c-1"}, None, None, **ASK) == Ask(
         "mqtt", "receipts/door", b"c-1"
     )
-    got = ask_mqtt({"correlation_id": 42, "reply_to": "receipts/x/y"}, None, None, **ASK)
-    assert got == Ask("mqtt", "receipts/x/y", b"42")
+    got = ask_mqtt({"correlation_id": 42, "reply_to": "receipts/door/y"}, None, None, **ASK)
+    assert got == Ask("mqtt", "receipts/door/y", b"42")
     assert ask_mqtt({"message": "no id"}, None, None, **ASK) is None
 
 
 @pytest.mark.parametrize(
     ("fields", "corr", "topic", "reason"),
     [
-        ({}, b"x" * (MAX_CORRELATION + 1), "receipts/a", "receipt_id_too_long"),
+        ({}, b"x" * (MAX_CORRELATION + 1), "receipts/door", "receipt_id_too_long"),
+        # Another sensor's receipt topic, or one that only starts like this sensor's.
+        ({}, b"id", "receipts/temp1", "receipt_topic"),
+        ({}, b"id", "receipts/doorbell", "receipt_topic"),
+        ({}, b"id", "receipts/", "receipt_topic"),
+        ({"correlation_id": "c", "reply_to": "receipts/temp1/x"}, None, None, "receipt_topic"),
         ({"correlation_id": "x" * 129}, None, None, "receipt_id_too_long"),
         ({}, b"id", "alerts/other-sensor", "receipt_bad_topic"),  # not under the prefix
         ({}, b"id", "receipts/+", "receipt_bad_topic"),
@@ -78,9 +84,34 @@ def test_whatever_a_publisher_sends_a_receipt_stays_bounded_and_under_the_prefix
 ) -> None:
     got = ask_mqtt(fields, corr, topic, **ASK)
     if isinstance(got, Ask):
-        assert got.reply.startswith("receipts/") and "+" not in got.reply and "#" not in got.reply
+        assert got.reply == "receipts/door" or got.reply.startswith("receipts/door/")
+        assert "+" not in got.reply and "#" not in got.reply
         assert len(got.reply.encode("utf-8", "surrogatepass")) <= MAX_TOPIC
         assert len(got.correlation) <= MAX_CORRELATION
+
+
+def test_the_sensor_whose_receipt_topic_is_allowed_comes_from_the_topic() -> None:
+    """Not from the payload: `{"sensor": "temp1"}` on alerts/x/door does not make the
+    publisher temp1's (the alert is still called temp1 in its mail)."""
+    assert receipts.topic_sensor("alerts/cold-room-3/temp1") == "temp1"
+    assert receipts.topic_sensor("alerts/x/") == "unknown"
+    forged = normalize(
+        b'{"sensor": "temp1", "correlation_id": "t1-7"}', Draft("alerts/x/door", "mqtt")
+    )
+    assert forged.sensor == "temp1"
+    sensor = receipts.topic_sensor(forged.topic)
+    got = ask_mqtt(forged.fields, None, None, **{**ASK, "sensor": sensor})
+    assert got == Ask("mqtt", "receipts/door", b"t1-7")
+    got = ask_mqtt({}, b"t1-7", "receipts/temp1", **{**ASK, "sensor": sensor})
+    assert isinstance(got, Refused) and got.reason == "receipt_topic"
+
+
+def test_refusal_log_lines_are_throttled_per_reason() -> None:
+    t = receipts.Throttle(60.0)
+    assert t.note("receipt_topic", 0.0) == 1
+    assert [t.note("receipt_topic", 1.0 + i) for i in range(50)] == [None] * 50
+    assert t.note("receipt_bad_id", 2.0) == 1  # its own reason, its own line
+    assert t.note("receipt_topic", 60.5) == 51  # the count since the last line
 
 
 def test_the_message_id_is_the_mails() -> None:
@@ -115,7 +146,8 @@ def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path
     [c1, c2, c3] = ob.claim(10)
     assert _due(ob) == []  # stored, claimed, sending: nothing said yet
     ob.finish([Outcome(c1.key, State.QUEUED, due=0.0, error="451 later")])
-    assert _due(ob) == []  # a temporary failure is not an outcome
+    [deferred] = _due(ob)  # not an outcome, but the publisher is told: not yet, and why
+    assert (deferred.outcome, deferred.reason) == ("deferred", "451 later")
     ob.finish([Outcome(c1.key, State.SENT), Outcome(c3.key, State.SENT)])
     [d] = _due(ob)
     assert (d.alert_id, d.route, d.outcome, d.reason, d.correlation) == (
@@ -131,7 +163,7 @@ def test_a_receipt_waits_for_the_outcome_then_is_due_once_and_published(tmp_path
     body = json.loads(receipts.payload(dead[0], "gw"))
     assert body["outcome"] == "dead" and body["reason"] == "550 5.1.1 no such user"
     assert body["message_id"] == compose.message_id(c2.alert, c2.route, "gw")
-    assert stored.mark_published(ob, [d.key for d in _due(ob)]) == 2
+    assert stored.mark_published(ob, [d.mark for d in _due(ob)]) == 2
     assert _due(ob) == []
     states = ob.conn.execute("SELECT state FROM receipt").fetchall()
     assert states == [("published",), ("published",)]
@@ -145,12 +177,53 @@ def test_a_retried_dead_letter_that_goes_out_gets_a_sent_receipt(tmp_path: Path)
     [c] = ob.claim(10)
     ob.finish([Outcome(c.key, State.DEAD, error="550 5.1.1 no such user")])
     [dead] = _due(ob)
-    stored.mark_published(ob, [dead.key])
+    stored.mark_published(ob, [dead.mark])
     assert retry(ob.conn, c.alert.id) == 1  # the operator fixed the address
     [again] = ob.claim(10)
     ob.finish([Outcome(again.key, State.SENT)])
     [sent] = _due(ob)
     assert (sent.outcome, sent.reason) == ("sent", None)
+
+
+def test_a_deferral_is_said_once_then_the_final_outcome_follows(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    ob.add([_routed("serial", Ask("serial", "/dev/ttyS1", b"s"))])
+    claimed = ob.claim(10)
+    refusal = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+    ob.finish([Outcome(c.key, State.QUEUED, error=refusal, count_attempt=False) for c in claimed])
+    [deferred] = _due(ob)
+    assert (deferred.outcome, deferred.reason) == ("deferred", refusal)
+    assert json.loads(receipts.payload(deferred, "gw"))["outcome"] == "deferred"
+    # RCPT has no such outcome (PROTOCOL.md v1): a serial device waits for the final one.
+    assert stored.take_due(ob, "serial", 10) == []
+    assert stored.mark_published(ob, [deferred.mark]) == 1
+    # Once: the relay's next try refused again says nothing more.
+    claimed = ob.claim(10, now=1e12)
+    ob.finish([Outcome(c.key, State.QUEUED, error=refusal, count_attempt=False) for c in claimed])
+    assert _due(ob) == []
+    claimed = ob.claim(10, now=2e12)
+    ob.finish([Outcome(c.key, State.SENT) for c in claimed])
+    [sent] = _due(ob)
+    assert (sent.outcome, sent.correlation) == ("sent", b"c")
+    assert [d.outcome for d in stored.take_due(ob, "serial", 10)] == ["sent"]
+
+
+def test_a_deferral_overtaken_in_flight_never_marks_the_final_one(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db")
+    ob.add([_routed("door open", Ask("mqtt", "receipts/door", b"c"))])
+    [c] = ob.claim(10)
+    ob.finish([Outcome(c.key, State.QUEUED, error="451 later")])
+    [deferred] = _due(ob)  # published; its PUBACK not back yet...
+    [c] = ob.claim(10, now=1e12)
+    ob.finish([Outcome(c.key, State.SENT)])  # ...when the 250 is recorded
+    assert stored.mark_published(ob, [deferred.mark]) == 0  # the late PUBACK
+    [sent] = _due(ob)
+    assert sent.outcome == "sent"
+    assert stored.mark_published(ob, [sent.mark]) == 1
+    assert ob.conn.execute("SELECT state, outcome FROM receipt").fetchall() == [
+        ("published", "sent")
+    ]
 
 
 def test_a_request_lands_with_its_alert_or_not_at_all(tmp_path: Path) -> None:

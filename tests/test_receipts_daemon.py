@@ -110,7 +110,7 @@ def test_a_receipt_comes_after_the_250_never_before(
         gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
-        app.ask("alerts/cold/door", "door open 5 min", b"\x00corr-1\xff", "receipts/app-1")
+        app.ask("alerts/cold/door", "door open 5 min", b"\x00corr-1\xff", "receipts/door/app-1")
         db = tmp_path / "state/outbox.db"
         wait_for(lambda: "sending" in delivery_states(db), what="the mail in DATA")
         while not smtp.received:  # held: the outcome is not recorded, nothing may be said
@@ -121,7 +121,7 @@ def test_a_receipt_comes_after_the_250_never_before(
         [got] = app.receipts()
         [mail] = smtp.received
         assert got.at > mail.at
-        assert got.topic == "receipts/app-1" and got.correlation == b"\x00corr-1\xff"
+        assert got.topic == "receipts/door/app-1" and got.correlation == b"\x00corr-1\xff"
         assert got.body["outcome"] == "sent" and got.body["message_id"] == mail.message_id
         assert got.body["route"] == "ops" and got.body["device_id"] == "gw-d"
         wait_for(lambda: states(db) == [("published", "sent")], what="marked published")
@@ -137,7 +137,7 @@ def test_a_receipt_due_at_a_kill_9_is_published_by_the_next_run(
         gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
-        app.ask("alerts/cold/door", "door open", b"across-kill", "receipts/app-1")
+        app.ask("alerts/cold/door", "door open", b"across-kill", "receipts/door/app-1")
         db = tmp_path / "state/outbox.db"
         wait_for(lambda: states(db) == [("waiting", None)], what="the request stored")
         broker.stop()  # the receipt cannot be published...
@@ -213,10 +213,10 @@ def test_refused_requests_are_counted_and_their_alerts_still_mailed(
         gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
-        app.ask("alerts/cold/door", "too long an id", b"x" * 129, "receipts/app-1")
+        app.ask("alerts/cold/door", "too long an id", b"x" * 129, "receipts/door/app-1")
         app.ask("alerts/cold/door", "elsewhere", b"id-2", "alerts/cold/unlock")
         app.publish("alerts/cold/temp", json.dumps({"message": "no topic", "correlation_id": ""}))
-        app.ask("alerts/cold/door", "fine", b"id-4", "receipts/app-1")
+        app.ask("alerts/cold/door", "fine", b"id-4", "receipts/door/app-1")
         wait_for(lambda: len(smtp.received) == 4, what="all four mailed")
         wait_for(lambda: app.receipts(), what="the one receipt asked for properly")
         wait_for(
@@ -240,7 +240,7 @@ def test_a_kill_9_before_the_250_resends_the_mail_then_the_receipt_comes(
         gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
         gw.wait_ready(("mqtt",))
         app = Client5(broker.port)
-        app.ask("alerts/cold/door", "door open", b"before-250", "receipts/app-1")
+        app.ask("alerts/cold/door", "door open", b"before-250", "receipts/door/app-1")
         db = tmp_path / "state/outbox.db"
         wait_for(lambda: "sending" in delivery_states(db), what="the mail in DATA")
         gw.kill9()  # ...and the gateway dies before its 250
@@ -296,7 +296,7 @@ def test_the_documented_mosquitto_pub_commands_get_their_receipts(
                 "-D",
                 "publish",
                 "response-topic",
-                "receipts/cold-room-3",
+                "receipts/temp1/panel",
                 "-m",
                 "cold room at 9.6 C",
             ],
@@ -307,5 +307,129 @@ def test_the_documented_mosquitto_pub_commands_get_their_receipts(
         app.close()
         got = {g.topic: g for g in app.receipts()}
         assert got["receipts/temp1"].body["correlation_id"] == "cr3-0042"
-        assert got["receipts/cold-room-3"].correlation == b"cr3-0043"
+        assert got["receipts/temp1/panel"].correlation == b"cr3-0043"
         assert {g.body["outcome"] for g in got.values()} == {"sent"}
+
+
+def rejected(gw: DaemonProcess) -> dict[str, int]:
+    return dict((gw.status() or {}).get("rejected") or {})
+
+
+def test_a_forged_receipt_for_another_sensors_topic_is_refused_and_counted(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """A publisher on alerts/cold/door asks for its receipt to go to temp1's receipt
+    topic, with temp1's correlation id: by MQTT 5 properties, and by a JSON payload that
+    names itself temp1. temp1's topic gets temp1's own receipt and nothing else."""
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "forged by properties", b"t1-7", "receipts/temp1")
+        for i in range(20):  # a flood of the same: counted each, logged once
+            app.ask("alerts/cold/door", f"forged again {i}", b"t1-7", "receipts/temp1/panel")
+        forged_json = {"message": "forged by json", "sensor": "temp1", "correlation_id": "t1-8"}
+        app.publish("alerts/cold/door", json.dumps(forged_json))
+        app.ask("alerts/cold/temp1", "the real temp1", b"t1-7", "receipts/temp1/panel")
+        wait_for(lambda: len(smtp.received) == 23, what="every alert mailed")
+        wait_for(lambda: len(app.receipts()) == 2, what="the two receipts allowed")
+        wait_for(lambda: rejected(gw) == {"receipt_topic": 21}, what="the refusals counted")
+        assert gw.terminate() == 0
+        app.close()
+        got = {(g.topic, g.body["correlation_id"]) for g in app.receipts()}
+        # The JSON one names itself temp1 but came on door's topic: door's receipt topic.
+        assert got == {("receipts/temp1/panel", "t1-7"), ("receipts/door", "t1-8")}
+        [real] = [g for g in app.receipts() if g.topic == "receipts/temp1/panel"]
+        [real_mail] = [m for m in smtp.received if "the real temp1" in str(m.message["Subject"])]
+        assert real.body["message_id"] == real_mail.message_id
+        assert gw.log_text().count("is not this sensor's") == 1
+
+
+def test_requests_past_the_receipt_slots_are_counted_and_their_alerts_stored(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    from gateway.receipts import MAX_KEPT
+
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.stop()  # nothing is mailed: every receipt waits, and the slots fill up
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        extra = 50
+        infos = [
+            app.client.publish(
+                "alerts/cold/door", json.dumps({"message": f"m{i}", "correlation_id": i}), qos=1
+            )
+            for i in range(MAX_KEPT + extra)
+        ]
+        for info in infos:
+            info.wait_for_publish(120)
+        db = tmp_path / "state/outbox.db"
+
+        def stored() -> int:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                return int(conn.execute("SELECT count(*) FROM delivery").fetchone()[0])
+            finally:
+                conn.close()
+
+        wait_for(lambda: stored() == MAX_KEPT + extra, timeout=180, what="every alert stored")
+        wait_for(lambda: rejected(gw) == {"receipt_slots_full": extra}, what="the refusals counted")
+        assert len(states(db)) == MAX_KEPT
+        assert "receipt requests were not kept" in gw.log_text()
+        assert gw.terminate() == 0
+        app.close()
+
+
+def test_an_mqtt5_request_to_a_311_gateway_is_said_once(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """The broker drops MQTT 5 properties on their way to a 3.1.1 session: the gateway
+    never sees such a request, so it says so at start, once, in words."""
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = config(tmp_path, pki, smtp, broker)
+        cfg.write_text(cfg.read_text().replace('protocol = "5"\n', 'protocol = "3.1.1"\n'))
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        for i in range(3):
+            app.ask("alerts/cold/door", f"asked by properties {i}", b"v5", "receipts/door")
+        wait_for(lambda: len(smtp.received) == 3, what="the alerts mailed")
+        assert gw.terminate() == 0
+        app.close()
+        assert app.receipts() == []
+        assert gw.log_text().count("receipt requests made with MQTT 5 properties") == 1
+
+
+def test_an_account_refusal_at_mail_from_says_deferred_then_sent(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """A 550 to MAIL FROM refuses the account, not the message: the relay pauses (for
+    15 minutes by default) instead of dead-lettering. The publisher hears `deferred`,
+    with the server's words, at once; and `sent` once the operator has fixed it."""
+    import signal
+
+    refusal = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.script.mail_reply = refusal
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "door open", b"acct-1", "receipts/door")
+        wait_for(lambda: app.receipts(), what="a receipt while the relay is paused")
+        [deferred] = app.receipts()
+        assert deferred.correlation == b"acct-1"
+        assert deferred.body["outcome"] == "deferred" and refusal in deferred.body["reason"]
+        assert smtp.received == []
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: states(db) == [("waiting", "deferred")], what="waiting for the end")
+        smtp.script.mail_reply = None  # the operator fixed the account, and flushes
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: len(app.receipts()) == 2, what="the final receipt")
+        sent = app.receipts()[1]
+        [mail] = smtp.received
+        assert sent.body["outcome"] == "sent" and sent.body["message_id"] == mail.message_id
+        wait_for(lambda: states(db) == [("published", "sent")], what="marked published")
+        assert gw.terminate() == 0
+        app.close()

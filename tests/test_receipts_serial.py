@@ -331,3 +331,41 @@ def test_one_rack_acknowledges_one_of_two_routes_receipts(tmp_path: Path) -> Non
         assert states == [("fac", "published"), ("ops", "published")]
     finally:
         writer.stop()
+
+
+def test_resends_back_off_to_a_cap_and_never_give_up() -> None:
+    from gateway.sources.serial_receipts import RESEND_MAX, resend_after
+
+    gaps = [resend_after(n) for n in range(1, 40)]
+    assert gaps[:4] == [5.0, 10.0, 20.0, RESEND_MAX] and set(gaps[3:]) == {RESEND_MAX}
+
+
+def test_a_device_silent_past_45_s_still_gets_its_receipt_when_it_comes_back(
+    tmp_path: Path, pki: Pki, pty: Pty
+) -> None:
+    """PROTOCOL.md: the outcome is kept until the RACK. A device that reboots for a
+    minute behind an open UART (it reads nothing, RACKs nothing) gets its RCPT again
+    once it is back: at its HELLO, and by the capped resends without one."""
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = daemon_config(tmp_path, pki, smtp.port)
+        cfg.write_text(cfg.read_text() + f'[[serial]]\nport = "{pty.link}"\nname = "cold"\n')
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("serial:cold",))
+        os.write(pty.master, codec.encode(codec.Hello(1, "cab-9", "2.1", "boot-a")))
+        os.write(pty.master, codec.encode(codec.Alert(2, "temp", "critical", "9.5 C", "cr3-9")))
+        assert read_frames(pty.master, 2) == [codec.Ack(1), codec.Ack(2)]
+        [first] = read_frames(pty.master, 1)
+        assert isinstance(first, codec.Receipt) and first.receipt == "cr3-9"
+        db = tmp_path / "state/outbox.db"
+        # The device is gone for 50 s: what reaches the line is lost (read and dropped).
+        lost = read_frames(pty.master, 100, timeout=50)
+        assert lost and set(lost) == {first}
+        assert len(lost) <= 4  # backing off: 5, 10, 20, 30 s apart, not every 5 s
+        assert receipt_states(db) == ["due"]  # kept, not given up
+        # Back from its reboot: a HELLO from a new boot gets the RCPT again at once.
+        os.write(pty.master, codec.encode(codec.Hello(1, "cab-9", "2.1", "boot-b")))
+        events = read_frames(pty.master, 2, timeout=5)
+        assert events == [codec.Ack(1), first]
+        os.write(pty.master, codec.encode(codec.ReceiptAck("cr3-9")))
+        wait_for(lambda: receipt_states(db) == ["published"], what="the RACK recorded")
+        assert gw.terminate() == 0

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.outbox.model import Outcome, State
 from gateway.outbox.rows import fetch_alerts
-from gateway.receipts import MAX_CARRIED, MAX_KEPT, Ask, Due
+from gateway.receipts import MAX_CARRIED, MAX_KEPT, SLOTS_FULL, Ask, Due
+from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
     from gateway.outbox.store import Outbox
@@ -31,19 +33,32 @@ REFUSAL_LOG_EVERY = 60.0  # the cap's log line, at most this often, with the cou
 
 class _Refusals:
     """Requests not kept at the cap: counted, and logged once a minute, not per batch
-    (a publisher asking for every alert while nobody reads would flood the journal)."""
+    (a publisher asking for every alert while nobody reads would flood the journal).
+    `uncounted` waits for a source to move it into status (`take_refused`): the writer
+    thread that refuses has no status of its own."""
 
     def __init__(self) -> None:
         self.since = 0
         self.logged_at = -REFUSAL_LOG_EVERY
+        self.uncounted = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            n, self.uncounted = self.uncounted, 0
+        return n
 
     def add(self, n: int) -> None:
+        with self._lock:
+            self.uncounted += n
         self.since += n
         now = time.monotonic()
         if now - self.logged_at >= REFUSAL_LOG_EVERY:
             log.warning(
                 "%d receipt requests were not kept: %d receipts already wait to be "
-                "published (is anything reading them? see OPERATIONS.md, Receipts)",
+                "published; their alerts are stored and mailed as usual (counted as "
+                "receipt_slots_full in mailgw status; is anything reading them? see "
+                "OPERATIONS.md, Receipts)",
                 self.since,
                 MAX_KEPT,
             )
@@ -74,31 +89,52 @@ def insert(c: sqlite3.Connection, rows: Sequence[tuple[int, str, str, Ask]], now
     return len(rows) - len(taken)
 
 
+# Which receipts an outcome makes due. A final one (sent, dead) takes those still
+# waiting, and a `deferred` one not yet published (the final says more); `sent` also
+# takes a `dead` one (an operator's retry went out). `deferred` is said once per receipt,
+# to MQTT publishers only: RCPT (firmware_bridge/PROTOCOL.md v1) carries final outcomes.
+_TAKES = {
+    "deferred": "(r.state = 'waiting' AND r.outcome IS NULL AND r.origin = 'mqtt')",
+    "dead": "(r.state = 'waiting' OR (r.state = 'due' AND r.outcome = 'deferred'))",
+    "sent": "(r.state = 'waiting' OR r.outcome = 'dead'"
+    " OR (r.state = 'due' AND r.outcome = 'deferred'))",
+}
+
+
 def settle(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> int:
-    """Make due the receipts of every mail these outcomes settle; how many."""
-    outcomes = [o for o in outcomes if o.state in (State.SENT, State.DEAD)]
+    """Make due the receipts of every mail these outcomes settle, or defer: a delivery
+    queued again with a reason (a 4xx, a refused account that pauses the relay for
+    minutes, a broken session) tells its waiting publishers `deferred` with that reason,
+    once, so that nobody waits in silence for as long as the pause lasts; how many."""
+    told = [
+        (o, o.state.value if o.state in (State.SENT, State.DEAD) else "deferred")
+        for o in outcomes
+        if o.state in (State.SENT, State.DEAD) or (o.state is State.QUEUED and o.error)
+    ]
     if (
-        not outcomes
+        not told
         or not c.execute(
             "SELECT EXISTS (SELECT 1 FROM receipt INDEXED BY receipt_waiting"
             " WHERE state = 'waiting') OR EXISTS (SELECT 1 FROM receipt"
-            " INDEXED BY receipt_dead WHERE outcome = 'dead')"
+            " INDEXED BY receipt_dead WHERE outcome = 'dead') OR EXISTS (SELECT 1 FROM"
+            " receipt INDEXED BY receipt_due WHERE state = 'due' AND outcome = 'deferred')"
         ).fetchone()[0]
     ):
         return 0  # the common case: nobody asked
-    return sum(_settle_mail(c, o.key[0], o.key[1], o.state.value, o.error, now) for o in outcomes)
+    return sum(_settle_mail(c, o.key[0], o.key[1], what, o.error, now) for o, what in told)
 
 
 def _settle_mail(
     c: sqlite3.Connection, seq: int, route: str, outcome: str, reason: str | None, now: float
 ) -> int:
-    """The mail of delivery (seq, route) was accepted or dead-lettered: the waiting
-    receipts of every alert it carried (itself, a digest's lines, a lead's repeats).
+    """The mail of delivery (seq, route) was accepted, dead-lettered or deferred: the
+    receipts of every alert it carried (itself, a digest's lines, a lead's repeats) that
+    this outcome takes (`_TAKES`).
 
     A dead letter an operator retried (`mailgw queue retry`) and that is now accepted
     gets a second receipt, `sent`: the publisher was told `dead`, and it is no longer so.
     """
-    which = "(r.state = 'waiting'" + (" OR r.outcome = 'dead')" if outcome == "sent" else ")")
+    which = _TAKES[outcome]
     waiting = [
         r[0]
         for r in c.execute(
@@ -183,13 +219,17 @@ def _due(r: Sequence[object]) -> Due:
     )
 
 
-def published(c: sqlite3.Connection, keys: Iterable[tuple[int, str]], now: float) -> int:
-    """Mark receipts published; prune old published ones and requests whose delivery an
-    operator deleted (they could never become due). How many were marked."""
+def published(c: sqlite3.Connection, keys: Iterable[tuple[int, str, float]], now: float) -> int:
+    """Mark receipts published (`Due.mark`: its key and the time its outcome was
+    recorded); prune old published ones. A receipt whose outcome changed since it was
+    taken (a `deferred` overtaken by `sent` while in flight) is not marked: the newer one
+    is still to go. A `deferred` one goes back to waiting, for its final outcome.
+    How many were marked."""
     n = c.executemany(
-        "UPDATE receipt SET state = 'published', updated_at = ? WHERE alert_seq = ?"
-        " AND route = ? AND state = 'due'",
-        [(now, seq, route) for seq, route in keys],
+        "UPDATE receipt SET state = CASE outcome WHEN 'deferred' THEN 'waiting'"
+        " ELSE 'published' END, updated_at = ? WHERE alert_seq = ? AND route = ?"
+        " AND state = 'due' AND updated_at = ?",
+        [(now, seq, route, at) for seq, route, at in keys],
     ).rowcount
     c.execute(
         "DELETE FROM receipt WHERE state = 'published' AND updated_at < ?",
@@ -211,11 +251,19 @@ def forget_orphans(c: sqlite3.Connection) -> int:
 # --- for the sources, through the writer (Writer.call) -------------------------------
 
 
+def count_refused(runtime: Runtime) -> None:
+    """Requests refused at MAX_KEPT since the last call, into status: the writer thread
+    that refuses them has no status of its own; the sources' ticks bring them there."""
+    n = _refusals.take()
+    if n:
+        runtime.rejected[SLOTS_FULL] += n
+
+
 def take_due(ob: Outbox, origin: str, limit: int, reply: str | None = None) -> list[Due]:
     return due(ob.conn, origin, limit, reply)
 
 
-def mark_published(ob: Outbox, keys: Sequence[tuple[int, str]]) -> int:
+def mark_published(ob: Outbox, keys: Sequence[tuple[int, str, float]]) -> int:
     with ob.transaction() as c:
         n = published(c, keys, time.time())
         forget_orphans(c)

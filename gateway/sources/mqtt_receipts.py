@@ -20,9 +20,17 @@ from paho.mqtt.properties import Properties
 
 from gateway.alert import Alert
 from gateway.config import MqttSection
-from gateway.outbox.receipts import mark_published, take_due
+from gateway.outbox.receipts import count_refused, mark_published, take_due
 from gateway.outbox.writer import Writer
-from gateway.receipts import MQTT, Ask, Refused, ask_mqtt, payload
+from gateway.receipts import (
+    MQTT,
+    Ask,
+    Refused,
+    Throttle,
+    ask_mqtt,
+    payload,
+    topic_sensor,
+)
 from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,24 @@ class Receipts:
         self.writer = writer
         self.runtime = runtime
         self.device_id = device_id
-        # (seq, route) → (paho's handle, when published): waiting for the PUBACK
-        self._inflight: dict[tuple[int, str], tuple[mqtt.MQTTMessageInfo, float]] = {}
+        # (seq, route) → (paho's handle, when published, its Due.mark): for the PUBACK
+        self._inflight: dict[
+            tuple[int, str], tuple[mqtt.MQTTMessageInfo, float, tuple[int, str, float]]
+        ] = {}
         self.published = 0
+        self._throttle = Throttle()
+        if cfg.receipts and cfg.protocol != "5":
+            # The broker drops MQTT 5 properties on their way to an MQTT 3.1.1 session:
+            # a request made with Correlation Data never reaches the gateway, so it can
+            # be neither answered nor counted here. Said once, at start (as information:
+            # most 3.1.1 fleets ask for no receipts, or ask with JSON).
+            log.info(
+                "mqtt.protocol is %s: receipt requests made with MQTT 5 properties "
+                "(Correlation Data, Response Topic) never reach the gateway and get no "
+                'receipt; publishers must ask with a JSON "correlation_id", or set '
+                'mqtt.protocol = "5"',
+                cfg.protocol,
+            )
         if not cfg.receipts:
             log.info(
                 "receipts are off (mqtt.receipts = false, or mqtt.topics covers "
@@ -67,20 +90,25 @@ class Receipts:
             alert.fields,
             bytes(corr) if isinstance(corr, bytes | bytearray) else None,
             topic if isinstance(topic, str) else None,
-            sensor=alert.sensor,
+            sensor=topic_sensor(alert.topic),
             device_id=self.device_id,
             template=self.cfg.receipt_topic,
             prefix=self.cfg.receipt_prefix,
         )
         if isinstance(got, Refused):
             self.runtime.reject(got.reason)
-            log.warning(
-                "alert %s on %s asked for a receipt that is refused: %s; the alert is "
-                "stored, no receipt will be published",
-                alert.id,
-                ascii(alert.topic),
-                got.why,
-            )
+            n = self._throttle.note(got.reason, time.monotonic())
+            if n is not None:
+                log.warning(
+                    "alert %s on %s asked for a receipt that is refused: %s; the alert is "
+                    "stored, no receipt will be published (%d such refusal(s) since the "
+                    "last line like this; counted as %s in mailgw status)",
+                    alert.id,
+                    ascii(alert.topic),
+                    got.why,
+                    n,
+                    got.reason,
+                )
             return None
         return got
 
@@ -89,14 +117,14 @@ class Receipts:
     async def tick(self, connected: bool) -> None:
         """Mark what the broker acknowledged; publish what is due and not in flight."""
         now = time.monotonic()
-        acked = [k for k, (info, _) in self._inflight.items() if info.is_published()]
-        for k in acked:
-            del self._inflight[k]
-        for k in [k for k, (_, at) in self._inflight.items() if now - at > RESEND_AFTER]:
+        acked = [k for k, (info, _, _) in self._inflight.items() if info.is_published()]
+        marks = [self._inflight.pop(k)[2] for k in acked]
+        for k in [k for k, (_, at, _) in self._inflight.items() if now - at > RESEND_AFTER]:
             del self._inflight[k]  # published again below: a duplicate, never a loss
+        count_refused(self.runtime)
         if acked:
             self.published += len(acked)
-            self.writer.call(partial(mark_published, keys=acked)).add_done_callback(_logged)
+            self.writer.call(partial(mark_published, keys=marks)).add_done_callback(_logged)
         if not connected or not self.cfg.receipts:
             return
         try:
@@ -121,12 +149,12 @@ class Receipts:
                 # Stored requests were checked (gateway/receipts.py); should one still be
                 # refused, it must not come back every second.
                 log.error("receipt for %s cannot be published, dropped: %s", d.alert_id, exc)
-                self.writer.call(partial(mark_published, keys=[d.key])).add_done_callback(_logged)
+                self.writer.call(partial(mark_published, keys=[d.mark])).add_done_callback(_logged)
                 continue
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 log.debug("receipt for %s not queued (%s); next tick", d.alert_id, info.rc)
                 break
-            self._inflight[d.key] = (info, now)
+            self._inflight[d.key] = (info, now, d.mark)
 
 
 def _logged(fut: object) -> None:

@@ -76,7 +76,7 @@ class SerialSource:
         self._batch: list[Pending] = []  # read, not yet submitted
         self._pending = b""  # lines mode: a line not yet complete
         self._regex = re.compile(port.line_regex) if port.line_regex else None
-        self.receipts = SerialReceipts(port.name, ingest.writer, self._send)
+        self.receipts = SerialReceipts(port.name, ingest.writer, self._send, self.runtime)
         self.runtime.sources[self.name] = "opening"
 
     # --- life cycle ----------------------------------------------------------------
@@ -242,6 +242,8 @@ class SerialSource:
                 hello.fw_version,
                 hello.boot_id,
             )
+        if actions.hellos:
+            self.receipts.device_back()  # a rebooted device gets its RCPTs again now
         if actions.replies:
             self._send(b"".join(codec.encode(f) for f in actions.replies))
         if actions.receipts_read:
