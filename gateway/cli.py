@@ -252,7 +252,7 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     sp.add_argument("id", nargs="?", help="an alert id; for salvage, the moved-aside file")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
     sp.add_argument(
-        "--state", choices=["queued", "sending", "sent", "dead", "unrouted", "suppressed"]
+        "--state", choices=["queued", "sending", "held", "sent", "dead", "unrouted", "suppressed"]
     )
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true")
