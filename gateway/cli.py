@@ -82,10 +82,11 @@ def _show_silence(cfg: Config, topic: str, sensor: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway import service, systemd
+    from gateway import heap, service, systemd
 
     cfg = _config(args)
     systemd.setup_logging(args.log_level)
+    heap.pin_mmap_threshold()  # message-sized buffers go back to the system when done
     # `kill -USR2 <pid>` writes every thread's stack to the journal: for a stuck daemon.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     return service.run(cfg)

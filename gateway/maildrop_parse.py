@@ -97,8 +97,9 @@ def _mbox_line(line: bytes) -> bool:
     return line.startswith(b"From ") and _FIELD.match(line) is None
 
 
-def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """(header block, body). The body is every byte after the empty line, untouched.
+def split_message(data: bytes) -> tuple[bytes, memoryview]:
+    """(header block, body). The body is every byte after the empty line, untouched: a
+    view of `data`, not a copy (pickup wants only the header of a 10 MiB message).
 
     Lines end at LF only (a CR inside a line is part of it). A line that is neither a
     field nor a continuation ends the header block there (the body begins with it, as
@@ -107,7 +108,7 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
     """
     data = cr_line_ends(data)
     head_end, body_start = split_at(data)
-    return data[:head_end], data[body_start:]
+    return data[:head_end], memoryview(data)[body_start:]
 
 
 def split_at(data: bytes, bounded: bool = False) -> tuple[int, int]:
