@@ -25,6 +25,7 @@ BENCHMARKS = [
     "recovery",
     "drain",
     "sendmail",
+    "local_mail",
 ]
 
 

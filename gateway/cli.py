@@ -82,10 +82,11 @@ def _show_silence(cfg: Config, topic: str, sensor: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway import service, systemd
+    from gateway import heap, service, systemd
 
     cfg = _config(args)
     systemd.setup_logging(args.log_level)
+    heap.pin_mmap_threshold()  # message-sized buffers go back to the system when done
     # `kill -USR2 <pid>` writes every thread's stack to the journal: for a stuck daemon.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     return service.run(cfg)
@@ -252,7 +253,7 @@ def _add_operator_commands(add: Callable[[str, str], argparse.ArgumentParser]) -
     sp.add_argument("id", nargs="?", help="an alert id; for salvage, the moved-aside file")
     sp.add_argument("--all", action="store_true", help="retry: every queued and dead message")
     sp.add_argument(
-        "--state", choices=["queued", "sending", "sent", "dead", "unrouted", "suppressed"]
+        "--state", choices=["queued", "sending", "held", "sent", "dead", "unrouted", "suppressed"]
     )
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true")

@@ -145,7 +145,7 @@ def _queue_list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     states = (
         ["dead"]
         if args.action == "dead"
-        else ([args.state] if args.state else ["queued", "sending", "dead", "unrouted"])
+        else ([args.state] if args.state else ["queued", "sending", "held", "dead", "unrouted"])
     )
     rows = outbox.listing(conn, states, args.limit)
     if args.json:

@@ -4,7 +4,9 @@ answers it (invariant 11), and wait out an outbox that cannot be written (invari
 An outcome the outbox could not record (its disk is full, a lock is held, storage
 fails) is kept here and written first thing once it can be. Until then its row stays
 `sending`, so nothing claims it twice; after a crash such rows go out again with the
-same Message-ID (at-least-once, duplicates identifiable).
+same Message-ID (at-least-once, duplicates identifiable), each alone, and one found in
+flight at three starts in a row is held aside as a poison message
+(gateway/outbox/queue.py, HOLD_AFTER).
 """
 
 from __future__ import annotations

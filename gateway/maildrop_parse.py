@@ -25,7 +25,13 @@ from gateway.sendmail_drop import MAX_RCPTS
 
 MAGIC = b"MAILGW-DROP 1\n"
 MAX_ENVELOPE = 256 * 1024  # ~ 250 recipients of 998 bytes: more is not a cron mail
-MAX_HEADER = 1024 * 1024  # a header block larger than this is not parsed for -t
+# The header block's bounds, checked at pickup before anything is stored: parsing a
+# header costs memory per field (a list entry, the name, the text), so a block of
+# millions of "a:" lines would cost the daemon hundreds of MiB at every compose. Real
+# mail is far inside both: a cron mail's header is a few hundred bytes; a long Received
+# chain or DKIM-signed list mail a few dozen fields and tens of KiB.
+MAX_HEADER = 1024 * 1024
+MAX_FIELDS = 1000
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _LOCAL = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 
@@ -64,8 +70,9 @@ def parse_drop(data: bytes) -> Drop:
     if len(rcpts) > MAX_RCPTS:
         raise BadDrop(f"{len(rcpts)} recipients (at most {MAX_RCPTS})")
     message = data[end + 2 :]
-    if not message.strip():
+    if not message or message.isspace():  # (not strip(): that copies the message)
         raise BadDrop("the message is empty")
+    check_header(message)
     return Drop(
         user=values.get("U", "")[:64],
         sender=values.get("F", ""),
@@ -90,8 +97,9 @@ def _mbox_line(line: bytes) -> bool:
     return line.startswith(b"From ") and _FIELD.match(line) is None
 
 
-def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """(header block, body). The body is every byte after the empty line, untouched.
+def split_message(data: bytes) -> tuple[bytes, memoryview]:
+    """(header block, body). The body is every byte after the empty line, untouched: a
+    view of `data`, not a copy (pickup wants only the header of a 10 MiB message).
 
     Lines end at LF only (a CR inside a line is part of it). A line that is neither a
     field nor a continuation ends the header block there (the body begins with it, as
@@ -99,19 +107,38 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
     header_fields to drop. A message with CR line ends only: see cr_line_ends.
     """
     data = cr_line_ends(data)
-    pos, n = 0, len(data)
+    head_end, body_start = split_at(data)
+    return data[:head_end], memoryview(data)[body_start:]
+
+
+def split_at(data: bytes, bounded: bool = False) -> tuple[int, int]:
+    """Where split_message cuts `data` (already through cr_line_ends): the end of the
+    header block and the start of the body. `bounded`: a BadDrop when the block goes
+    past MAX_HEADER bytes or MAX_FIELDS fields, found without reading further."""
+    pos, n, fields = 0, len(data), 0
+    limit = MAX_HEADER + 1 if bounded else n
     while pos < n:
-        nl = data.find(b"\n", pos)
-        line_end = n if nl < 0 else nl + 1
+        # Bounded, a line is looked at no further than the limit: past it is enough.
+        nl = data.find(b"\n", pos, pos + limit)
+        line_end = nl + 1 if nl >= 0 else min(n, pos + limit)
         line = data[pos:line_end].rstrip(b"\r\n")
         if not line:
-            return data[:pos], data[line_end:]
+            return pos, line_end
         folded = pos > 0 and line[:1] in (b" ", b"\t")
         mbox = pos == 0 and _mbox_line(line)
         if not (folded or mbox or _FIELD.match(line)):
-            return data[:pos], data[pos:]
+            return pos, pos
+        fields += not folded
+        if bounded and (line_end > MAX_HEADER or fields > MAX_FIELDS):
+            what = f"{MAX_FIELDS} fields" if fields > MAX_FIELDS else f"{MAX_HEADER} bytes"
+            raise BadDrop(f"its header block is larger than {what}, more than mail ever needs")
         pos = line_end
-    return data, b""
+    return n, n
+
+
+def check_header(message: bytes) -> None:
+    """A BadDrop when the message's header block is past its bounds (MAX_HEADER)."""
+    split_at(cr_line_ends(message), bounded=True)
 
 
 def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:

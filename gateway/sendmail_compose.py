@@ -2,17 +2,21 @@
 
 The body and attachments go out as the bytes that came in. Only the header block is
 rewritten, so that a smarthost accepts the mail from the gateway's account:
-- From becomes smtp.from (the display name kept, or -F's); the original From is kept
-  in X-Original-From and, unless the message has one, in Reply-To, so answers reach
-  whoever wrote it;
+- From becomes smtp.from (the display name kept, or -F's, else smtp.from's own); the
+  original From is kept in X-Original-From and, unless the message has one, in
+  Reply-To, so answers reach whoever wrote it;
+- local names (no '@') in From, To and Cc are qualified with the host's mail name
+  (/etc/mailname, else the FQDN), as Debian's exim4 and Postfix do for local mail;
+  a From that was only a local name gets no Reply-To: mailgw receives no mail, so
+  answers to root@<this host> would bounce; they go to smtp.from instead;
 - Sender, Return-Path and Bcc go (Bcc recipients are in the envelope only);
 - Message-ID is kept; a message without one gets one from its alert id, the same at
   every attempt (invariant 2: a resend is a recognisable duplicate); Date is added
   from the time of pickup if missing;
 - X-Mailgw-Submitted-By says which local uid handed it in (the spool file's owner).
-Line ends: SMTP wants CRLF. A message written with CRLF keeps its bytes exactly; one
-with bare LF (what cron and most tools write) has each LF made CRLF. A lone CR in the
-body is left here, but the SMTP client (aiosmtplib) sends it as CRLF; a lone CR inside a
+Line ends: SMTP wants CRLF. The body is not copied or changed here: the DATA encoder
+(gateway/smtp_data.py) makes every lone LF or CR a CRLF on the wire, piece by piece,
+so a 10 MiB message costs its own size once, whatever its lines. A lone CR inside a
 header field is made a fold so the field stays whole; a message with CR line ends only
 is read as lines (maildrop_parse.cr_line_ends).
 """
@@ -20,20 +24,22 @@ is read as lines (maildrop_parse.cr_line_ends).
 from __future__ import annotations
 
 import re
+import socket
 import time
 from datetime import UTC, datetime
-from email.utils import format_datetime, formataddr, parseaddr
+from email.utils import format_datetime, formataddr, getaddresses, parseaddr
+from pathlib import Path
 
 from gateway.clock import Stamp
 from gateway.compose import Composed
 from gateway.config import Config
-from gateway.maildrop_parse import field_value, header_fields, split_message
+from gateway.maildrop_parse import BadDrop, cr_line_ends, field_value, header_fields, split_at
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.raw import RawMessage, load
 from gateway.outbox.writer import Writer
 from gateway.routing import Router
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+_DOMAIN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _DROPPED = (b"bcc", b"sender", b"return-path", b"x-original-from", b"x-mailgw-submitted-by")
 RETRY_AFTER = 30.0  # the outbox could not be read: try this message again after this
@@ -44,20 +50,57 @@ def message_id(alert_id: str, device_id: str) -> str:
 
 
 def rewrite(
-    raw: bytes, *, sender: str, fullname: str, message_id: str, date: str, uid: int
+    raw: bytes,
+    *,
+    sender: str,
+    fullname: str,
+    message_id: str,
+    date: str,
+    uid: int,
+    mailname: str = "localhost",
 ) -> bytes:
-    """The message as sent: header block rewritten (see the module's docstring), body
-    as it was (LF → CRLF where bare)."""
-    head, body = split_message(raw)
+    """The message as sent, whole, CRLF line ends (what DATA carries before its
+    transparency dots); the relay sends rewrite_head's pieces instead."""
+    head, body = rewrite_head(
+        raw,
+        sender=sender,
+        fullname=fullname,
+        message_id=message_id,
+        date=date,
+        uid=uid,
+        mailname=mailname,
+    )
+    return head + bytes(body).replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def rewrite_head(
+    raw: bytes,
+    *,
+    sender: str,
+    fullname: str,
+    message_id: str,
+    date: str,
+    uid: int,
+    mailname: str = "localhost",
+) -> tuple[bytes, memoryview]:
+    """The rewritten header block (see the module's docstring), ending with its empty
+    line, and the body: a view of `raw`, not a copy. A header block past the bounds
+    of maildrop_parse (stored before they were checked at pickup) is a BadDrop."""
+    data = cr_line_ends(raw)
+    head_end, body_start = split_at(data, bounded=True)
     out: list[bytes] = []
     original_from = b""
+    from_local = False
     seen: set[bytes] = set()
-    for name, text in header_fields(head):
+    for name, text in header_fields(data[:head_end]):
         seen.add(name)
         if name == b"from":
-            original_from = text.split(b":", 1)[1].strip()
+            original, from_local = _qualified(text, mailname)
+            original_from = original.split(b":", 1)[1].strip()
             name_part = parseaddr(field_value(text))[0]
             out.append(b"From: " + _address(fullname or name_part, sender))
+        elif name in (b"to", b"cc"):
+            out.append(_BARE_CR.sub(b"\r\n ", _qualified(text, mailname)[0]))
         elif name not in _DROPPED:
             # A CR inside a header line would become a line end on the wire (the SMTP
             # client makes a lone CR a CRLF) and cut the field: it becomes a fold.
@@ -67,17 +110,49 @@ def rewrite(
     if original_from:
         unfolded = re.sub(rb"\r?\n[ \t]*", b" ", original_from)
         out.append(b"X-Original-From: " + unfolded)
-        if b"reply-to" not in seen:
+        if b"reply-to" not in seen and not from_local:
             out.append(b"Reply-To: " + unfolded)
     if b"message-id" not in seen:
         out.append(f"Message-ID: {message_id}".encode())
     if b"date" not in seen:
         out.append(f"Date: {date}".encode())
     out.append(f"X-Mailgw-Submitted-By: uid {uid}".encode())
-    return b"\r\n".join(out) + b"\r\n\r\n" + _BARE_LF.sub(b"\r\n", body)
+    return b"\r\n".join(out) + b"\r\n\r\n", memoryview(data)[body_start:]
+
+
+def _qualified(field: bytes, mailname: str) -> tuple[bytes, bool]:
+    """The address field with each local name (no '@') given @mailname, as Debian's
+    MTAs qualify local mail; and whether every address in it was a local name. A field
+    with nothing to qualify is returned as it was, byte for byte."""
+    name = field.split(b":", 1)[0]
+    pairs = getaddresses([field_value(field)])
+    addrs = [a for _, a in pairs if a]
+    local = [a for a in addrs if "@" not in a]
+    if not local:
+        return field, False
+    parts = [
+        formataddr((display, addr if "@" in addr or not addr else f"{addr}@{mailname}"))
+        for display, addr in pairs
+        if addr
+    ]
+    text = name + b": " + ", ".join(parts).encode("utf-8", "replace")
+    return text, len(local) == len(addrs)
+
+
+def mail_name(path: Path = Path("/etc/mailname")) -> str:
+    """The host's mail name: /etc/mailname's first line (Debian's), else the FQDN."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline(256).decode("ascii", "replace").strip()
+    except OSError:
+        first = ""
+    if first and _DOMAIN.fullmatch(first):
+        return first
+    return socket.getfqdn() or "localhost"
 
 
 def _address(name: str, addr: str) -> bytes:
+    name = name or parseaddr(addr)[0]  # no name of its own: smtp.from's, not none
     name = "".join(c for c in name if c >= " " and c != "\x7f")[:100]
     return formataddr((name, parseaddr(addr)[1]), charset="utf-8").encode("ascii", "replace")
 
@@ -121,12 +196,19 @@ async def compose_raw(
     device = config.gateway.device_id
     mid = message_id(item.alert.id, device)
     wall, _ = item.alert.received.corrected(Stamp.now())
-    data = rewrite(
-        raw.data,
-        sender=config.smtp.sender,
-        fullname=str(item.alert.fields.get("fullname") or ""),
-        message_id=mid,
-        date=format_datetime(datetime.fromtimestamp(wall, UTC)),
-        uid=raw.uid,
-    )
+    try:
+        head, body = rewrite_head(
+            raw.data,
+            sender=config.smtp.sender,
+            fullname=str(item.alert.fields.get("fullname") or ""),
+            message_id=mid,
+            date=format_datetime(datetime.fromtimestamp(wall, UTC)),
+            uid=raw.uid,
+            mailname=mail_name(),
+        )
+    except BadDrop as exc:
+        return Outcome(item.key, State.DEAD, count_attempt=False, error=f"not sendable: {exc}")
+    # One copy of the body, joined to its new header; line ends are made CRLF on the
+    # wire (gateway/smtp_data.py), so nothing here grows with the number of lines.
+    data = b"".join((head, body))
     return Composed(data, parseaddr(config.smtp.sender)[1], rcpts, mid)

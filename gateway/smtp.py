@@ -33,6 +33,7 @@ from gateway.replies import (
     Result,
     Unexpected,
 )
+from gateway.smtp_data import send_bytes
 from gateway.smtp_login import AuthRefused as AuthRefused
 from gateway.smtp_login import Login
 from gateway.smtp_login import UplinkDown as UplinkDown
@@ -232,11 +233,13 @@ class SmtpSession:
     async def send(
         self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-        """aiosmtplib's own sendmail: refused recipients and the final reply's text, or
-        its exceptions. For measuring the library itself; the relay uses `deliver`."""
+        """aiosmtplib's sendmail (for bytes, with DATA in bounded pieces: smtp_data.py):
+        refused recipients and the final reply's text, or its exceptions. For measuring
+        the library itself; the relay uses `deliver`."""
         assert self.client is not None
         if isinstance(message, bytes):
-            return await self.client.sendmail(sender, list(recipients), message)
+            # Not aiosmtplib's sendmail: its DATA costs memory per line (smtp_data.py).
+            return await send_bytes(self.client, sender, recipients, message)
         return await self.client.send_message(message, sender=sender, recipients=list(recipients))
 
     @property

@@ -292,6 +292,7 @@ def render(r: dict[str, Any]) -> str:
         f"daemon     {'running, pid ' + str(d['pid']) + ', up ' + _age(d['uptime_s']) if d['running'] else 'not running'}",  # noqa: E501
         f"queue      {r['queued']} queued ({r['deferred']} deferred), {r['sending']} sending, "
         f"{r['dead']} dead",
+        f"           {r.get('held', 0)} held aside (they crashed the gateway; `queue list`)",
         f"           {r['unrouted']} unrouted, {r['sent']} sent (kept for the retention period)",
         f"           {r.get('suppressed', 0)} held by storm control (for a lead mail or digest)",
     ]

@@ -240,7 +240,7 @@ def test_rewrite_keeps_message_id_date_and_reply_to() -> None:
 
 def test_rewrite_adds_a_from_when_there_is_none() -> None:
     out = _rw(b"Subject: x\n\nbody\n")
-    assert out.startswith(b"From: gw@example.com\r\n")
+    assert out.startswith(b"From: Gateway <gw@example.com>\r\n")  # smtp.from's name kept
     assert out.endswith(b"\r\n\r\nbody\r\n")
 
 

@@ -22,6 +22,9 @@ A delivery is one mail to send: (alert, route). Its states:
       └─ 4xx / network ──┤
                          └─ 5xx / expired ──▶ dead   (kept until an operator acts)
     unrouted: no route matched; kept and shown, never dropped.
+    held: in flight at HOLD_AFTER starts in a row (it crashed or stalled the daemon
+      each time: a poison message); set aside with the reason, never claimed, never
+      expired, until `mailgw queue retry ID` (gateway/outbox/queue.py).
     suppressed: storm control folded it into another mail (`owner`): a repeat counted
       on its key's queued lead, or a line of the route's digest. It becomes sent when
       that mail is sent.

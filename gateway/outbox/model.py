@@ -21,6 +21,7 @@ class State(StrEnum):
     DEAD = "dead"
     UNROUTED = "unrouted"
     SUPPRESSED = "suppressed"
+    HELD = "held"  # set aside after crashing or stalling the daemon (outbox/queue.py)
 
 
 STATES = tuple(s.value for s in State)

@@ -119,7 +119,8 @@ def export(
 
 
 def retry(conn: sqlite3.Connection, alert_id: str | None) -> int:
-    """Make deliveries due now: one alert's, or (None) every queued and dead one."""
+    """Make deliveries due now: one alert's, or (None) every queued and dead one. A held
+    delivery (gateway/outbox/queue.py) is released only by its id, its crashes forgotten."""
     now = time.time()
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -136,10 +137,13 @@ def retry(conn: sqlite3.Connection, alert_id: str | None) -> int:
                 if located is None
                 else conn.execute(
                     "UPDATE delivery SET state = 'queued', due = 0, updated_at = ?"
-                    " WHERE state IN ('queued', 'dead') AND route != '' AND alert_seq = ?",
+                    " WHERE state IN ('queued', 'dead', 'held') AND route != ''"
+                    " AND alert_seq = ?",
                     (now, located[0]),
                 ).rowcount
             )
+            if located is not None:
+                conn.execute("DELETE FROM delivery_crash WHERE alert_seq = ?", (located[0],))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -159,6 +163,7 @@ def delete(conn: sqlite3.Connection, alert_id: str) -> int:
                 "DELETE FROM delivery WHERE owner = ? AND state = 'suppressed'", (seq,)
             ).rowcount
             n += conn.execute("DELETE FROM delivery WHERE alert_seq = ?", (seq,)).rowcount
+            conn.execute("DELETE FROM delivery_crash WHERE alert_seq = ?", (seq,))
             conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         conn.execute("COMMIT")
     except BaseException:

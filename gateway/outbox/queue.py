@@ -14,11 +14,76 @@ from collections.abc import Iterable
 from gateway.outbox.model import MAX_PRIORITY, Claimed, Outcome, State
 from gateway.outbox.rows import SHARD_ROWS, alert_tables, fetch_alerts
 
+# Poison messages. A message whose compose or send kills the daemon (out of memory, a
+# crash in a library) or stalls it until the watchdog does would be claimed again at
+# every start and kill it again: a crash loop until systemd gives up, and intake with
+# it. So every start counts, on each delivery it finds `sending`, one crash (table
+# `delivery_crash`; the row goes when the delivery settles: sent, deferred or dead). A
+# delivery with a count is a suspect, claimed alone (nothing else in flight, nothing
+# else claimed while it is), so that a crash counts against the one message that can
+# be its cause and never against the alerts that happened to share its batch. At
+# HOLD_AFTER it is held aside.
+HOLD_AFTER = 3
+_Row = tuple[int, str, int, str | None, str]  # alert_seq, route, attempts, rcpts, kind
 
-def claim(c: sqlite3.Connection, limit: int, now: float) -> list[Claimed]:
-    """Take up to `limit` due deliveries (`due <= now`, monotonic), highest priority
-    first, oldest first; they become `sending`."""
-    picked: list[tuple[int, str, int, str | None, str]] = []
+
+def recover_in_flight(c: sqlite3.Connection, now: float) -> tuple[int, list[tuple[str, str]]]:
+    """At the daemon's start: every `sending` delivery is queued again with one more
+    crash counted, or held once it has HOLD_AFTER. Returns how many were queued again
+    and the (alert id, route) of those held now."""
+    c.execute(
+        "INSERT INTO delivery_crash (alert_seq, route, crashes)"
+        " SELECT alert_seq, route, 1 FROM delivery INDEXED BY delivery_sending"
+        " WHERE state = 'sending'"
+        " ON CONFLICT (alert_seq, route) DO UPDATE SET crashes = crashes + 1"
+    )
+    poisoned = c.execute(
+        "SELECT k.alert_seq, k.route, k.crashes FROM delivery_crash k CROSS JOIN delivery d"
+        " ON d.alert_seq = k.alert_seq AND d.route = k.route"
+        " WHERE k.crashes >= ? AND d.state = 'sending'",
+        (HOLD_AFTER,),
+    ).fetchall()
+    for seq, route, crashes in poisoned:
+        c.execute(
+            "UPDATE delivery SET state = 'held', updated_at = ?, last_error = ?"
+            " WHERE alert_seq = ? AND route = ?",
+            (
+                now,
+                f"held: in flight at {crashes} crashes or stalls of the gateway in a row "
+                "(a message that kills it); `mailgw queue retry ID` releases it",
+                seq,
+                route,
+            ),
+        )
+    n = c.execute("UPDATE delivery SET state = 'queued' WHERE state = 'sending'").rowcount
+    alerts = fetch_alerts(c, [seq for seq, _, _ in poisoned])
+    held = [(alerts[seq].id if seq in alerts else f"#{seq}", route) for seq, route, _ in poisoned]
+    return int(n), held
+
+
+def _suspect_turn(c: sqlite3.Connection, now: float) -> list[_Row] | None:
+    """None when no suspect is due or in flight (claim as usual); else the rows to
+    claim: the oldest due suspect alone when nothing is in flight, or nothing."""
+    suspects = c.execute(
+        "SELECT d.alert_seq, d.route, d.attempts, d.rcpts, d.kind, d.state, d.due"
+        # CROSS JOIN: SQLite then walks the few suspects, never the deliveries.
+        " FROM delivery_crash k CROSS JOIN delivery d"
+        " ON d.alert_seq = k.alert_seq AND d.route = k.route"
+        " WHERE d.state IN ('queued', 'sending') ORDER BY d.alert_seq"
+    ).fetchall()
+    if any(state == "sending" for *_, state, _ in suspects):
+        return []
+    due = [row[:5] for row in suspects if row[6] <= now]
+    if not due:
+        return None
+    busy = c.execute(
+        "SELECT 1 FROM delivery INDEXED BY delivery_sending WHERE state = 'sending' LIMIT 1"
+    ).fetchone()
+    return [] if busy else due[:1]
+
+
+def _due(c: sqlite3.Connection, limit: int, now: float) -> list[_Row]:
+    picked: list[_Row] = []
     for prio in range(MAX_PRIORITY, -1, -1):
         rows = c.execute(
             "SELECT alert_seq, route, attempts, rcpts, kind FROM delivery"
@@ -30,6 +95,14 @@ def claim(c: sqlite3.Connection, limit: int, now: float) -> list[Claimed]:
         picked.extend(rows)
         if len(picked) >= limit:
             break
+    return picked
+
+
+def claim(c: sqlite3.Connection, limit: int, now: float) -> list[Claimed]:
+    """Take up to `limit` due deliveries (`due <= now`, monotonic), highest priority
+    first, oldest first; they become `sending`. A suspect (see HOLD_AFTER) goes alone."""
+    turn = _suspect_turn(c, now)
+    picked = _due(c, limit, now) if turn is None else turn
     if not picked:
         return []
     c.executemany(
@@ -109,6 +182,8 @@ def finish(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> in
             )
         else:
             raise ValueError(f"not an outcome state: {o.state!r}")
+        # Settled without a crash: no longer a suspect.
+        c.execute("DELETE FROM delivery_crash WHERE alert_seq = ? AND route = ?", (seq, route))
     return done
 
 

@@ -156,5 +156,20 @@ MIGRATIONS: tuple[str, ...] = (
         data      BLOB    NOT NULL
     );
     """,
+    # 9 → 10: poison messages (gateway/outbox/queue.py). `delivery_crash` counts, per
+    # delivery, the starts that found it in flight (`sending`) since it last settled;
+    # one at HOLD_AFTER is set aside in state 'held' (the reason in last_error) instead
+    # of being claimed into a crash loop. A table of its own, holding only suspects, so
+    # that asking "is a suspect due or in flight" reads a few rows, not the queue; the
+    # index answers "is anything in flight" as cheaply. (IF NOT EXISTS: see 7 → 8.)
+    """
+    CREATE TABLE IF NOT EXISTS delivery_crash (
+        alert_seq INTEGER NOT NULL,
+        route     TEXT    NOT NULL,
+        crashes   INTEGER NOT NULL,
+        PRIMARY KEY (alert_seq, route)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS delivery_sending ON delivery (alert_seq) WHERE state = 'sending';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

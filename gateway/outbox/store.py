@@ -193,7 +193,7 @@ class Outbox:
 
     def _recover(self) -> None:
         with self.transaction() as c:
-            n = c.execute("UPDATE delivery SET state = 'queued' WHERE state = 'sending'").rowcount
+            n, held = queue.recover_in_flight(c, time.time())
             row = c.execute("SELECT value FROM meta WHERE key = 'due_boot'").fetchone()
             if row is None or row[0] != self.boot:
                 c.execute("UPDATE delivery SET due = 0 WHERE state = 'queued' AND due != 0")
@@ -205,6 +205,16 @@ class Outbox:
                 "%d deliveries were in flight when the gateway stopped; they are queued "
                 "again and will be sent with their original Message-ID",
                 n,
+            )
+        for alert_id, route in held:
+            log.error(
+                "alert %s (route %s) was in flight at each of the last %d crashes or stalls "
+                "of the gateway; it is held aside and will not be sent again until "
+                "`mailgw queue retry %s` (see `mailgw queue list --state held`)",
+                alert_id,
+                route or "-",
+                queue.HOLD_AFTER,
+                alert_id,
             )
 
     def _count_live(self) -> int:
