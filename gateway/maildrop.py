@@ -34,7 +34,7 @@ from pathlib import Path
 from gateway.alert import Alert, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
 from gateway.config import Config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, LocalRoomFull
 from gateway.maildrop_parse import (
     BadDrop,
     header_recipients,
@@ -95,6 +95,7 @@ class Maildrop:
         self._missing_logged = False
         self._store_failing = False
         self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
+        self._over_share: set[str] = set()  # left for lack of local mail's room: counted once
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -113,6 +114,7 @@ class Maildrop:
     async def scan(self) -> int:
         """One round: every complete file stored or rejected; how many were stored."""
         names = await asyncio.to_thread(self._list)
+        self._over_share.intersection_update(names)
         stored = 0
         for name in names:
             if name in self._stuck:
@@ -126,6 +128,9 @@ class Maildrop:
                 continue
             try:
                 added = await self.writer.run(partial(_store, picked))
+            except LocalRoomFull as exc:
+                self._refused(name, exc)
+                continue  # another user's file may still fit
             except (GatewayError, OSError) as exc:
                 if not self._store_failing:
                     log.error(
@@ -149,6 +154,22 @@ class Maildrop:
             self.picked += 1
             self._log_stored(picked)
         return stored
+
+    def _refused(self, name: str, exc: LocalRoomFull) -> None:
+        """Local mail over its share stays in the maildrop until room returns: counted
+        once per file, said once while any wait, not on every round that retries."""
+        if name in self._over_share:
+            return
+        if not self._over_share:
+            log.warning(
+                "local mail waits in %s: %s; it is stored when room returns (counted in "
+                "status as %s)",
+                self.dir,
+                exc,
+                exc.reason,
+            )
+        self._over_share.add(name)
+        self.runtime.reject(exc.reason)
 
     def _log_stored(self, p: Picked) -> None:
         where = [*p.plan.routes, *p.plan.addresses] or ["nowhere: unrouted, see mailgw queue"]

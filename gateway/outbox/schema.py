@@ -156,5 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
         data      BLOB    NOT NULL
     );
     """,
+    # 9 → 10: unrouted readings by age, for their retention (outbox.keep_unrouted,
+    # gateway/outbox/room.py) and their count, without scanning every delivery.
+    """
+    CREATE INDEX IF NOT EXISTS delivery_unrouted ON delivery (updated_at)
+        WHERE state = 'unrouted';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
