@@ -233,14 +233,14 @@ def _host_lines(hosts: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _room_line(room: dict[str, Any]) -> str:
+def _room_lines(room: dict[str, Any]) -> list[str]:
     """Each kind's room (gateway/outbox/room.py): alerts may use what local mail leaves."""
     a, loc, u = room["alerts"], room["local"], room["unrouted"]
-    return (
-        f"room       {room['free']} of {room['max_messages']} free; alerts {a['held']}, "
-        f"local mail {loc['held']} of {loc['limit']} ({loc['per_user_limit']} per user), "
-        f"unrouted readings {u['held']} of {u['limit']} kept for {_age(u['keep_s'])}"
-    )
+    return [
+        f"room       {room['free']} of {room['max_messages']} free, alerts hold {a['held']}",
+        f"           local mail {loc['held']} of {loc['limit']} ({loc['per_user_limit']} per user)",
+        f"           unrouted readings {u['held']} of {u['limit']}, kept for {_age(u['keep_s'])}",
+    ]
 
 
 def _age(seconds: float | None) -> str:
@@ -298,7 +298,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"priority   {prios}")
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
     if room := r.get("room"):
-        lines.append(_room_line(room))
+        lines += _room_lines(room)
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
         if uplink in ("down", "auth_failed", "paused", "throttled") and r.get("next_probe_at"):

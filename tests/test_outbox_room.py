@@ -199,7 +199,8 @@ def test_status_shows_the_room_per_kind(tmp_path: Path) -> None:
     }
     text = status.render(r)
     assert (
-        "room       48 of 50 free; alerts 1, local mail 1 of 5 (1 per user), "
-        "unrouted readings 1 of 5 kept for 24h00m" in text
+        "room       48 of 50 free, alerts hold 1\n"
+        "           local mail 1 of 5 (1 per user)\n"
+        "           unrouted readings 1 of 5, kept for 24h00m" in text
     )
     assert Held(1, 1, 1).counted == 2
