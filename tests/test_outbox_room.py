@@ -204,3 +204,19 @@ def test_status_shows_the_room_per_kind(tmp_path: Path) -> None:
         "           unrouted readings 1 of 5, kept for 24h00m" in text
     )
     assert Held(1, 1, 1).counted == 2
+
+
+def test_readings_not_kept_are_said_once_not_at_every_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ob = Outbox(tmp_path / "o.db", room=Room(40, unrouted_percent=10, keep_unrouted=60))
+    t0 = 1_000_000.0
+    with caplog.at_level("INFO", logger="gateway.outbox.store"):
+        for cycle in range(5):  # full, expired, full again: a steady overload
+            at = t0 + cycle * 61
+            for i in range(8):
+                ob.add([reading(f"r {cycle} {i}")], now=at)
+                ob.add([routed(f"alert {cycle} {i}")], now=at)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("keeps no more unrouted readings" in m for m in said) == 1, said
+    assert sum("keeps unrouted readings again" in m for m in said) <= 1, said

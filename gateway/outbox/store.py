@@ -83,6 +83,8 @@ class Outbox:
         # hands them to the sources' counters).
         self.not_kept: list[str] = []
         self._unrouted_full = False
+        self._unrouted_said = -1e9  # monotonic: when "keeps no more" was last said
+        self._unrouted_told = False  # and the "again" that ends it is still to say
         # Storm control by route name; replaced whole on reload (the writer reads it).
         self.policies: Mapping[str, Policy] = policies or {}
         self.boot = boot or boot_id()
@@ -309,12 +311,23 @@ class Outbox:
         self.live += batch_rows.added
         self.unrouted += batch_rows.unrouted - batch_rows.pruned
         self.not_kept = batch_rows.not_kept
-        self._say_unrouted_full(bool(batch_rows.not_kept))
+        if batch_rows.not_kept:
+            self._say_unrouted_full(True)
+        elif batch_rows.unrouted and self.unrouted * 4 < self.room.unrouted_limit * 3:
+            self._say_unrouted_full(False)
         return batch_rows.duplicates
 
     def _say_unrouted_full(self, full: bool) -> None:
-        """Once when readings stop being kept, once when they are kept again."""
-        if full and not self._unrouted_full:
+        """Once when readings stop being kept, once when their share is below three
+        quarters again; under a steady overload (expired readings make room now and
+        then) at most once an hour: the count in status says the rest."""
+        now = time.monotonic()
+        if full == self._unrouted_full:
+            return
+        self._unrouted_full = full
+        if full and now - self._unrouted_said > 3600:
+            self._unrouted_said = now
+            self._unrouted_told = True
             log.warning(
                 "the outbox keeps no more unrouted readings: %d are kept, the share is "
                 "outbox.unrouted_percent = %d%% of max_messages, each kept for "
@@ -325,9 +338,9 @@ class Outbox:
                 self.room.unrouted_percent,
                 self.room.keep_unrouted,
             )
-        elif self._unrouted_full and not full:
+        elif not full and self._unrouted_told:
+            self._unrouted_told = False
             log.info("the outbox keeps unrouted readings again")
-        self._unrouted_full = full
 
     def _check_bound(self, new_deliveries: int) -> None:
         if (
