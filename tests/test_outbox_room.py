@@ -4,10 +4,11 @@ the bound, their retention), then the config and the status that show it."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import status
@@ -220,3 +221,51 @@ def test_readings_not_kept_are_said_once_not_at_every_batch(
     said = [r.getMessage() for r in caplog.records]
     assert sum("keeps no more unrouted readings" in m for m in said) == 1, said
     assert sum("keeps unrouted readings again" in m for m in said) <= 1, said
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.just(("alert", 0)),
+            st.just(("reading", 0)),
+            st.tuples(st.just("local"), st.integers(1, 4)),
+            st.just(("send", 0)),
+            st.just(("expire", 0)),
+        ),
+        max_size=60,
+    )
+)
+def test_the_running_counts_match_the_rows_and_every_share_holds(
+    ops: list[tuple[str, int]],
+) -> None:
+    import tempfile
+
+    from gateway.outbox import Outcome, State
+    from gateway.outbox.held import held, local_held
+
+    room = Room(20, local_percent=20, local_user_percent=50, unrouted_percent=20, keep_unrouted=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        ob = Outbox(Path(tmp) / "o.db", room=room)
+        now = 1_000_000.0
+        for i, (op, uid) in enumerate(ops):
+            with contextlib.suppress(OutboxFull):
+                if op == "alert":
+                    ob.add([routed(f"a{i}")], now=now)
+                elif op == "reading":
+                    ob.add([reading(f"r{i}")], now=now)
+                elif op == "local":
+                    local(ob, f"m{i}", uid)
+                elif op == "send":
+                    for c in ob.claim(1, now=1e12):
+                        ob.finish([Outcome(c.key, State.SENT)])
+                else:
+                    now += 6  # every reading kept so far is past keep_unrouted
+            counted = held(ob.conn)
+            assert (ob.live, ob.unrouted) == (counted.counted, counted.unrouted)
+            assert counted.counted <= room.max_messages
+            assert counted.local <= room.local_limit
+            assert counted.unrouted <= room.unrouted_limit
+            for u in range(1, 5):
+                assert local_held(ob.conn, u)[1] <= room.user_limit
+        ob.close()
