@@ -28,8 +28,10 @@ def local_held(c: sqlite3.Connection, uid: int) -> tuple[int, int]:
     """Live local deliveries: of every user, and of `uid`. Walks raw_message (local
     mail only, pruned with its deliveries), not the whole queue."""
     total, mine = c.execute(
+        # CROSS JOIN keeps this order (SQLite does not reorder it): raw_message outer,
+        # delivery looked up by its key, never the other way round.
         "SELECT count(*), coalesce(sum(r.uid = ?), 0) FROM raw_message r"
-        " JOIN delivery d ON d.alert_seq = r.alert_seq WHERE d.state != 'sent'",
+        " CROSS JOIN delivery d ON d.alert_seq = r.alert_seq WHERE d.state != 'sent'",
         (uid,),
     ).fetchone()
     return int(total), int(mine)
