@@ -57,6 +57,7 @@ class _BatchRows:
 
 
 RECOUNT_EVERY = 1.0
+_PRUNE_IN_ADD = 500  # expired readings deleted at most by one add() whose share is full
 _NO_KEYS: dict[str, str] = {}  # seconds between recounts of live rows while at the bound
 
 
@@ -414,7 +415,9 @@ class Outbox:
         if out.tried_prune or held_now == 0:
             return False
         out.tried_prune = True  # nothing more expires within one batch
-        out.pruned += held.prune_unrouted(c, now - self.room.keep_unrouted, held_now)
+        # A bounded delete: this runs in the transaction that acknowledges alerts; the
+        # minute's housekeeping prune takes the rest.
+        out.pruned += held.prune_unrouted(c, now - self.room.keep_unrouted, _PRUNE_IN_ADD)
         return unrouted_room(self.room, self.unrouted + out.unrouted - out.pruned) > 0
 
     def _write(self, c: sqlite3.Connection, rows: _BatchRows) -> set[str]:
