@@ -138,11 +138,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway import status
+    from gateway.outbox.room import room_of
 
     cfg = _config(args)
     as_outbox_owner(cfg)
     while True:
-        report = status.report(cfg.outbox_path, status_path(cfg))
+        report = status.report(cfg.outbox_path, status_path(cfg), room=room_of(cfg.outbox))
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:

@@ -24,6 +24,7 @@ from gateway.cli_signal import signal_daemon
 from gateway.config import Config, load
 from gateway.errors import GatewayError
 from gateway.outbox import Outbox
+from gateway.outbox.room import room_of
 from gateway.routing import Router
 from gateway.salvage import salvage
 from gateway.status import printable
@@ -61,6 +62,7 @@ def open_outbox(cfg: Config, *, storm: bool = False) -> Outbox:
         allow_volatile=cfg.outbox.allow_volatile,
         recover=False,
         policies=cfg.storm_policies if storm else None,
+        room=room_of(cfg.outbox),
     )
 
 

@@ -42,3 +42,12 @@ class Unstorable(GatewayError):
 
 class ThreadDied(GatewayError):
     """A thread that intake or storage depends on has ended: the daemon must restart."""
+
+
+class LocalRoomFull(OutboxFull):
+    """Local mail holds its whole share of the outbox (all users', or this user's):
+    alerts keep the rest. `reason` is the status counter it is counted under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -15,6 +15,7 @@ from gateway.alert import Alert
 from gateway.config import Policy
 from gateway.errors import OutboxFull
 from gateway.outbox import MqttKey, Outbox, Routed
+from gateway.outbox.room import UNROUTED_SHARE_FULL
 from gateway.outbox.writer import Done, Stored, Writer
 from gateway.receipts import Ask
 from gateway.routing import Router, render
@@ -137,6 +138,9 @@ class Ingest:
             for i, r in enumerate(batch):
                 if i in result.rejected:
                     rt.reject(f"{r.alert.source}_unstorable")
+                elif r.alert.id in result.not_kept:
+                    # Acknowledged and watched, not kept: its share of the outbox is full.
+                    rt.reject(UNROUTED_SHARE_FULL)
                 elif r.mqtt is not None and r.mqtt.name in dupes:
                     rt.mqtt_redelivery_recognised += 1
                 elif not dupes or r.seen_key not in dupes:

@@ -34,7 +34,7 @@ from pathlib import Path
 from gateway.alert import Alert, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
 from gateway.config import Config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, LocalRoomFull
 from gateway.maildrop_parse import (
     BadDrop,
     header_recipients,
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 POLL = 0.5
 STALE = 3600.0  # a file still unfinished after this long was abandoned by its writer
 LIMIT_FILE = ".max_size"
+OVER_SHARE_RETRY = 5.0  # a file refused for lack of local mail's room is tried this often
 
 
 def _owner_name(uid: int) -> str:
@@ -95,6 +96,10 @@ class Maildrop:
         self._missing_logged = False
         self._store_failing = False
         self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
+        # Left for lack of local mail's room → when to try it again: counted once, and
+        # retried now and then rather than every round (each try is a read and a write
+        # transaction, which a flood of waiting files must not take from alerts).
+        self._over_share: dict[str, float] = {}
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -113,9 +118,11 @@ class Maildrop:
     async def scan(self) -> int:
         """One round: every complete file stored or rejected; how many were stored."""
         names = await asyncio.to_thread(self._list)
+        present = set(names)
+        self._over_share = {n: t for n, t in self._over_share.items() if n in present}
         stored = 0
         for name in names:
-            if name in self._stuck:
+            if name in self._stuck or self._over_share.get(name, 0.0) > time.monotonic():
                 continue
             try:
                 picked = await asyncio.to_thread(self._read, name)
@@ -126,6 +133,9 @@ class Maildrop:
                 continue
             try:
                 added = await self.writer.run(partial(_store, picked))
+            except LocalRoomFull as exc:
+                self._refused(name, exc)
+                continue  # another user's file may still fit
             except (GatewayError, OSError) as exc:
                 if not self._store_failing:
                     log.error(
@@ -149,6 +159,23 @@ class Maildrop:
             self.picked += 1
             self._log_stored(picked)
         return stored
+
+    def _refused(self, name: str, exc: LocalRoomFull) -> None:
+        """Local mail over its share stays in the maildrop until room returns: counted
+        once per file, said once while any wait, not on every round that retries."""
+        known = name in self._over_share
+        self._over_share[name] = time.monotonic() + OVER_SHARE_RETRY
+        if known:
+            return
+        if len(self._over_share) == 1:
+            log.warning(
+                "local mail waits in %s: %s; it is stored when room returns (counted in "
+                "status as %s)",
+                self.dir,
+                exc,
+                exc.reason,
+            )
+        self.runtime.reject(exc.reason)
 
     def _log_stored(self, p: Picked) -> None:
         where = [*p.plan.routes, *p.plan.addresses] or ["nowhere: unrouted, see mailgw queue"]

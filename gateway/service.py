@@ -25,6 +25,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError, OutboxFull, StoreUnavailable, ThreadDied
 from gateway.ingest import Ingest
 from gateway.outbox import Outbox
+from gateway.outbox.room import room_of
 from gateway.outbox.writer import Writer
 from gateway.routing import Router
 from gateway.runtime import Runtime
@@ -77,6 +78,7 @@ class Daemon:
             max_messages=cfg.outbox.max_messages,
             allow_volatile=cfg.outbox.allow_volatile,
             policies=cfg.storm_policies,
+            room=room_of(cfg.outbox),
         )
 
     async def _wait_for_outbox(self) -> Outbox | None:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from gateway import outbox
+from gateway.outbox.held import held
+from gateway.outbox.room import Room
+from gateway.outbox.room import report as room_report
 
 
 def _is_number(v: object) -> TypeGuard[int | float]:
@@ -159,17 +162,25 @@ def _drain(raw: object) -> dict[str, Any]:
     }
 
 
-def report(db_path: Path, runtime_path: Path, live: dict[str, Any] | None = None) -> dict[str, Any]:
+def report(
+    db_path: Path,
+    runtime_path: Path,
+    live: dict[str, Any] | None = None,
+    room: Room | None = None,
+) -> dict[str, Any]:
     """The status report: DESIGN.md's keys first, then the details.
 
     `live` is the daemon's own snapshot (when the daemon reports on itself);
-    otherwise the runtime file of a running daemon is read.
+    otherwise the runtime file of a running daemon is read. `room`: the [outbox]
+    shares, for the room each kind holds and may hold ("room").
     """
     result: dict[str, Any] = {}
     if db_path.exists():
         conn = outbox.connect(db_path, readonly=True)
         try:
             result.update(outbox.counts(conn))
+            if room is not None:
+                result["room"] = room_report(room, held(conn))
         except sqlite3.OperationalError as exc:
             result["outbox_error"] = str(exc)
         finally:
@@ -247,6 +258,16 @@ def _next_try(at: float, failover: bool) -> str:
     return "tried again with the next message" if failover else "next try now"
 
 
+def _room_lines(room: dict[str, Any]) -> list[str]:
+    """Each kind's room (gateway/outbox/room.py): alerts may use what local mail leaves."""
+    a, loc, u = room["alerts"], room["local"], room["unrouted"]
+    return [
+        f"room       {room['free']} of {room['max_messages']} free, alerts use {a['used']}",
+        f"           local mail {loc['used']} of {loc['limit']} ({loc['per_user_limit']} per user)",
+        f"           unrouted readings {u['used']} of {u['limit']}, kept for {_age(u['keep_s'])}",
+    ]
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -302,6 +323,8 @@ def render(r: dict[str, Any]) -> str:
         )
         lines.append(f"priority   {prios}")
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
+    if room := r.get("room"):
+        lines += _room_lines(room)
     if d["running"]:
         uplink = printable(r.get("uplink") or "unknown")
         if uplink in ("down", "auth_failed", "paused", "throttled") and r.get("next_probe_at"):

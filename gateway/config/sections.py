@@ -66,6 +66,12 @@ def outbox_section(t: Table) -> OutboxSection:
         # The writer sleeps up to this before a commit, and every ack waits for it; the
         # daemon takes a writer silent for 15 s as stuck.
         commit_interval=t.duration("commit_interval", 0.005, maximum=1),
+        # At most half: whatever local mail does, alerts keep at least the other half.
+        local_percent=t.integer("local_percent", 10, lo=1, hi=50),
+        local_user_percent=t.integer("local_user_percent", 25, lo=1, hi=100),
+        # 0: readings no route takes are watched (silence) and never kept.
+        unrouted_percent=t.integer("unrouted_percent", 10, lo=0, hi=100),
+        keep_unrouted=t.duration("keep_unrouted", 86400.0, minimum=1),
     )
     t.done()
     return section

@@ -48,6 +48,11 @@ class OutboxSection:
     allow_volatile: bool = False
     commit_batch: int = 1000
     commit_interval: float = 0.005
+    # Room by kind (gateway/outbox/room.py): alerts keep what local mail may not take.
+    local_percent: int = 10
+    local_user_percent: int = 25
+    unrouted_percent: int = 10
+    keep_unrouted: float = 86400
 
 
 @dataclass(frozen=True, slots=True)

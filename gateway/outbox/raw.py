@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gateway.alert import Alert
-from gateway.errors import OutboxFull
+from gateway.errors import LocalRoomFull, OutboxFull
 from gateway.outbox.faults import store_error
+from gateway.outbox.held import local_held
+from gateway.outbox.room import LOCAL_SHARE_FULL, local_refusal
 from gateway.outbox.rows import _alert_row, shard_table
 from gateway.outbox.store import Outbox, _BatchRows
 
@@ -53,11 +55,11 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
     commit and the unlink): nothing is added. A file whose name was stored before with
     other content (a writer that reuses a fixed name) is a different mail: it is stored
     under reused_name(), which a later pickup of the same file finds again. Raises
-    OutboxFull at the bound, or what store_error makes of a failing disk; then nothing
-    is stored.
+    LocalRoomFull when local mail, or this uid's, holds its whole share of the outbox
+    (gateway/outbox/room.py: alerts keep the rest), OutboxFull at the bound, or what
+    store_error makes of a failing disk; then nothing is stored.
     """
-    n = len(plan.routes) + (1 if plan.addresses else 0)
-    ob._check_bound(max(n, 1))
+    n = max(len(plan.routes) + (1 if plan.addresses else 0), 1)
     now = time.time()
     created: set[str] = set()
     try:
@@ -68,6 +70,10 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
                 raw = replace(raw, drop_name=reused_name(raw))
                 if _stored(c, raw, by_name_only=True):
                     return False
+            # After the look-up: a file stored before is recognised even when its
+            # user's share is full now, so it can leave the maildrop.
+            _check_share(ob, c, raw.uid, n)
+            ob._check_bound(n)
             row = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
             seq = int(row[0]) if row else 1
             rows = _BatchRows(next_seq=seq + 1)
@@ -102,6 +108,28 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
     ob._shards |= created
     ob.live += len(deliveries)
     return True
+
+
+def _check_share(ob: Outbox, c: sqlite3.Connection, uid: int, adding: int) -> None:
+    """Refuse local mail over its share. Counted in the transaction each time: local
+    mail is rare and its rows few, and `mailgw queue delete` may have made room."""
+    local, mine = local_held(c, uid)
+    why = local_refusal(ob.room, local, mine, adding)
+    if why is None:
+        return
+    room = ob.room
+    if why == LOCAL_SHARE_FULL:
+        text = (
+            f"local mail holds {local} of the {room.local_limit} messages it may "
+            f"(outbox.local_percent = {room.local_percent}% of max_messages); the rest is "
+            "kept for alerts"
+        )
+    else:
+        text = (
+            f"uid {uid} holds {mine} of the {room.user_limit} local messages one user may "
+            f"(outbox.local_user_percent = {room.local_user_percent}% of local mail's share)"
+        )
+    raise LocalRoomFull(why, text)
 
 
 def reused_name(raw: RawMessage) -> str:

@@ -107,9 +107,9 @@ def settle(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> in
     minutes, a broken session) tells its waiting publishers `deferred` with that reason,
     once, so that nobody waits in silence for as long as the pause lasts; how many."""
     told = [
-        (o, o.state.value if o.state in (State.SENT, State.DEAD) else "deferred")
+        (o, str(State(o.state)) if o.state in (State.SENT, State.DEAD) else "deferred")
         for o in outcomes
-        if o.state in (State.SENT, State.DEAD) or (o.state is State.QUEUED and o.error)
+        if o.state in (State.SENT, State.DEAD) or (o.state == State.QUEUED and o.error)
     ]
     if (
         not told

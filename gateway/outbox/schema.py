@@ -171,5 +171,11 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS delivery_sending ON delivery (alert_seq) WHERE state = 'sending';
     """,
+    # 10 → 11: unrouted readings by age, for their retention (outbox.keep_unrouted,
+    # gateway/outbox/room.py) and their count, without scanning every delivery.
+    """
+    CREATE INDEX IF NOT EXISTS delivery_unrouted ON delivery (updated_at)
+        WHERE state = 'unrouted';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

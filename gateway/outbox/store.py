@@ -10,16 +10,17 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gateway.clock import boot_id
 from gateway.config import Policy
 from gateway.errors import GatewayError, OutboxCorrupt, OutboxFull, StoreUnavailable, Unstorable
-from gateway.outbox import mqtt_pending, queue, receipts
+from gateway.outbox import held, mqtt_pending, queue, receipts
 from gateway.outbox.faults import is_corruption, sqlite_code, store_error, unstorable
-from gateway.outbox.model import LIVE_STATES, Claimed, Outcome, Routed
+from gateway.outbox.model import Claimed, Outcome, Routed
+from gateway.outbox.room import Held, Room, unrouted_room
 from gateway.outbox.rows import (
     _ALERT_COLS,
     _alert_row,
@@ -47,11 +48,16 @@ class _BatchRows:
     receipts: list[tuple[int, str, str, Any]] = field(default_factory=list)  # requests
     now: float = 0.0
     duplicates: list[str] = field(default_factory=list)
-    added: int = 0  # live deliveries added (storm control's included)
+    added: int = 0  # live deliveries added (storm control's included), readings not
     next_seq: int = 1
+    unrouted: int = 0  # unrouted readings kept
+    pruned: int = 0  # expired unrouted readings deleted to make room for these
+    tried_prune: bool = False
+    not_kept: list[str] = field(default_factory=list)  # ids of readings over their share
 
 
 RECOUNT_EVERY = 1.0
+_PRUNE_IN_ADD = 500  # expired readings deleted at most by one add() whose share is full
 _NO_KEYS: dict[str, str] = {}  # seconds between recounts of live rows while at the bound
 
 
@@ -67,9 +73,19 @@ class Outbox:
         boot: str | None = None,
         recover: bool = True,
         policies: Mapping[str, Policy] | None = None,
+        room: Room | None = None,
     ) -> None:
         self.path = Path(path)
-        self.max_messages = max_messages
+        # The shares of local mail and unrouted readings (gateway/outbox/room.py).
+        self.room = room or Room(max_messages)
+        # Unrouted readings kept now; `live` counts alerts and local mail only.
+        self.unrouted = 0
+        # The ids of readings the last add() acknowledged without keeping (the writer
+        # hands them to the sources' counters).
+        self.not_kept: list[str] = []
+        self._unrouted_full = False
+        self._unrouted_said = -1e9  # monotonic: when "keeps no more" was last said
+        self._unrouted_told = False  # and the "again" that ends it is still to say
         # Storm control by route name; replaced whole on reload (the writer reads it).
         self.policies: Mapping[str, Policy] = policies or {}
         self.boot = boot or boot_id()
@@ -89,7 +105,7 @@ class Outbox:
             self._migrate()
             if recover:  # only the daemon may: another process's `sending` rows are live
                 self._recover()
-            self.live = self._count_live()
+            self._recount()
         except sqlite3.Error as exc:
             self.conn.close()
             if not is_corruption(exc):
@@ -99,8 +115,17 @@ class Outbox:
             self._migrate()
             if recover:
                 self._recover()
-            self.live = self._count_live()
+            self._recount()
         self._recounted = time.monotonic()
+
+    @property
+    def max_messages(self) -> int:
+        return self.room.max_messages
+
+    @max_messages.setter
+    def max_messages(self, bound: int) -> None:
+        # The shares are of the bound: they follow it.
+        self.room = replace(self.room, max_messages=bound)
 
     # --- opening ---------------------------------------------------------
 
@@ -217,13 +242,12 @@ class Outbox:
                 alert_id,
             )
 
-    def _count_live(self) -> int:
-        marks = ",".join("?" * len(LIVE_STATES))
-        return int(
-            self.conn.execute(
-                f"SELECT count(*) FROM delivery WHERE state IN ({marks})", LIVE_STATES
-            ).fetchone()[0]
-        )
+    def _recount(self) -> Held:
+        """Count what is held by kind; `live` is what counts against max_messages."""
+        now = held.held(self.conn)
+        self.live = now.counted
+        self.unrouted = now.unrouted
+        return now
 
     def close(self) -> None:
         self.conn.close()
@@ -277,7 +301,9 @@ class Outbox:
         for r in () if checked else batch:
             if (why := unstorable(r)) is not None:
                 raise Unstorable(f"alert {r.alert.id}: {why}")
-        self._check_bound(sum(len(r.deliveries) or 1 for r in batch))
+        # Unrouted readings hold no room of the alerts' (their own share, in _rows).
+        if counted := sum(len(r.deliveries) for r in batch):
+            self._check_bound(counted)
         now = time.time() if now is None else now
         mono = time.monotonic() if mono is None else mono
         try:
@@ -294,7 +320,38 @@ class Outbox:
         # every later batch would insert into a table that is not there.
         self._shards |= created
         self.live += batch_rows.added
+        self.unrouted += batch_rows.unrouted - batch_rows.pruned
+        self.not_kept = batch_rows.not_kept
+        if batch_rows.not_kept:
+            self._say_unrouted_full(True)
+        elif batch_rows.unrouted and self.unrouted * 4 < self.room.unrouted_limit * 3:
+            self._say_unrouted_full(False)
         return batch_rows.duplicates
+
+    def _say_unrouted_full(self, full: bool) -> None:
+        """Once when readings stop being kept, once when their share is below three
+        quarters again; under a steady overload (expired readings make room now and
+        then) at most once an hour: the count in status says the rest."""
+        now = time.monotonic()
+        if full == self._unrouted_full:
+            return
+        self._unrouted_full = full
+        if full and now - self._unrouted_said > 3600:
+            self._unrouted_said = now
+            self._unrouted_told = True
+            log.warning(
+                "the outbox keeps no more unrouted readings: %d are kept, the share is "
+                "outbox.unrouted_percent = %d%% of max_messages, each kept for "
+                "outbox.keep_unrouted = %.0f s. New ones are still acknowledged and seen "
+                "by silence watchers, only not kept for `mailgw queue list` (counted as "
+                "unrouted_share_full); alerts are not affected",
+                self.unrouted,
+                self.room.unrouted_percent,
+                self.room.keep_unrouted,
+            )
+        elif not full and self._unrouted_told:
+            self._unrouted_told = False
+            log.info("the outbox keeps unrouted readings again")
 
     def _check_bound(self, new_deliveries: int) -> None:
         if (
@@ -304,7 +361,7 @@ class Outbox:
             # Another process (`mailgw queue delete`, `send`) may have changed the count.
             # At most once a second: the count scans the table, and while the outbox is
             # full every source retries; a recount per retry would starve the relay.
-            self.live = self._count_live()
+            self._recount()
             self._recounted = time.monotonic()
         if self.live + new_deliveries > self.max_messages:
             raise OutboxFull(
@@ -334,6 +391,11 @@ class Outbox:
                     out.duplicates.append(mk.name)
                     continue
                 out.pending[mk.mid] = (mk.mid, mk.digest, r.alert.id, mk.conn)
+            if not r.deliveries and not self._keep_unrouted(c, out, now):
+                # Acknowledged, and seen by the watchers (ingest's observers), not kept.
+                out.not_kept.append(r.alert.id)
+                out.marks.extend(r.marks)
+                continue
             out.alerts.setdefault(shard_table(seq), []).append((seq, *_alert_row(r.alert)))
             out.marks.extend(r.marks)
             storm_keys = dict(r.storm_keys) if r.storm_keys else _NO_KEYS
@@ -348,10 +410,25 @@ class Outbox:
                 out.receipts.extend((seq, rt, r.alert.id, r.receipt) for rt, _ in r.deliveries)
             if not r.deliveries:
                 out.deliveries.append((seq, "", "unrouted", int(r.alert.severity), now))
+                out.unrouted += 1
             seq += 1
         out.next_seq = seq
-        out.added += len(out.deliveries)
+        out.added += len(out.deliveries) - out.unrouted
         return out
+
+    def _keep_unrouted(self, c: sqlite3.Connection, out: _BatchRows, now: float) -> bool:
+        """Is there room to keep one more unrouted reading? When its share is full,
+        first delete those past outbox.keep_unrouted (at most once per batch)."""
+        held_now = self.unrouted + out.unrouted - out.pruned
+        if unrouted_room(self.room, held_now) > 0:
+            return True
+        if out.tried_prune or held_now == 0:
+            return False
+        out.tried_prune = True  # nothing more expires within one batch
+        # A bounded delete: this runs in the transaction that acknowledges alerts; the
+        # minute's housekeeping prune takes the rest.
+        out.pruned += held.prune_unrouted(c, now - self.room.keep_unrouted, _PRUNE_IN_ADD)
+        return unrouted_room(self.room, self.unrouted + out.unrouted - out.pruned) > 0
 
     def _write(self, c: sqlite3.Connection, rows: _BatchRows) -> set[str]:
         """Insert what `_rows` decided; the shard tables this created."""
@@ -436,11 +513,14 @@ class Outbox:
             return queue.release_all(c)
 
     def prune(self, older_than: float, limit: int = 500) -> int:
-        """Delete up to `limit` sent deliveries finished before `older_than` (wall time)."""
+        """Delete up to `limit` deliveries: sent ones finished before `older_than` (wall
+        time), then unrouted readings older than outbox.keep_unrouted."""
         with self.transaction() as c:
             n = queue.prune(c, older_than, limit)
+            gone = held.prune_unrouted(c, time.time() - self.room.keep_unrouted, limit - n)
         self._runs.forget()  # seen runs older than that went too
-        return n
+        self.unrouted -= gone
+        return n + gone
 
     def drop_free_shards(self) -> int:
         """Drop every full shard no delivery needs; rescue the few rows that pin one."""
@@ -451,4 +531,4 @@ class Outbox:
 
     def refresh_live(self) -> None:
         """Recount (another process, such as `mailgw send`, may have added rows)."""
-        self.live = self._count_live()
+        self._recount()

@@ -46,10 +46,13 @@ class Stored:
     duplicates: the seen keys of alerts skipped as already stored (retransmissions).
     rejected: index in the submitted batch → why that alert can never be stored; it was
     not stored, and its source acknowledges it as a counted rejection.
+    not_kept: the ids of unrouted readings acknowledged but not kept, their share of the
+    outbox being full (gateway/outbox/room.py); counted, and seen by the watchers.
     """
 
     duplicates: list[str]
     rejected: dict[int, str]
+    not_kept: frozenset[str] = frozenset()
 
 
 Done = Callable[[Stored | BaseException], None]
@@ -299,8 +302,9 @@ class Writer:
                 _notify(p, exc)
             return
         self._committed(len(combined))
+        not_kept = frozenset(self.outbox.not_kept) if combined else frozenset()
         for p_i, p in enumerate(pending):
-            _notify(p, Stored(duplicates, rejected.get(p_i, {})))
+            _notify(p, Stored(duplicates, rejected.get(p_i, {}), not_kept))
 
     def _committed(self, n: int) -> None:
         self._set_full(False)
