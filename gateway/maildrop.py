@@ -8,19 +8,32 @@ message with its envelope in one FULL transaction, then unlinks it. A crash betw
 the commit and the unlink is harmless: the outbox remembers the file's random name
 (raw_message.drop_name) and the next pickup only unlinks it.
 
-Who sent it is the file's owner, which the kernel sets and no caller can forge (under
-the unit's PrivateUsers=, users other than root and mailgw show as the overflow uid).
+Who sent it is the file's owner, which the kernel sets and no caller can forge (the
+unit has no PrivateUsers=, so this is the real uid: per-user limits depend on it).
 
 A file that can never become a mail (not a regular file, a link, too large, not our
-format, never completed within STALE) is moved to `rejected/` next to the maildrop
-with a log line and a counted rejection (status: maildrop_<why>); nothing is deleted,
-and one bad file never stops the pickup of the others. A store that fails (outbox
-full, disk trouble) leaves the file where it is for the next round: nothing is lost.
+format, never completed within STALE, naming an address outside sendmail.allow_to) is
+moved to `rejected/` next to the maildrop with a counted rejection (status:
+maildrop_<why>) and a log line, one per user and reason while it keeps happening;
+nothing is deleted, and one bad file never stops the pickup of the others. A store
+that fails (outbox full, disk trouble) leaves the file where it is for the next round:
+nothing is lost.
+
+Local mail is a guest (DESIGN.md, invariant 14): each user (uid) has a rate
+(sendmail.rate, gateway/maildrop_limits.py); a complete file over it waits in the
+spool, counted once (maildrop_over_rate), and is taken when the rate allows.
+
+The scan stays cheap whatever sits in the spool: the directory is listed again only
+when it changed (or every RELIST seconds), a file is looked at when it first appears,
+and an unfinished one again after a delay that doubles up to LOOK_MAX, at most
+MAX_LOOKS a round. STALE counts from the first sighting (or the file's mtime, if
+older), so touching a file never keeps it waiting longer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -35,6 +48,9 @@ from gateway.alert import Alert, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.etc_aliases import MAX_FILE, EtcAliases
+from gateway.etc_aliases import parse as parse_etc_aliases
+from gateway.maildrop_limits import Episodes, UserRate
 from gateway.maildrop_parse import (
     BadDrop,
     header_recipients,
@@ -46,18 +62,24 @@ from gateway.maildrop_parse import (
 from gateway.outbox import Outbox, raw
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
-from gateway.sendmail_drop import MAX_RCPTS, read_limit
+from gateway.sendmail_drop import ALLOW_FILE, MAX_RCPTS, allowed, read_published
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5
 STALE = 3600.0  # a file still unfinished after this long was abandoned by its writer
 LIMIT_FILE = ".max_size"
+RELIST = 5.0  # list an unchanged directory again after this long anyway
+# `sendmail` writes its file in one go: an unfinished one is looked at again after
+# LOOK_FIRST, then the delay doubles up to LOOK_MAX; at most MAX_LOOKS such looks a
+# round, so a user's 100,000 unfinished files cost others' mail nothing.
+LOOK_FIRST = 0.5
+LOOK_MAX = 30.0
+MAX_LOOKS = 1000
 
 
 def _owner_name(uid: int) -> str:
-    """The user name of a uid, or the number. Under the unit's PrivateUsers= every
-    user but root and mailgw reads as the overflow uid 65534, usually "nobody"."""
+    """The user name of a uid, or the number."""
     try:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):
@@ -65,9 +87,23 @@ def _owner_name(uid: int) -> str:
 
 
 class Rejected(Exception):
-    def __init__(self, kind: str, why: str) -> None:
+    def __init__(self, kind: str, why: str, uid: int = -1) -> None:
         super().__init__(why)
         self.kind = kind
+        self.uid = uid
+
+
+class _OverRate(Exception):
+    def __init__(self, uid: int) -> None:
+        super().__init__(uid)
+        self.uid = uid
+
+
+@dataclass(slots=True)
+class _Unfinished:
+    first: float  # wall time of the first sighting (or the file's mtime, if older)
+    due: float  # monotonic time of the next look
+    wait: float  # the delay after that look
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +131,26 @@ class Maildrop:
         self._missing_logged = False
         self._store_failing = False
         self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
+        self._names: list[str] = []
+        self._listed: tuple[int, int] | None = None  # the directory's (ino, mtime) then
+        self._listed_at = 0.0
+        self._unfinished: dict[str, _Unfinished] = {}
+        self._held: dict[str, int] = {}  # complete files over their user's rate → uid
+        self._rate = self._new_rate(config)
+        self._episodes = Episodes()
+        self._blocked: dict[str, tuple[int, int]] = {}  # published name → what is in the way
+        self._etc: tuple[tuple[int, int, int], EtcAliases] | None = None
+
+    @staticmethod
+    def _new_rate(config: Config) -> UserRate | None:
+        s = config.sendmail
+        return UserRate(s.rate[0], s.rate[1], s.burst) if s.rate else None
 
     def reload(self, config: Config) -> None:
+        old = self.config.sendmail
         self.config = config
+        if (old.rate, old.burst) != (config.sendmail.rate, config.sendmail.burst):
+            self._rate = self._new_rate(config)
 
     def close(self) -> None:
         pass
@@ -114,6 +167,7 @@ class Maildrop:
         """One round: every complete file stored or rejected; how many were stored."""
         names = await asyncio.to_thread(self._list)
         stored = 0
+        self._log_ended()
         for name in names:
             if name in self._stuck:
                 continue
@@ -121,6 +175,9 @@ class Maildrop:
                 picked = await asyncio.to_thread(self._read, name)
             except Rejected as rej:
                 await asyncio.to_thread(self._reject, name, rej)
+                continue
+            except _OverRate as over:
+                self._hold(name, over.uid)
                 continue
             if picked is None:
                 continue
@@ -148,7 +205,53 @@ class Maildrop:
             stored += 1
             self.picked += 1
             self._log_stored(picked)
+            self._caught_up(name, picked.message.uid)
         return stored
+
+    def _hold(self, name: str, uid: int) -> None:
+        if name in self._held:
+            return  # counted when it first waited
+        self._held[name] = uid
+        self.runtime.reject("maildrop_over_rate")
+        if self._episodes.happened(uid, "over_rate", time.monotonic()):
+            s = self.config.sendmail
+            assert s.rate is not None
+            log.warning(
+                "local mail from uid %d (%s) is over sendmail.rate (%d per %g s, burst %d): "
+                "its mails wait in %s and are taken as the rate allows; nothing is lost",
+                uid,
+                _owner_name(uid),
+                s.rate[0],
+                s.rate[1],
+                s.burst,
+                self.dir,
+            )
+
+    def _caught_up(self, name: str, uid: int) -> None:
+        if self._held.pop(name, None) is None or uid in self._held.values():
+            return
+        waited = self._episodes.end(uid, "over_rate")
+        log.info(
+            "local mail from uid %d (%s) caught up with sendmail.rate: %d mail(s) waited",
+            uid,
+            _owner_name(uid),
+            waited,
+        )
+
+    def _log_ended(self) -> None:
+        for uid, reason, count, length in self._episodes.ended(time.monotonic()):
+            if reason == "over_rate" or count <= 1:
+                continue  # over_rate ends when its mails are taken (_caught_up)
+            log.warning(
+                "%d maildrop file(s) from uid %d (%s) were rejected (%s) in %.0f s; the "
+                "first was logged, all are in %s",
+                count,
+                uid,
+                _owner_name(uid),
+                reason,
+                length,
+                self.rejected_dir,
+            )
 
     def _log_stored(self, p: Picked) -> None:
         where = [*p.plan.routes, *p.plan.addresses] or ["nowhere: unrouted, see mailgw queue"]
@@ -165,8 +268,9 @@ class Maildrop:
     # --- the thread side ----------------------------------------------------------
 
     def _list(self) -> list[str]:
+        """The names worth a look this round (see the module's docstring)."""
         try:
-            names = os.listdir(self.dir)
+            names = self._listing()
         except FileNotFoundError:
             if not self._missing_logged:
                 log.info(
@@ -177,20 +281,83 @@ class Maildrop:
                 self._missing_logged = True
             return []
         self._missing_logged = False
-        self._publish_limit()
-        return sorted(n for n in names if not n.startswith("."))
+        s = self.config.sendmail
+        self._publish(LIMIT_FILE, str(s.max_size).encode())
+        self._publish(ALLOW_FILE, "".join(f"{p}\n" for p in s.allow_to).encode())
+        mono = time.monotonic()
+        blocked = {uid for uid in set(self._held.values()) if not self._ready(uid, mono)}
+        out: list[str] = []
+        looks = 0
+        for n in names:
+            u = self._unfinished.get(n)
+            if u is not None:
+                if u.due > mono or looks >= MAX_LOOKS:
+                    continue
+                looks += 1
+            elif n in self._held:
+                if self._held[n] in blocked:
+                    continue  # waits for its user's rate: no syscall until a token is back
+                out.append(n)
+                continue
+            if self._worth_reading(n):
+                out.append(n)
+        return out
 
-    def _publish_limit(self) -> None:
-        """Tell `sendmail` the size limit, so it can refuse with an exit code."""
-        path = self.dir / LIMIT_FILE
-        want = str(self.config.sendmail.max_size).encode()
+    def _worth_reading(self, name: str) -> bool:
+        """False for a file still being written (looked at again later): told apart
+        here, in the listing's thread, so a spool full of them costs one lstat each
+        and no round trip to the event loop."""
+        try:
+            st = os.lstat(self.dir / name)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & stat.S_IRGRP:
+            return True
+        try:
+            self._not_yet(name, st.st_mtime, st.st_uid)
+        except Rejected:
+            return True  # stale: _read says so and moves it aside
+        return False
+
+    def _ready(self, uid: int, now: float) -> bool:
+        return self._rate is None or self._rate.ready(uid, now)
+
+    def _listing(self) -> list[str]:
+        """The spool's names, listed again only when the directory changed: a name
+        cannot appear without changing its mtime. Within a second of a change, and
+        every RELIST seconds, listed anyway (mtimes are coarser than the writes)."""
+        st = os.stat(self.dir)
+        key = (st.st_ino, st.st_mtime_ns)
+        mono, wall = time.monotonic(), time.time()
+        if key == self._listed and wall - st.st_mtime > 1.0 and mono - self._listed_at < RELIST:
+            return self._names
+        names = sorted(n for n in os.listdir(self.dir) if not n.startswith("."))
+        self._listed, self._listed_at = key, mono
+        self._names = names
+        present = set(names)
+        for memo in (self._unfinished, self._held):
+            for gone in [n for n in memo if n not in present]:
+                del memo[gone]
+        self._stuck &= present
+        return names
+
+    def _publish(self, name: str, want: bytes) -> None:
+        """Tell `sendmail` a limit, so it can refuse early with an exit code."""
+        path = self.dir / name
         # Only our own regular file counts (read without blocking or following links);
         # anything else a local user left there is replaced, atomically, below.
-        if read_limit(str(path), (os.geteuid(),)) == self.config.sendmail.max_size:
+        if read_published(str(path), (os.geteuid(),), len(want) + 1) == want:
             return
+        try:
+            st = os.lstat(path)
+            there = (st.st_ino, st.st_mtime_ns) if not stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            there = None
+        if there is not None and self._blocked.get(name) == there:
+            return  # the same thing is still in the way: said and counted once
         # A fresh random name, created exclusively: anyone may create files here, and a
         # file someone else made in advance must never become the published limit.
-        tmp = self.dir / f"{LIMIT_FILE}.{os.urandom(8).hex()}"
+        tmp = self.dir / f"{name}.{os.urandom(8).hex()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             try:
@@ -200,7 +367,22 @@ class Maildrop:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("cannot write %s (%s); sendmail uses its default limit", path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # never leave a temp file behind, round after round
+            if there is None:
+                log.warning("cannot write %s (%s); sendmail uses its defaults", path, exc)
+                return
+            self._blocked[name] = there
+            self.runtime.reject("maildrop_planted")
+            log.error(
+                "%s is not a file mailgw wrote (%s): sendmail cannot learn the limits "
+                "from it and uses its defaults (the daemon still applies them); remove "
+                "it (rm -r) and mailgw writes its own",
+                path,
+                exc.strerror,
+            )
+            return
+        self._blocked.pop(name, None)
 
     def _read(self, name: str) -> Picked | None:
         path = self.dir / name
@@ -208,39 +390,114 @@ class Maildrop:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
+        owner = st.st_uid
         if stat.S_ISLNK(st.st_mode):
-            raise Rejected("link", "a symbolic link")
+            raise Rejected("link", "a symbolic link", owner)
         if not stat.S_ISREG(st.st_mode):
-            raise Rejected("not_file", "not a regular file")
+            raise Rejected("not_file", "not a regular file", owner)
         if not st.st_mode & stat.S_IRGRP:  # its writer has not finished (gateway/sendmail.py)
-            if time.time() - st.st_mtime > STALE:
-                raise Rejected("incomplete", f"still unfinished after {STALE:.0f} s")
+            self._not_yet(name, st.st_mtime, owner)
             return None
+        self._unfinished.pop(name, None)
+        if self._rate is not None and not self._rate.take(owner, time.monotonic()):
+            raise _OverRate(owner)
         limit = self.config.sendmail.max_size
-        data, uid = self._read_bounded(path, limit)
+        try:
+            data, uid = self._read_bounded(path, limit)
+        except Rejected as rej:
+            rej.uid = owner
+            raise
         try:
             drop = parse_drop(data)
         except BadDrop as exc:
-            raise Rejected("malformed", str(exc)) from None
+            raise Rejected("malformed", str(exc), uid) from None
         if len(drop.message) > limit:
-            raise Rejected("too_large", f"{len(drop.message)} bytes, max_size is {limit}")
+            raise Rejected("too_large", f"{len(drop.message)} bytes, max_size is {limit}", uid)
         head, _ = split_message(drop.message)
         rcpts = list(drop.recipients)
         if drop.extract:
             try:
                 rcpts += header_recipients(head)
             except BadDrop as exc:
-                raise Rejected("malformed", str(exc)) from None
+                raise Rejected("malformed", str(exc), uid) from None
             rcpts = list(dict.fromkeys(rcpts))
             if len(rcpts) > MAX_RCPTS:
-                raise Rejected("malformed", f"{len(rcpts)} recipients (at most {MAX_RCPTS})")
-        where, problems = plan(rcpts, self.config.sendmail, self.config.gateway.default_route)
+                raise Rejected("malformed", f"{len(rcpts)} recipients (at most {MAX_RCPTS})", uid)
+        patterns = self.config.sendmail.allow_to
+        outside = [r for r in rcpts if "@" in r and not allowed(r, patterns)]
+        if outside:
+            raise Rejected(
+                "not_allowed",
+                f"{outside[0]!r} is outside sendmail.allow_to"
+                + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""),
+                uid,
+            )
+        where, problems = plan(
+            self._through_etc_aliases(rcpts),
+            self.config.sendmail,
+            self.config.gateway.default_route,
+        )
         return Picked(
             self._alert(drop.user, uid, subject(head), drop.fullname, len(drop.message)),
             raw.RawMessage(name, uid, drop.sender, tuple(rcpts), drop.message),
             where,
             tuple(problems),
         )
+
+    def _not_yet(self, name: str, mtime: float, uid: int) -> None:
+        mono, wall = time.monotonic(), time.time()
+        u = self._unfinished.get(name)
+        if u is None:
+            u = self._unfinished[name] = _Unfinished(min(wall, mtime), mono, LOOK_FIRST)
+        if wall - u.first > STALE:
+            raise Rejected("incomplete", f"still unfinished after {STALE:.0f} s", uid)
+        u.due = mono + u.wait
+        u.wait = min(LOOK_MAX, u.wait * 2)
+
+    def _through_etc_aliases(self, rcpts: list[str]) -> list[str]:
+        """Local names through /etc/aliases, unless [sendmail.aliases] names them
+        exactly (which wins; the order is in gateway/etc_aliases.py)."""
+        local = [r for r in rcpts if "@" not in r]
+        if not local:
+            return rcpts
+        etc = self._etc_aliases()
+        if not etc.table:
+            return rcpts
+        own = dict(self.config.sendmail.aliases)
+        out: list[str] = []
+        for r in rcpts or ["root"]:
+            name = r.strip().strip("<>").lower()
+            if "@" in r or name in own:
+                out.append(r)
+                continue
+            addresses, names = etc.expand(name)
+            out.extend(addresses)
+            out.extend(names)
+        return list(dict.fromkeys(out))
+
+    def _etc_aliases(self) -> EtcAliases:
+        path = self.config.sendmail.aliases_file
+        if path is None:
+            return EtcAliases()
+        try:
+            st = os.stat(path)
+        except OSError:
+            return EtcAliases()  # no /etc/aliases: [sendmail.aliases] alone
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._etc is not None and self._etc[0] == key:
+            return self._etc[1]
+        try:
+            with open(path, "rb") as f:
+                text = f.read(MAX_FILE).decode("utf-8", "replace")
+        except OSError as exc:
+            log.warning("cannot read %s (%s); local names go by [sendmail.aliases]", path, exc)
+            text = ""
+        etc = parse_etc_aliases(text)
+        for why in etc.skipped:
+            log.warning("%s: %s; left out", path, why)
+        log.info("read %d alias(es) from %s for local mail", len(etc.table), path)
+        self._etc = (key, etc)
+        return etc
 
     def _read_bounded(self, path: Path, limit: int) -> tuple[bytes, int]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -309,6 +566,9 @@ class Maildrop:
 
     def _reject(self, name: str, rej: Rejected) -> None:
         self.runtime.reject(f"maildrop_{rej.kind}")
+        self._unfinished.pop(name, None)
+        self._held.pop(name, None)
+        tell = self._episodes.happened(rej.uid, rej.kind, time.monotonic())
         try:
             self.rejected_dir.mkdir(mode=0o700, exist_ok=True)
             dest = self.rejected_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{name}"
@@ -322,9 +582,13 @@ class Maildrop:
             )
             self._stuck.add(name)
             return
-        log.error(
-            "maildrop file %s rejected: %s; moved to %s (nothing was queued from it)",
-            name,
-            rej,
-            dest,
-        )
+        if tell:  # the first of an episode; its count when it ends (_log_ended)
+            log.error(
+                "maildrop file %s from uid %d (%s) rejected: %s; moved to %s (nothing "
+                "was queued from it)",
+                name,
+                rej.uid,
+                _owner_name(rej.uid),
+                rej,
+                dest,
+            )
