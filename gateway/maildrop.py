@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import pwd
 import stat
@@ -138,6 +139,9 @@ class Maildrop:
         self._held: dict[str, int] = {}  # complete files over their user's rate → uid
         self._rate = self._new_rate(config)
         self._episodes = Episodes()
+        # A user over the rate is one episode from the first mail held to the last
+        # taken, however long that is: never closed by quiet, only by _caught_up.
+        self._over = Episodes(quiet=math.inf)
         self._blocked: dict[str, tuple[int, int]] = {}  # published name → what is in the way
         self._etc: tuple[tuple[int, int, int], EtcAliases] | None = None
 
@@ -213,16 +217,16 @@ class Maildrop:
             return  # counted when it first waited
         self._held[name] = uid
         self.runtime.reject("maildrop_over_rate")
-        if self._episodes.happened(uid, "over_rate", time.monotonic()):
+        if self._over.happened(uid, "over_rate", time.monotonic()):
             s = self.config.sendmail
-            assert s.rate is not None
+            count, period = s.rate or (0, 0.0)
             log.warning(
                 "local mail from uid %d (%s) is over sendmail.rate (%d per %g s, burst %d): "
                 "its mails wait in %s and are taken as the rate allows; nothing is lost",
                 uid,
                 _owner_name(uid),
-                s.rate[0],
-                s.rate[1],
+                count,
+                period,
                 s.burst,
                 self.dir,
             )
@@ -230,7 +234,7 @@ class Maildrop:
     def _caught_up(self, name: str, uid: int) -> None:
         if self._held.pop(name, None) is None or uid in self._held.values():
             return
-        waited = self._episodes.end(uid, "over_rate")
+        waited = self._over.end(uid, "over_rate")
         log.info(
             "local mail from uid %d (%s) caught up with sendmail.rate: %d mail(s) waited",
             uid,
@@ -240,8 +244,8 @@ class Maildrop:
 
     def _log_ended(self) -> None:
         for uid, reason, count, length in self._episodes.ended(time.monotonic()):
-            if reason == "over_rate" or count <= 1:
-                continue  # over_rate ends when its mails are taken (_caught_up)
+            if count <= 1:
+                continue  # the one was logged when it happened
             log.warning(
                 "%d maildrop file(s) from uid %d (%s) were rejected (%s) in %.0f s; the "
                 "first was logged, all are in %s",
@@ -338,6 +342,7 @@ class Maildrop:
         for memo in (self._unfinished, self._held):
             for gone in [n for n in memo if n not in present]:
                 del memo[gone]
+        self._over.keep_only(set(self._held.values()))  # a user who removed theirs
         self._stuck &= present
         return names
 

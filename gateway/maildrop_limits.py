@@ -103,3 +103,8 @@ class Episodes:
         """Close an episode at once (the condition is known to be over); its count."""
         ep = self._open.pop((uid, reason), None)
         return 0 if ep is None else ep.count
+
+    def keep_only(self, uids: set[int]) -> None:
+        """Forget the episodes of every other uid (their cause is gone)."""
+        for key in [k for k in self._open if k[0] not in uids]:
+            del self._open[key]

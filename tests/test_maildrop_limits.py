@@ -183,3 +183,13 @@ def test_the_defaults_and_off(tmp_path: Path) -> None:
     cfg.write_text(BASE.format(pw=pw) + 'rate = "off"\nallow_to = ["*@Example.com"]\n')
     s = load(cfg).sendmail
     assert s.rate is None and s.allow_to == ("*@example.com",)
+
+
+def test_episodes_of_users_whose_cause_is_gone_are_forgotten() -> None:
+    ep = Episodes(quiet=float("inf"))
+    assert ep.happened(1, "over_rate", 0.0)
+    assert ep.happened(2, "over_rate", 0.0)
+    ep.keep_only({2})
+    assert ep.happened(1, "over_rate", 5.0)  # a new episode: logged again
+    assert not ep.happened(2, "over_rate", 5.0)
+    assert ep.ended(1e9) == []  # never closed by quiet

@@ -251,3 +251,19 @@ def test_mailq_as_a_user_says_to_use_sudo_and_as_root_shows_why_mail_waits(
     assert out.splitlines()[0].split() == ["Queue", "ID", "Size", "State", "Route", "Sender"]
     assert "-- 1 message(s) waiting" in out
     gw.terminate()
+
+
+def test_sendmail_bs_refuses_an_address_outside_the_published_allow_list(spool: Path) -> None:
+    (spool / ".allow_to").write_text("*@example.com\n")  # as the daemon publishes it
+    session = (
+        b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<m@evil.example.org>\r\n"
+        b"RCPT TO:<ops@example.com>\r\nQUIT\r\n"
+    )
+    r = subprocess.run(
+        [SYSTEM_PYTHON, "-m", "gateway.sendmail", "-bs"],
+        input=session,
+        capture_output=True,
+        env={"PYTHONPATH": str(client()), "MAILGW_MAILDROP": str(spool), "PATH": "/usr/bin"},
+    )
+    codes = [line[:3] for line in r.stdout.splitlines()]
+    assert codes == [b"220", b"250", b"250", b"550", b"250", b"221"], r.stdout
