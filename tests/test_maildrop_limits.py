@@ -193,3 +193,42 @@ def test_episodes_of_users_whose_cause_is_gone_are_forgotten() -> None:
     assert ep.happened(1, "over_rate", 5.0)  # a new episode: logged again
     assert not ep.happened(2, "over_rate", 5.0)
     assert ep.ended(1e9) == []  # never closed by quiet
+
+
+def test_touching_an_unfinished_file_does_not_reset_its_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STALE counts from the first sighting: a writer that keeps touching its
+    unfinished file is still moved aside when the time is up (here 1 s, not 1 h)."""
+    import asyncio
+    import os
+
+    from gateway import maildrop
+    from gateway.config import parse
+    from gateway.runtime import Runtime
+
+    monkeypatch.setattr(maildrop, "STALE", 1.0)
+    monkeypatch.setattr(maildrop, "LOOK_MAX", 0.2, raising=False)
+    drop = tmp_path / "maildrop"
+    drop.mkdir()
+    cfg = parse(
+        '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
+        f'[sendmail]\nmaildrop = "{drop}"\n'
+    )
+    runtime = Runtime()
+    m = maildrop.Maildrop(cfg, None, runtime)  # type: ignore[arg-type]  # nothing is stored
+    unfinished = drop / "0123456789abcdef"
+    unfinished.write_bytes(b"MAILGW-DROP 1\n")
+    unfinished.chmod(0o600)
+
+    async def rounds() -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while runtime.rejected["maildrop_incomplete"] == 0:
+            assert asyncio.get_running_loop().time() < deadline, "never moved aside"
+            os.utime(unfinished)  # the writer touches it, again and again
+            await m.scan()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(rounds())
+    assert not unfinished.exists()
+    assert len(list((tmp_path / "rejected").iterdir())) == 1
