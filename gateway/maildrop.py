@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -70,13 +72,13 @@ log = logging.getLogger(__name__)
 POLL = 0.5
 STALE = 3600.0  # a file still unfinished after this long was abandoned by its writer
 LIMIT_FILE = ".max_size"
-RELIST = 5.0  # list an unchanged directory again after this long anyway
+RELIST = 60.0  # list an unchanged directory again after this long anyway
 # `sendmail` writes its file in one go: an unfinished one is looked at again after
 # LOOK_FIRST, then the delay doubles up to LOOK_MAX; at most MAX_LOOKS such looks a
 # round, so a user's 100,000 unfinished files cost others' mail nothing.
 LOOK_FIRST = 0.5
-LOOK_MAX = 30.0
-MAX_LOOKS = 1000
+LOOK_MAX = 300.0
+MAX_LOOKS = 200
 
 
 def _owner_name(uid: int) -> str:
@@ -132,11 +134,14 @@ class Maildrop:
         self._missing_logged = False
         self._store_failing = False
         self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
-        self._names: list[str] = []
+        self._known: set[str] = set()  # every name of the last listing
         self._listed: tuple[int, int] | None = None  # the directory's (ino, mtime) then
         self._listed_at = 0.0
+        self._again: set[str] = set()  # complete, not taken yet (a store that failed)
         self._unfinished: dict[str, _Unfinished] = {}
+        self._looks: list[tuple[float, str]] = []  # (due, name) of unfinished files, a heap
         self._held: dict[str, int] = {}  # complete files over their user's rate → uid
+        self._held_by: dict[int, dict[str, None]] = {}  # uid → its held names, oldest first
         self._rate = self._new_rate(config)
         self._episodes = Episodes()
         # A user over the rate is one episode from the first mail held to the last
@@ -172,7 +177,7 @@ class Maildrop:
         names = await asyncio.to_thread(self._list)
         stored = 0
         self._log_ended()
-        for name in names:
+        for i, name in enumerate(names):
             if name in self._stuck:
                 continue
             try:
@@ -196,6 +201,7 @@ class Maildrop:
                         self.dir,
                     )
                 self._store_failing = True
+                self._again.update(n for n in names[i:] if n not in self._held)
                 return stored
             self._store_failing = False
             await asyncio.to_thread(self._unlink, name)
@@ -216,6 +222,7 @@ class Maildrop:
         if name in self._held:
             return  # counted when it first waited
         self._held[name] = uid
+        self._held_by.setdefault(uid, {})[name] = None
         self.runtime.reject("maildrop_over_rate")
         if self._over.happened(uid, "over_rate", time.monotonic()):
             s = self.config.sendmail
@@ -231,8 +238,17 @@ class Maildrop:
                 self.dir,
             )
 
+    def _unhold(self, name: str) -> int | None:
+        uid = self._held.pop(name, None)
+        if uid is not None:
+            mine = self._held_by[uid]
+            del mine[name]
+            if not mine:
+                del self._held_by[uid]
+        return uid
+
     def _caught_up(self, name: str, uid: int) -> None:
-        if self._held.pop(name, None) is None or uid in self._held.values():
+        if self._unhold(name) is None or uid in self._held_by:
             return
         waited = self._over.end(uid, "over_rate")
         log.info(
@@ -289,20 +305,20 @@ class Maildrop:
         self._publish(LIMIT_FILE, str(s.max_size).encode())
         self._publish(ALLOW_FILE, "".join(f"{p}\n" for p in s.allow_to).encode())
         mono = time.monotonic()
-        blocked = {uid for uid in set(self._held.values()) if not self._ready(uid, mono)}
-        out: list[str] = []
+        out = [n for n in names if self._worth_reading(n)]  # new names, and retries
+        # Held files of users with tokens again: as many as they may send now, so a
+        # user's 100,000 held files cost nothing while their bucket is empty.
+        for uid, mine in self._held_by.items():
+            k = len(mine) if self._rate is None else self._rate.available(uid, mono)
+            out.extend(itertools.islice(mine, k))
+        # Unfinished files whose next look is due, the earliest first, MAX_LOOKS a round.
         looks = 0
-        for n in names:
+        while self._looks and self._looks[0][0] <= mono and looks < MAX_LOOKS:
+            due, n = heapq.heappop(self._looks)
             u = self._unfinished.get(n)
-            if u is not None:
-                if u.due > mono or looks >= MAX_LOOKS:
-                    continue
-                looks += 1
-            elif n in self._held:
-                if self._held[n] in blocked:
-                    continue  # waits for its user's rate: no syscall until a token is back
-                out.append(n)
-                continue
+            if u is None or u.due != due:
+                continue  # gone, or a later look was planned since
+            looks += 1
             if self._worth_reading(n):
                 out.append(n)
         return out
@@ -314,6 +330,7 @@ class Maildrop:
         try:
             st = os.lstat(self.dir / name)
         except FileNotFoundError:
+            self._known.discard(name)
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_mode & stat.S_IRGRP:
             return True
@@ -323,28 +340,29 @@ class Maildrop:
             return True  # stale: _read says so and moves it aside
         return False
 
-    def _ready(self, uid: int, now: float) -> bool:
-        return self._rate is None or self._rate.ready(uid, now)
-
     def _listing(self) -> list[str]:
-        """The spool's names, listed again only when the directory changed: a name
-        cannot appear without changing its mtime. Within a second of a change, and
-        every RELIST seconds, listed anyway (mtimes are coarser than the writes)."""
+        """The names to look at for the first time (and those to look at again after
+        a store failed). The spool is listed again only when the directory changed: a
+        name cannot appear without changing its mtime. Within a second of a change,
+        and every RELIST seconds, listed anyway (mtimes are coarser than the writes)."""
         st = os.stat(self.dir)
         key = (st.st_ino, st.st_mtime_ns)
         mono, wall = time.monotonic(), time.time()
+        again = sorted(self._again)
+        self._again.clear()
         if key == self._listed and wall - st.st_mtime > 1.0 and mono - self._listed_at < RELIST:
-            return self._names
-        names = sorted(n for n in os.listdir(self.dir) if not n.startswith("."))
+            return again
+        present = {n for n in os.listdir(self.dir) if not n.startswith(".")}
         self._listed, self._listed_at = key, mono
-        self._names = names
-        present = set(names)
-        for memo in (self._unfinished, self._held):
-            for gone in [n for n in memo if n not in present]:
-                del memo[gone]
-        self._over.keep_only(set(self._held.values()))  # a user who removed theirs
-        self._stuck &= present
-        return names
+        new = sorted(present - self._known)
+        gone = self._known - present
+        self._known = present
+        for n in gone:
+            self._unfinished.pop(n, None)
+            self._unhold(n)
+            self._stuck.discard(n)
+        self._over.keep_only(set(self._held_by))  # a user who removed theirs
+        return sorted(set(again) | set(new))
 
     def _publish(self, name: str, want: bytes) -> None:
         """Tell `sendmail` a limit, so it can refuse early with an exit code."""
@@ -394,6 +412,7 @@ class Maildrop:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            self._known.discard(name)
             return None
         owner = st.st_uid
         if stat.S_ISLNK(st.st_mode):
@@ -458,6 +477,7 @@ class Maildrop:
             raise Rejected("incomplete", f"still unfinished after {STALE:.0f} s", uid)
         u.due = mono + u.wait
         u.wait = min(LOOK_MAX, u.wait * 2)
+        heapq.heappush(self._looks, (u.due, name))
 
     def _through_etc_aliases(self, rcpts: list[str]) -> list[str]:
         """Local names through /etc/aliases, unless [sendmail.aliases] names them
@@ -554,6 +574,8 @@ class Maildrop:
         )
 
     def _unlink(self, name: str) -> None:
+        # Forgotten: the same name made again later is a new file (listed as new).
+        self._known.discard(name)
         try:
             os.unlink(self.dir / name)
         except FileNotFoundError:
@@ -572,7 +594,8 @@ class Maildrop:
     def _reject(self, name: str, rej: Rejected) -> None:
         self.runtime.reject(f"maildrop_{rej.kind}")
         self._unfinished.pop(name, None)
-        self._held.pop(name, None)
+        self._unhold(name)
+        self._known.discard(name)
         tell = self._episodes.happened(rej.uid, rej.kind, time.monotonic())
         try:
             self.rejected_dir.mkdir(mode=0o700, exist_ok=True)

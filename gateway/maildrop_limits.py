@@ -52,6 +52,10 @@ class UserRate:
         """Whether a take would succeed, without taking."""
         return self._refilled(uid, now).tokens >= 1.0
 
+    def available(self, uid: int, now: float) -> int:
+        """How many a uid may send now, without taking them."""
+        return int(self._refilled(uid, now).tokens)
+
     def take(self, uid: int, now: float) -> bool:
         b = self._refilled(uid, now)
         if b.tokens < 1.0:

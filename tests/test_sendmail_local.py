@@ -178,7 +178,7 @@ def test_a_hundred_thousand_unfinished_files_neither_delay_others_nor_burn_a_cor
             time.sleep(0.5)
         cpu = (_cpu_seconds(gw.proc.pid) - before) / (time.monotonic() - t0)
         print(f"daemon CPU beside them: {cpu:.0%} of a core")
-        assert cpu < 0.25
+        assert cpu < 0.15
         assert len(spooled(spool)) == 100_000  # unfinished: untouched, not yet stale
         gw.terminate()
 
