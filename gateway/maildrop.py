@@ -174,7 +174,9 @@ class Maildrop:
 
     async def scan(self) -> int:
         """One round: every complete file stored or rejected; how many were stored."""
-        names = await asyncio.to_thread(self._list)
+        names, over = await asyncio.to_thread(self._list)
+        for name, uid in over:
+            self._hold(name, uid)
         stored = 0
         self._log_ended()
         for i, name in enumerate(names):
@@ -287,8 +289,9 @@ class Maildrop:
 
     # --- the thread side ----------------------------------------------------------
 
-    def _list(self) -> list[str]:
-        """The names worth a look this round (see the module's docstring)."""
+    def _list(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """The names worth reading this round (see the module's docstring), and the
+        complete files found over their user's rate (held without being read)."""
         try:
             names = self._listing()
         except FileNotFoundError:
@@ -299,18 +302,40 @@ class Maildrop:
                     self.dir,
                 )
                 self._missing_logged = True
-            return []
+            return [], []
         self._missing_logged = False
         s = self.config.sendmail
         self._publish(LIMIT_FILE, str(s.max_size).encode())
         self._publish(ALLOW_FILE, "".join(f"{p}\n" for p in s.allow_to).encode())
         mono = time.monotonic()
-        out = [n for n in names if self._worth_reading(n)]  # new names, and retries
-        # Held files of users with tokens again: as many as they may send now, so a
-        # user's 100,000 held files cost nothing while their bucket is empty.
+        out: list[str] = []
+        over: list[tuple[str, int]] = []
+        # What each user may still send this round: a user's flood of complete files
+        # is held here, one lstat each, not read one by one ahead of others' mail.
+        budget: dict[int, int] = {}
+
+        def consider(n: str) -> None:
+            uid = self._peek(n)
+            if uid is None:
+                return
+            if uid >= 0 and self._rate is not None:
+                left = budget.setdefault(uid, self._rate.available(uid, mono))
+                if left <= 0:
+                    over.append((n, uid))
+                    return
+                budget[uid] = left - 1
+            out.append(n)
+
+        # Held files first (they are older) for users with tokens again: as many as
+        # they may send now, so a user's 100,000 held files cost nothing while their
+        # bucket is empty.
         for uid, mine in self._held_by.items():
-            k = len(mine) if self._rate is None else self._rate.available(uid, mono)
-            out.extend(itertools.islice(mine, k))
+            left = len(mine) if self._rate is None else self._rate.available(uid, mono)
+            take = list(itertools.islice(mine, max(0, left)))
+            budget[uid] = left - len(take)
+            out.extend(take)
+        for n in names:  # new names, and retries
+            consider(n)
         # Unfinished files whose next look is due, the earliest first, MAX_LOOKS a round.
         looks = 0
         while self._looks and self._looks[0][0] <= mono and looks < MAX_LOOKS:
@@ -319,26 +344,28 @@ class Maildrop:
             if u is None or u.due != due:
                 continue  # gone, or a later look was planned since
             looks += 1
-            if self._worth_reading(n):
-                out.append(n)
-        return out
+            consider(n)
+        return out, over
 
-    def _worth_reading(self, name: str) -> bool:
-        """False for a file still being written (looked at again later): told apart
-        here, in the listing's thread, so a spool full of them costs one lstat each
-        and no round trip to the event loop."""
+    def _peek(self, name: str) -> int | None:
+        """None for a file still being written (looked at again later) or gone: told
+        apart here, in the listing's thread, so a spool full of them costs one lstat
+        each and no round trip to the event loop. Else its owner, or -1 for what is
+        not a complete regular file (read to be rejected, whoever made it)."""
         try:
             st = os.lstat(self.dir / name)
         except FileNotFoundError:
             self._known.discard(name)
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & stat.S_IRGRP:
-            return True
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return -1
+        if st.st_mode & stat.S_IRGRP:
+            return st.st_uid
         try:
             self._not_yet(name, st.st_mtime, st.st_uid)
         except Rejected:
-            return True  # stale: _read says so and moves it aside
-        return False
+            return -1  # stale: _read says so and moves it aside
+        return None
 
     def _listing(self) -> list[str]:
         """The names to look at for the first time (and those to look at again after

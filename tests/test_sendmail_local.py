@@ -183,6 +183,37 @@ def test_a_hundred_thousand_unfinished_files_neither_delay_others_nor_burn_a_cor
         gw.terminate()
 
 
+def test_a_flood_of_complete_files_is_held_without_delaying_another_user(
+    tmp_path: Path, pki: Pki, spool: Path
+) -> None:
+    flood = 20_000
+    body = b"MAILGW-DROP 1\nU nobody\nF \nN \nR root\n\nSubject: flood\n\nx\n"
+    for i in range(flood):
+        fd = os.open(spool / f"{i:032x}", os.O_WRONLY | os.O_CREAT, 0o640)
+        os.write(fd, body)
+        os.fchown(fd, 65534, 65534)
+        os.close(fd)
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp.port, spool), tmp_path / "d.log").start()
+        gw.wait_ready()
+        start = time.monotonic()
+        r = sendmail(spool, ["-i", "root"], b"Subject: others\n\nx\n", user="daemon")
+        assert r.returncode == 0, r.stderr
+        wait_for(
+            lambda: any(m.message["Subject"] == "others" for m in smtp.received),
+            timeout=30,
+            what="the other user's mail",
+        )
+        took = time.monotonic() - start
+        print(f"\nanother user's mail arrived in {took:.1f} s beside {flood} held files")
+        assert took < 8
+        # The default rate (20/min, burst 20): the rest waits, each counted once.
+        wait_for(lambda: rejected(gw, "maildrop_over_rate") == flood - 20, what="the flood held")
+        assert len(spooled(spool)) == flood - 20
+        assert gw.log_text().count("is over sendmail.rate") == 1
+        gw.terminate()
+
+
 def test_etc_aliases_names_go_where_the_file_says_and_the_config_wins(
     tmp_path: Path, pki: Pki, spool: Path
 ) -> None:
