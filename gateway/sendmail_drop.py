@@ -171,7 +171,7 @@ def header_addresses(message: bytes, cap: int) -> list[str] | None:
         name, sep, value = f.partition(":")
         if not sep or name.strip().lower() not in ("to", "cc", "bcc"):
             continue
-        for item in _split_list(value):
+        for item in _split_list(value, cap + 1 - len(found)):
             lt, gt = item.rfind("<"), item.rfind(">")
             addr = item[lt + 1 : gt] if 0 <= lt < gt else item
             addr = addr.strip()
@@ -186,7 +186,8 @@ def header_addresses(message: bytes, cap: int) -> list[str] | None:
     return found
 
 
-def _split_list(value: str) -> list[str]:
+def _split_list(value: str, most: int) -> list[str]:
+    """The comma-separated items of an address list; stops after `most` of them."""
     items: list[str] = []
     cur: list[str] = []
     quoted = False
@@ -213,7 +214,10 @@ def _split_list(value: str) -> list[str]:
         elif c == ">":
             angle = False
         elif c == "," and not angle:
-            items.append("".join(cur))
+            if "".join(cur).strip():
+                items.append("".join(cur))
+                if len(items) >= most:
+                    return [i.strip() for i in items]
             cur = []
             continue
         if not depth and c != ")":
