@@ -21,9 +21,13 @@ import sys
 from gateway.sendmail_drop import (
     MAX_RCPTS,
     Invocation,
+    SpoolBroken,
     _clean,
+    allow_to,
+    allowed,
     drop,
     envelope,
+    header_addresses,
     max_size,
     user,
 )
@@ -39,6 +43,7 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 
 # Options that take a value, attached (-fuser) or as the next argument (-f user); the
 # union of sendmail's and Postfix's. Every other letter is a flag; unknown ones are
@@ -159,8 +164,29 @@ def deliver(inv: Invocation, stdin: object, maildrop: str) -> int:
     if not data.strip():  # the daemon would refuse it: say so now, with an exit code
         _say("message refused: it is empty (nothing on standard input); nothing was queued")
         return EX_DATAERR
+    rcpts = list(inv.recipients)
+    if inv.extract:
+        found = header_addresses(data, MAX_RCPTS)
+        rcpts = list(dict.fromkeys(rcpts + (found or [])))
+        if found is None or len(rcpts) > MAX_RCPTS:
+            _say(
+                f"message refused: more than {MAX_RCPTS} recipients in its To, Cc and Bcc "
+                "with -t; split the list or use an alias; nothing was queued"
+            )
+            return EX_DATAERR
+    patterns = allow_to(maildrop)
+    outside = [r for r in rcpts if "@" in r and not allowed(r, patterns)]
+    if outside:
+        _say(
+            f"message refused: {outside[0]} is not an address local mail may go to "
+            "([sendmail] allow_to in /etc/mailgw/gateway.toml); nothing was queued"
+        )
+        return EX_NOPERM
     try:
         drop(maildrop, envelope(inv, user()) + data)
+    except SpoolBroken as exc:
+        _say(f"{exc}; nothing was queued (ask the administrator to reinstall mailgw-sendmail)")
+        return EX_CANTCREAT
     except FileNotFoundError:
         _say(f"{maildrop} does not exist; is mailgw installed? Nothing was queued")
         return EX_UNAVAILABLE
@@ -182,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if inv.mode == "m":
         return deliver(inv, stdin, maildrop)
     if inv.mode == "i":
-        return EX_OK  # newaliases: the alias table is [sendmail] aliases, read at start
+        # Nothing to build: the daemon reads /etc/aliases as it is at each pickup.
+        sys.stdout.write(
+            "newaliases: nothing to do: mailgw reads /etc/aliases as it is when it picks "
+            "up each mail (and [sendmail.aliases] in /etc/mailgw/gateway.toml, which wins)\n"
+        )
+        return EX_OK
     if inv.mode == "s":
         from gateway.sendmail_smtp import serve
 

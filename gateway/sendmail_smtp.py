@@ -15,6 +15,8 @@ from gateway.sendmail_drop import (
     MAX_ARG,
     MAX_RCPTS,
     Invocation,
+    allow_to,
+    allowed,
     drop,
     envelope,
     has_controls,
@@ -43,6 +45,7 @@ def _bad(addr: str) -> bool:
 
 def serve(inv: Invocation, stdin: BinaryIO, stdout: BinaryIO, maildrop: str) -> int:
     limit = max_size(maildrop)
+    patterns = allow_to(maildrop)  # the daemon refuses the rest at pickup: say it here
 
     def reply(text: str) -> None:
         stdout.write(text.encode() + b"\r\n")
@@ -73,6 +76,8 @@ def serve(inv: Invocation, stdin: BinaryIO, stdout: BinaryIO, maildrop: str) -> 
         elif verb == "RCPT" and sender is not None and (a := _addr(cmd[4:], " TO")):
             if _bad(a):
                 reply(_BAD_ADDRESS)
+            elif "@" in a and not allowed(a, patterns):
+                reply("550 5.7.1 Not an address local mail may go to ([sendmail] allow_to)")
             elif len(rcpts) >= MAX_RCPTS:
                 reply(f"452 4.5.3 Too many recipients (at most {MAX_RCPTS} per message)")
             else:

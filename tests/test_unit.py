@@ -26,11 +26,11 @@ def test_exposure_score_at_most_1_5() -> None:
     assert m is not None, r.stdout[-2000:] + r.stderr
     score = float(m.group(1))
     print(f"systemd-analyze security: {score}")
-    assert score <= 1.3  # tests/system checks the daemon still works under it
+    assert score <= 1.5  # tests/system checks the daemon still works under it
     # The same, as the threshold systemd-analyze itself enforces (0-100 scale).
     assert (
         subprocess.run(
-            [analyze, "security", "--offline=yes", "--threshold=13", str(UNIT)], capture_output=True
+            [analyze, "security", "--offline=yes", "--threshold=15", str(UNIT)], capture_output=True
         ).returncode
         == 0
     )
@@ -57,3 +57,17 @@ def test_verify_would_catch_a_typo(tmp_path: Path) -> None:
     unit.write_text(text.replace("ProtectHome=yes", "ProtectHome=yes\nProtectHomme=yes"))
     r = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
     assert "Unknown key" in r.stderr
+
+
+def test_the_daemon_sees_the_real_uid_of_local_mail() -> None:
+    """Local mail's per-user limits and X-Mailgw-Submitted-By need each maildrop file's
+    real owner: a private user namespace would show every user but root and mailgw as
+    the overflow uid 65534, so the unit must not ask for one."""
+    settings = [
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if line and not line.startswith("#") and "=" in line
+    ]
+    assert [v for k, v in settings if k == "PrivateUsers"] == []
+    assert ("User", "mailgw") in [(k, v) for k, v in settings]
+    assert ("CapabilityBoundingSet", "") in [(k, v) for k, v in settings]

@@ -5,7 +5,8 @@ and a simulated serial device on a pty. While MQTT and serial alerts stream in, 
 are injected at random moments from a seeded RNG (the seed is printed; rerun with
 MAILGW_CHAOS_SEED=N): kill -9 of the gateway, smarthost outages, 4xx bursts, broker
 restarts, the serial port vanishing, the outbox reaching its bound (an outage long
-enough to fill outbox.max_messages), and the disk filling up (the state directory is a
+enough to fill outbox.max_messages), a local user flooding `sendmail` (held to its
+rate, never in the alerts' way), and the disk filling up (the state directory is a
 32 MiB tmpfs, filled to the last byte by a ballast file; skipped, with the reason
 printed, where a tmpfs cannot be mounted). At the end every alert its sender saw
 acknowledged (broker PUBACK for MQTT, `$ACK` for serial) must have reached the
@@ -34,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from firmware_bridge.device import Device
+from gateway.sendmail_drop import Invocation, drop, envelope
 from tests.parts import (
     OPS_ROUTE,
     DaemonProcess,
@@ -52,6 +54,8 @@ pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto no
 
 
 MAX_MESSAGES = 400
+LOCAL_RATE = (30, 60.0)  # [sendmail] rate for the local flood: 30/min
+LOCAL_BURST = 10
 
 
 def small_filesystem(path: Path, stack: contextlib.ExitStack) -> bool:
@@ -120,6 +124,9 @@ def _chaos(
     stack.callback(pty.close)
     pw = write_password(tmp_path / "pw")
     small = small_filesystem(tmp_path / "state", stack)
+    spool = tmp_path / "spool" / "maildrop"
+    spool.mkdir(parents=True)
+    spool.chmod(0o3733)
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
         gateway_toml(tmp_path, "chaos")
@@ -133,7 +140,11 @@ def _chaos(
         f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
         'timeout = "2s"\nmin_backoff = "1s"\nmax_backoff = "2s"\nprobe_max = "2s"\n'
         f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
-        f'[[serial]]\nport = "{pty.link}"\nname = "chaos"\n' + OPS_ROUTE + 'subject = "{message}"\n'
+        f'[[serial]]\nport = "{pty.link}"\nname = "chaos"\n'
+        f'[sendmail]\nmaildrop = "{spool}"\nrate = "{LOCAL_RATE[0]}/min"\n'
+        f'burst = {LOCAL_BURST}\n[sendmail.aliases]\n"*" = "ops"\n'
+        + OPS_ROUTE
+        + 'subject = "{message}"\n'
     )
     gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     gw.wait_ready(("mqtt", "serial:chaos"), timeout=30)
@@ -167,7 +178,10 @@ def _chaos(
         "poison",
         "locked_at_start",
         "sighup",
+        "local_flood",
     ]
+    local_sent: set[str] = set()
+    started = time.monotonic()
     if small:
         kinds += ["disk_full", "full_at_start"]
     poison_sent: dict[str, str] = {}  # payload → the subject it arrives with (repaired)
@@ -230,6 +244,14 @@ def _chaos(
             elif kind == "sighup":
                 assert gw.proc is not None
                 gw.proc.send_signal(signal.SIGHUP)
+            elif kind == "local_flood":
+                # One local user (root here) pours mail into the maildrop at once.
+                inv = Invocation()
+                inv.recipients = ["root"]
+                for _ in range(rng.randint(50, 200)):
+                    text = f"local {len(local_sent)}"
+                    drop(str(spool), envelope(inv, "root") + f"Subject: {text}\n\nx\n".encode())
+                    local_sent.add(text)
             if kind != "kill9" and not gw.alive:
                 exits[kind] += 1  # the daemon died of a fault it should ride out
                 gw.start()
@@ -281,8 +303,14 @@ def _chaos(
         by_id[r.message_id].add(str(r.message["Subject"]))
         by_subject[str(r.message["Subject"])].add(r.message_id)
     published = {text for text, _ in pub._sent} | set(serial_sent.values())
-    published |= set(poison_sent.values())
+    published |= set(poison_sent.values()) | local_sent
     subjects = collections.Counter(str(r.message["Subject"]) for r in received)
+    # The buckets live in the daemon's memory: each start gives a user a fresh burst.
+    starts = 1 + sum(injected[k] for k in ("kill9", "locked_at_start", "full_at_start"))
+    starts += sum(exits.values())
+    local_allowed = (
+        LOCAL_BURST * starts + LOCAL_RATE[0] * (time.monotonic() - started) / LOCAL_RATE[1]
+    )
     return {
         "seed": seed,
         "faults": dict(injected),
@@ -304,6 +332,9 @@ def _chaos(
         "outbox_full_seen": full_seen,
         "daemon_exits": dict(exits),
         "moved_aside": [p.name for p in (tmp_path / "state").glob("*.corrupt-*")],
+        "local_sent": len(local_sent),
+        "local_mailed": len(set(subjects) & local_sent),
+        "local_allowed": int(local_allowed) + 1,  # a burst per start + rate over the run
     }
 
 
@@ -329,6 +360,8 @@ def _run(tmp_path: Path, faults: int) -> None:
     assert result["daemon_exits"] == {}
     assert result["moved_aside"] == []  # a locked or full disk is never taken for corruption
     assert sum(result["faults"].values()) == faults  # type: ignore[attr-defined]
+    # A local flood is held to its rate (the rest waits in the spool), never more.
+    assert result["local_mailed"] <= result["local_allowed"]  # type: ignore[operator]
 
 
 @pytest.mark.timeout(400)

@@ -84,7 +84,7 @@ def test_next_to_and_instead_of_another_mta_then_mail_from_cron_arrives(
     plan = mta.chroot("apt-get install -s -q nullmailer").stdout
     assert "Remv mailgw-sendmail" in plan, plan
 
-    # Booted, under the shipped unit (PrivateUsers, ProtectSystem=strict): cron's mail.
+    # Booted, under the shipped unit (ProtectSystem=strict, no PrivateUsers): cron's mail.
     mta.put(CARD, config(smtp, broker, serial=False, password=True) + SENDMAIL_TOML, 0o755)
     mta.put("/etc/mailgw/ca.pem", pki.ca_file.read_bytes(), 0o644)
     mta.put("/etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
@@ -111,5 +111,8 @@ def test_next_to_and_instead_of_another_mta_then_mail_from_cron_arrives(
     assert got.recipients == ["ops@box.example"]
     assert got.sender == "mailgw@box.example"
     assert got.data.endswith(b"\r\n\r\n93% full\r\n")
+    # The daemon sees alice's real uid (the per-user rate depends on it), not 65534.
+    alice = mta.run("id -u alice").stdout.strip()
+    assert got.message["X-Mailgw-Submitted-By"] == f"uid {alice}"
     # root reads the queue through mailq, from the same package
     assert "Mail queue is empty" in mta.run("mailq").stdout

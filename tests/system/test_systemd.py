@@ -144,7 +144,7 @@ def test_active_only_after_ready_under_the_shipped_unit(box: Machine) -> None:
     sec = box.run("systemd-analyze security mailgw.service").stdout
     score = float(re.search(r"Overall exposure level for mailgw.service: ([\d.]+)", sec)[1])
     print(f"\nexposure of the running unit: {score}")
-    assert score <= 1.3, sec
+    assert score <= 1.5, sec
 
 
 def test_mqtt_alert_reaches_the_smarthost_with_the_credential(
