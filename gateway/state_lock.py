@@ -40,6 +40,10 @@ class StateLock:
         if fd is not None:
             os.close(fd)  # closing the only descriptor drops the flock
 
+    # A lock nobody holds any more (a Daemon built and dropped in one process) is
+    # released with it, rather than keeping its descriptor and the state_dir to the end.
+    __del__ = release
+
 
 def holder(path: Path) -> int | None:
     """The PID the lock file names, if it names one."""
