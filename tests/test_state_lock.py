@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import state_lock
 from gateway.state_lock import AlreadyRunning
@@ -27,6 +29,18 @@ def test_the_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
     assert f"(PID {os.getpid()}) is already running on state_dir {state}" in str(refused.value)
     held.release()
     state_lock.take(state).release()  # free again once released
+
+
+@given(st.binary(max_size=64))
+def test_the_holder_is_read_from_any_bytes_without_raising(data: bytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / state_lock.NAME
+        path.write_bytes(data)
+        pid = state_lock.holder(path)
+        text = data.decode("ascii", "replace").strip()
+        assert pid == (int(text) if text.isdigit() and len(text) <= 10 else None)
 
 
 def test_a_second_daemon_on_one_state_dir_exits_and_the_first_keeps_delivering(
