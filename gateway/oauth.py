@@ -280,6 +280,10 @@ class TokenSource:
         # endpoint that rotates refresh tokens would revoke all but one of them).
         self._lock = asyncio.Lock()
         self._lock_loop: asyncio.AbstractEventLoop | None = None
+        # Why the last request to the endpoint failed (None: it did not). The relay
+        # clears it before each session, so that after a failed one it tells whether
+        # the endpoint was the cause.
+        self.failing: str | None = None
 
     async def get(self, force: bool = False) -> Token:
         """A token valid for a while yet; `force`: a new one whatever the old one's expiry
@@ -304,10 +308,15 @@ class TokenSource:
                 async with asyncio.timeout(self.timeout + THREAD_GRACE):
                     self.token = await in_thread(self._fetch, "oauth-token")
             except TimeoutError:
-                raise TokenUnavailable(
+                self.failing = (
                     f"the token endpoint {self.cfg.token_url} did not answer within "
                     f"{self.timeout:g} s"
-                ) from None
+                )
+                raise TokenUnavailable(self.failing) from None
+            except TokenUnavailable as exc:
+                self.failing = str(exc)
+                raise
+            self.failing = None
             self._save()
         assert self.token is not None
         return self.token

@@ -236,13 +236,18 @@ class Relay:
     def failed(self, host: Host, exc: UplinkDown, waiting: int) -> None:
         """A session to `host` could not be opened, or its account was refused."""
         host.waits.failed(exc, waiting)
-        if isinstance(exc, AuthRefused) and host.account is not None:
+        token_failed = host.tokens is not None and host.tokens.failing is not None
+        if (isinstance(exc, AuthRefused) or token_failed) and host.account is not None:
             # The same username and secret elsewhere: the same account, whose lockout
-            # counts every refused login, wherever it was tried. Held together.
+            # counts every refused login, wherever it was tried; with OAuth2, the same
+            # token endpoint, which would fail those sessions the same way (a whole
+            # smtp.timeout each, when it stalls). Held together: the next smarthost
+            # with another account takes over at once.
             for other in self.hosts:
                 if other is not host and other.account == host.account:
+                    kind = AuthRefused if isinstance(exc, AuthRefused) else UplinkDown
                     other.waits.failed(
-                        AuthRefused(f"held with {host.name} (the same account): {exc}"), waiting
+                        kind(f"held with {host.name} (the same account): {exc}"), waiting
                     )
         self.wake()  # the next smarthost, if any, at once
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,16 @@ import pytest
 from gateway import oauth
 from gateway.oauth import TokenUnavailable
 from tests.conftest import run_cli
-from tests.parts import DaemonProcess, Pki, SmtpServer, daemon_config, wait_for
+from tests.parts import (
+    DaemonProcess,
+    Gateway,
+    Pki,
+    SmtpServer,
+    alert,
+    daemon_config,
+    smtp_conf,
+    wait_for,
+)
 from tests.token_endpoint import TokenEndpoint
 
 
@@ -142,3 +152,49 @@ def test_sigterm_ends_the_daemon_while_the_token_endpoint_trickles(
         print(f"the daemon ended {took:.1f} s after SIGTERM")
         assert rc == 0 and took < 20
         assert "mailgw stopped" in gw.log_text()
+
+
+def test_a_stalled_token_endpoint_holds_the_fallbacks_of_the_same_account(
+    pki: Pki, make_gateway: Callable[..., Gateway], password_file: Path, tmp_path: Path
+) -> None:
+    """Fallback 1 logs in as the same OAuth2 client: its sessions would stall on the same
+    endpoint, a whole smtp.timeout more. It is held with the primary, and fallback 2 (a
+    password) sends after one timeout."""
+    with (
+        TokenEndpoint(pki) as ep,
+        SmtpServer(pki, "starttls") as primary,
+        SmtpServer(pki, "starttls") as same,
+        SmtpServer(pki, "starttls") as other,
+    ):
+        primary.check_token = same.check_token = ep.check
+        ep.trickle = 0.5
+        secret = tmp_path / "client-secret"
+        secret.write_text(ep.client_secret + "\n")
+        secret.chmod(0o600)
+        oauth = (
+            f'token_url = "{ep.url}"\nclient_id = "{ep.client_id}"\n'
+            f'client_secret_file = "{secret}"\nca_file = "{pki.ca_file}"\n'
+            'scope = "https://outlook.office365.com/.default"\n'
+        )
+        conf = smtp_conf(primary, pki) + f"[smtp.oauth]\n{oauth}"
+        conf += (
+            f'[[smtp.fallback]]\nhost = "127.0.0.1"\nport = {same.port}\n'
+            f'ca_file = "{pki.ca_file}"\nusername = "gw@example.com"\n'
+            f"[smtp.fallback.oauth]\n{oauth}"
+            f'[[smtp.fallback]]\nhost = "127.0.0.1"\nport = {other.port}\n'
+            f'ca_file = "{pki.ca_file}"\nusername = "gw@example.com"\n'
+            f'password_file = "{password_file}"\n'
+        )
+        knocks = same.connections  # aiosmtpd's own, at its start
+        gw = make_gateway(conf)
+        t0 = time.monotonic()
+        gw.add(alert("past both"))
+        (got,) = other.wait_for(1, timeout=30)
+        took = time.monotonic() - t0
+        print(f"fallback 2 sent {took:.1f} s after the alert came (smtp.timeout 3 s)")
+        assert "past both" in got.message["Subject"]
+        assert took < 3 + 2, f"fallback 2 sent after {took:.1f} s: fallback 1 was tried too"
+        assert same.connections == knocks  # never tried
+        held = str(gw.runtime.hosts[1]["last_error"])
+        assert f"held with {gw.runtime.hosts[0]['host']} (the same account)" in held, held
+        assert "did not answer within 3 s" in held, held
