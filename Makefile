@@ -28,7 +28,8 @@ $(BIN)/.installed: pyproject.toml
 bootstrap: $(BIN)/.installed
 
 # System packages the tests and the demo use, installed only when missing: a real
-# MQTT broker (both), a C compiler for the firmware reference encoder (tests only).
+# MQTT broker (both), a C compiler for the firmware reference encoder and iptables for
+# the blackholed-smarthost test (tests only).
 demo-deps:
 	@$(MAKE) --no-print-directory system-deps WANT_CC=
 
@@ -38,6 +39,7 @@ system-deps:
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -z "$(WANT_CC)" ] || command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	[ -z "$(WANT_CC)" ] || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then \
 	  echo "bootstrap: installing$$missing with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \

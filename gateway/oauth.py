@@ -13,24 +13,29 @@ credential) and refreshed before it expires (`due`), and once more when the smar
 refuses it (a clock that was wrong when it was fetched, a token revoked early).
 
 Pure parts (`form`, `parse`, `due`) take values; `TokenSource` does the I/O: the secret
-files, the cache, and one HTTPS POST with a verified certificate (urllib, in a thread,
-so the event loop never blocks). No token or secret ever reaches a log line.
+files, the cache, and one HTTPS POST with a verified certificate (in a daemon thread,
+so the event loop never blocks, under one deadline for the whole request). No token or
+secret ever reaches a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
+import socket
 import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from gateway.config import OAuthSection
 from gateway.errors import TemporaryFailure
@@ -149,30 +154,110 @@ def due(token: Token | None, now: float) -> bool:
     return now >= token.expires_at - min(REFRESH_MARGIN, token.lifetime / 5)
 
 
+class _Connection(http.client.HTTPSConnection):
+    """Keeps its socket: http.client hands it to the response (and forgets it) when the
+    server will close the connection, and the deadline must still reach it there."""
+
+    raw: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.raw = self.sock
+
+
 def post(
     url: str, fields: dict[str, str], ca_file: Path | None, timeout: float
 ) -> tuple[int, bytes]:
     """One form POST over HTTPS with a verified certificate (TLS >= 1.2): the status and
-    body, for a 4xx or 5xx too (they carry the RFC 6749 §5.2 error). Blocking."""
-    request = urllib.request.Request(
-        url,
-        data=urllib.parse.urlencode(fields).encode(),
-        headers={"Accept": "application/json", "User-Agent": "mailgw"},
-    )
+    body, for a 4xx or 5xx too (they carry the RFC 6749 §5.2 error). Blocking.
+
+    `timeout` bounds the whole request (connect, TLS, headers, body), not each read as a
+    socket timeout does: an endpoint that sends a byte now and then would otherwise hold
+    the relay's session, and its smarthost, for ever. At the deadline the socket is shut
+    down from a timer thread, which ends whichever read is blocked in that moment."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise TokenRefused(f"the token endpoint {url} is not an https:// URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    conn = _Connection(parts.hostname, parts.port or 443, timeout=timeout, context=ctx)
+    late = threading.Event()
+
+    def cut() -> None:
+        late.set()
+        sock = conn.raw
+        if sock is not None:
+            # The plain socket's shutdown, not SSLSocket's (which drops its SSL object
+            # under the reading thread's feet): the blocked read sees the end at once.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
+    reason: object = None
+    status, body = 0, b""
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=ctx) as resp:
-            status, body = resp.status, resp.read(MAX_RESPONSE + 1)
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read(MAX_RESPONSE + 1)
-        exc.close()
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise TokenUnavailable(f"cannot reach the token endpoint {url}: {reason}") from None
+        conn.request(
+            "POST",
+            target,
+            body=urllib.parse.urlencode(fields).encode(),
+            headers={
+                "Accept": "application/json",
+                "Content-Type": "application/x-www-form-urlencoded",
+                "User-Agent": "mailgw",
+            },
+        )
+        resp = conn.getresponse()
+        status, body = resp.status, resp.read(MAX_RESPONSE + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc
+    finally:
+        timer.cancel()
+        conn.close()
+    if late.is_set():
+        # Whatever the reads saw (an error, or a body cut short), the deadline came first.
+        raise TokenUnavailable(f"the token endpoint {url} did not answer within {timeout:g} s")
+    if reason is not None:
+        raise TokenUnavailable(f"cannot reach the token endpoint {url}: {reason}")
     if len(body) > MAX_RESPONSE:
         raise TokenUnavailable(f"the token endpoint's answer exceeds {MAX_RESPONSE} bytes")
     return status, body
+
+
+T = TypeVar("T")
+# Past the request's own deadline, how long the loop waits for the thread: a DNS lookup,
+# which no socket deadline covers, must not hold the relay either.
+THREAD_GRACE = 2.0
+
+
+async def in_thread(fn: Callable[[], T], name: str) -> T:
+    """fn() in a daemon thread of its own, awaited. Not asyncio.to_thread: the default
+    executor's threads are joined at exit, so a call blocked in the network (a DNS
+    lookup, a server that never answers) would keep a stopped daemon alive; this thread
+    is abandoned at exit instead, and a cancelled await leaves it to finish alone."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # the awaiting task was cancelled or timed out meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
 
 
 def _digest(text: str) -> str:
@@ -195,6 +280,10 @@ class TokenSource:
         # endpoint that rotates refresh tokens would revoke all but one of them).
         self._lock = asyncio.Lock()
         self._lock_loop: asyncio.AbstractEventLoop | None = None
+        # Why the last request to the endpoint failed (None: it did not). The relay
+        # clears it before each session, so that after a failed one it tells whether
+        # the endpoint was the cause.
+        self.failing: str | None = None
 
     async def get(self, force: bool = False) -> Token:
         """A token valid for a while yet; `force`: a new one whatever the old one's expiry
@@ -215,7 +304,19 @@ class TokenSource:
             self._loaded = True
             self._load()
         if force or due(self.token, time.time()):
-            self.token = await asyncio.to_thread(self._fetch)
+            try:
+                async with asyncio.timeout(self.timeout + THREAD_GRACE):
+                    self.token = await in_thread(self._fetch, "oauth-token")
+            except TimeoutError:
+                self.failing = (
+                    f"the token endpoint {self.cfg.token_url} did not answer within "
+                    f"{self.timeout:g} s"
+                )
+                raise TokenUnavailable(self.failing) from None
+            except TokenUnavailable as exc:
+                self.failing = str(exc)
+                raise
+            self.failing = None
             self._save()
         assert self.token is not None
         return self.token

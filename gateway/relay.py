@@ -48,13 +48,13 @@ from gateway.ledger import Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
 from gateway.relay_worker import Worker
-from gateway.replies import judge
+from gateway.replies import Broken, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
 from gateway.sendmail_compose import compose_raw
 from gateway.smarthost import Host
-from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
-from gateway.uplink import Uplink
+from gateway.smtp import AuthRefused, SmtpSession, UplinkDown, reachable
+from gateway.uplink import TCP_PROBE_TIMEOUT, Uplink
 from gateway.verdicts import Judge
 
 log = logging.getLogger(__name__)
@@ -236,13 +236,18 @@ class Relay:
     def failed(self, host: Host, exc: UplinkDown, waiting: int) -> None:
         """A session to `host` could not be opened, or its account was refused."""
         host.waits.failed(exc, waiting)
-        if isinstance(exc, AuthRefused) and host.account is not None:
+        token_failed = host.tokens is not None and host.tokens.failing is not None
+        if (isinstance(exc, AuthRefused) or token_failed) and host.account is not None:
             # The same username and secret elsewhere: the same account, whose lockout
-            # counts every refused login, wherever it was tried. Held together.
+            # counts every refused login, wherever it was tried; with OAuth2, the same
+            # token endpoint, which would fail those sessions the same way (a whole
+            # smtp.timeout each, when it stalls). Held together: the next smarthost
+            # with another account takes over at once.
             for other in self.hosts:
                 if other is not host and other.account == host.account:
+                    kind = AuthRefused if isinstance(exc, AuthRefused) else UplinkDown
                     other.waits.failed(
-                        AuthRefused(f"held with {host.name} (the same account): {exc}"), waiting
+                        kind(f"held with {host.name} (the same account): {exc}"), waiting
                     )
         self.wake()  # the next smarthost, if any, at once
 
@@ -292,11 +297,28 @@ class Relay:
                 recipients=item.rcpts,
                 repeats=item.members,
             )
-        waits = worker.host.waits
+        host = worker.host
         result = await worker.session.deliver(composed.data, composed.sender, composed.recipients)
         verdict = judge(result, composed.recipients)
         worker.last_used = time.monotonic()
         if verdict.reconnect:
             await worker.close_session(polite=False)
-        outcome, worker.trouble = self.judge.outcome(item, verdict, waits)
+        outcome, worker.trouble = self.judge.outcome(item, verdict, host.waits)
+        if worker.trouble is None and isinstance(result, Broken) and result.timed_out:
+            worker.trouble = await self._went_silent(host, verdict.error or result.reason)
         return outcome
+
+    async def _went_silent(self, host: Host, error: str) -> UplinkDown:
+        """A session timed out mid-transaction: the server stopped answering. A new
+        session to it would wait out smtp.timeout once more (a connect that is never
+        answered, or a greeting that never comes) before the fallback is tried, so the
+        host is given up at once, the message going back uncharged. A TCP probe, under a
+        second, tells which wait follows: TCP probes while it accepts no connection
+        (down, or packets dropped), sessions on their backoff while it accepts and says
+        nothing."""
+        cfg = host.cfg
+        accepts = await reachable(cfg.host, cfg.port, TCP_PROBE_TIMEOUT)
+        state = "accepts connections" if accepts else "no longer accepts connections"
+        return UplinkDown(
+            f"{host.name}: {error} (it stopped answering; it {state})", unreachable=not accepts
+        )

@@ -266,6 +266,8 @@ class Worker:
         if self.session is not None and (self.host is host or not self.session.usable):
             await self.close_session(polite=False)
         session = SmtpSession(host.cfg, self.relay.helo, host.tokens)
+        if host.tokens is not None:
+            host.tokens.failing = None  # set again if this session's token request fails
         try:
             await session.open()  # raises UplinkDown
         except UplinkDown as exc:

@@ -14,13 +14,15 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from gateway import systemd
+from gateway import state_lock, systemd
 from gateway.config import Config
 from gateway.errors import GatewayError, OutboxFull, StoreUnavailable, ThreadDied
 from gateway.ingest import Ingest
@@ -43,6 +45,9 @@ STORE_STUCK_AFTER = 120.0
 STORE_RETRIED_WITHIN = 15.0  # sources retry every second or so while storing fails
 OPEN_RETRY_MAX = 10.0  # seconds between attempts to open an outbox that is unavailable
 THREAD_CHECK_EVERY = 1.0
+# After SIGTERM the process is gone within this, whatever its threads are doing: under
+# the unit's TimeoutStopSec (20 s), after which systemd would SIGKILL it mid-whatever.
+EXIT_WITHIN = 15.0
 
 
 class Component(Protocol):
@@ -68,11 +73,17 @@ class Daemon:
         self.watches: Watches | None = None
         self.status_path = config.gateway.runtime_dir / "status.json"
         self.exit_code = 0
+        self.state_lock: state_lock.StateLock | None = None
+        self.stop_asked: float | None = None  # monotonic time of SIGTERM
 
     # --- life cycle ------------------------------------------------------------
 
     def _open_outbox(self) -> Outbox:
         cfg = self.config
+        if self.state_lock is None:
+            # First: one daemon per state_dir (AlreadyRunning ends this one), before the
+            # outbox is opened, its rows recovered or any server is called.
+            self.state_lock = state_lock.take(cfg.gateway.state_dir)
         return Outbox(
             cfg.outbox_path,
             max_messages=cfg.outbox.max_messages,
@@ -245,6 +256,7 @@ class Daemon:
 
     def _on_stop(self, sig: signal.Signals) -> None:
         if not self.stopping.is_set():
+            self.stop_asked = time.monotonic()
             log.info(
                 "received %s: stopping intake, finishing the commit in flight",
                 signal.Signals(sig).name,
@@ -446,4 +458,40 @@ def run(config: Config) -> int:
 
 
 async def _main(config: Config) -> int:
-    return await Daemon(config).run()
+    # The loop's thread pool is ours, so that its end can be bounded (_leave): the
+    # implicit one is joined at exit however long its calls block.
+    executor = ThreadPoolExecutor(thread_name_prefix="mailgw-io")
+    asyncio.get_running_loop().set_default_executor(executor)
+    daemon = Daemon(config)
+    code = await daemon.run()
+    _leave(daemon, executor, code)
+    return code
+
+
+def _leave(daemon: Daemon, executor: ThreadPoolExecutor, code: int) -> None:
+    """After the orderly shutdown, make sure the process ends by systemd's stop deadline:
+    a thread still blocked in a call (a file system that hangs, a server that never
+    answers) would otherwise keep the interpreter alive after "stopped" until SIGKILL.
+    The outbox writer is the exception: it is waited for, whatever it takes, so that the
+    process never ends in the middle of a commit."""
+    writer = daemon.writer
+    if writer is not None and writer.alive:
+        log.warning("waiting for the outbox writer to finish its commit before exiting")
+        writer.thread.join()
+    deadline = (daemon.stop_asked or time.monotonic()) + EXIT_WITHIN
+    executor.shutdown(wait=False)  # idle workers end now, busy ones when their call returns
+    me = threading.current_thread()
+    others = [t for t in threading.enumerate() if t is not me and not t.daemon]
+    for t in others:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in others if t.is_alive()]
+    if not stuck:
+        return
+    log.warning(
+        "exiting with %d thread(s) still blocked in a call (%s): their work is abandoned; "
+        "the outbox was closed in order before",
+        len(stuck),
+        ", ".join(stuck),
+    )
+    logging.shutdown()
+    os._exit(code)

@@ -51,7 +51,8 @@ def test_a_local_flood_leaves_room_for_a_critical_alert(
         # max_messages 50: local mail 5 (10 %), one user 1 of them (25 %).
         cfg.write_text(
             cfg.read_text().replace(
-                "[sendmail]", f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[sendmail]\nrate = "off"'
+                "[sendmail]",
+                f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[sendmail]\nrate = "off"',
             )
             + "[outbox]\nmax_messages = 50\n[selfalerts]\nenabled = false\n"
         )

@@ -42,6 +42,11 @@ class TokenEndpoint:
         self.devices: dict[str, str] = {}
         self.polls = 0
         self.slow_down_first = False  # answer the first poll with slow_down
+        # Seconds between the bytes of each answer's body, sent after prompt headers (a
+        # stalled or overloaded endpoint): the request never ends while this is set.
+        self.trickle: float | None = None
+        self.trickling = 0  # requests being answered that way now
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -144,13 +149,39 @@ class TokenEndpoint:
         self.refused.append(error)
         return status, {"error": error, "error_description": description}
 
+    def _trickle(self, handler: BaseHTTPRequestHandler, every: float) -> None:
+        """Headers at once, then one byte of a JSON body every `every` s, until the client
+        goes away, trickling is turned off (the body is then cut short) or the endpoint
+        stops. Spaces: what arrives is a valid start of JSON, whatever the client waits for."""
+        with self._lock:
+            self.trickling += 1
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", "4096")
+            handler.end_headers()
+            handler.wfile.flush()
+            while self.trickle is not None and not self._stopping.wait(every):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+        except OSError:
+            pass  # the client gave up: what a deadline is for
+        finally:
+            handler.close_connection = True
+            with self._lock:
+                self.trickling -= 1
+
     def start(self) -> TokenEndpoint:
         endpoint = self
+        self._stopping.clear()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length).decode()
+                if endpoint.trickle is not None:
+                    endpoint._trickle(self, endpoint.trickle)
+                    return
                 form = dict(urllib.parse.parse_qsl(raw))
                 if self.path.endswith("/devicecode"):
                     status, body = endpoint.authorize_device(form)
@@ -175,6 +206,7 @@ class TokenEndpoint:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # ends the trickling answers
         if self._server is not None:
             self._server.shutdown()
             with contextlib.suppress(OSError):

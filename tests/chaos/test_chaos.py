@@ -4,7 +4,8 @@ The daemon runs as `mailgw run` with a real Mosquitto, a real STARTTLS+AUTH smar
 and a simulated serial device on a pty. While MQTT and serial alerts stream in, faults
 are injected at random moments from a seeded RNG (the seed is printed; rerun with
 MAILGW_CHAOS_SEED=N): kill -9 of the gateway, smarthost outages, 4xx bursts, broker
-restarts, the serial port vanishing, the outbox reaching its bound (an outage long
+restarts, the serial port vanishing, a token endpoint that trickles its answers (the
+runs with an even seed log in with OAuth2), the outbox reaching its bound (an outage long
 enough to fill outbox.max_messages), a local user flooding `sendmail` (held to its
 rate, never in the alerts' way), and the disk filling up (the state directory is a
 32 MiB tmpfs, filled to the last byte by a ballast file; skipped, with the reason
@@ -49,6 +50,7 @@ from tests.parts import (
     wait_for,
     write_password,
 )
+from tests.token_endpoint import TokenEndpoint
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
@@ -127,6 +129,22 @@ def _chaos(
     spool = tmp_path / "spool" / "maildrop"
     spool.mkdir(parents=True)
     spool.chmod(0o3733)
+    # Half the runs (even seeds) log in with OAuth2 tokens from a real token endpoint,
+    # and draw its fault too: an endpoint that trickles its answers.
+    tokens: TokenEndpoint | None = None
+    login = f'password_file = "{pw}"\n'
+    if seed % 2 == 0:
+        tokens = TokenEndpoint(pki).start()
+        stack.callback(tokens.stop)
+        smtp.check_token = tokens.check
+        secret = write_password(tmp_path / "client-secret")
+        secret.write_text(tokens.client_secret + "\n")
+        login = (
+            'auth_retry = "5s"\n'  # a token revoked between its fetch and its use
+            f'[smtp.oauth]\ntoken_url = "{tokens.url}"\nclient_id = "{tokens.client_id}"\n'
+            f'client_secret_file = "{secret}"\nca_file = "{pki.ca_file}"\n'
+            'scope = "https://outlook.office365.com/.default"\n'
+        )
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
         gateway_toml(tmp_path, "chaos")
@@ -137,9 +155,10 @@ def _chaos(
         # covers the self-alerts).
         + "[selfalerts]\nenabled = false\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "gw@example.com"\n'
-        f'username = "gw@example.com"\npassword_file = "{pw}"\nca_file = "{pki.ca_file}"\n'
+        f'username = "gw@example.com"\nca_file = "{pki.ca_file}"\n'
         'timeout = "2s"\nmin_backoff = "1s"\nmax_backoff = "2s"\nprobe_max = "2s"\n'
-        f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
+        + login
+        + f'[mqtt]\nport = {broker.port}\ntopics = ["alerts/#"]\n'
         f'[[serial]]\nport = "{pty.link}"\nname = "chaos"\n'
         f'[sendmail]\nmaildrop = "{spool}"\nrate = "{LOCAL_RATE[0]}/min"\n'
         f'burst = {LOCAL_BURST}\n[sendmail.aliases]\n"*" = "ops"\n'
@@ -184,8 +203,11 @@ def _chaos(
     started = time.monotonic()
     if small:
         kinds += ["disk_full", "full_at_start"]
+    if tokens is not None:
+        kinds += ["slow_token"]
     poison_sent: dict[str, str] = {}  # payload → the subject it arrives with (repaired)
     full_seen = 0
+    slow_seen = 0  # slow_token faults that held a token request
     exits: collections.Counter[str] = collections.Counter()
     try:
         for _ in range(faults):
@@ -241,6 +263,19 @@ def _chaos(
                 with ballast(tmp_path / "state"):
                     gw.start()
                     time.sleep(rng.uniform(0.5, 3.0))
+            elif kind == "slow_token":
+                # The endpoint sends a byte a second; the token in use is revoked and the
+                # smarthost restarted, so the next login needs a new token meanwhile.
+                assert tokens is not None
+                tokens.trickle = 0.5
+                tokens.forget_tokens()
+                smtp.stop()
+                smtp.start()
+                with contextlib.suppress(AssertionError):  # the relay may be held meanwhile
+                    wait_for(lambda: tokens.trickling > 0, 8, "a token request trickling")
+                    slow_seen += 1
+                time.sleep(rng.uniform(0.5, 3.0))  # past the deadline (smtp.timeout) at times
+                tokens.trickle = None
             elif kind == "sighup":
                 assert gw.proc is not None
                 gw.proc.send_signal(signal.SIGHUP)
@@ -330,6 +365,7 @@ def _chaos(
         ),
         "integrity": integrity,
         "outbox_full_seen": full_seen,
+        "slow_token_seen": slow_seen,
         "daemon_exits": dict(exits),
         "moved_aside": [p.name for p in (tmp_path / "state").glob("*.corrupt-*")],
         "local_sent": len(local_sent),
