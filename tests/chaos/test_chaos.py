@@ -289,6 +289,9 @@ def _chaos(
                     local_sent.add(text)
             if kind != "kill9" and not gw.alive:
                 exits[kind] += 1  # the daemon died of a fault it should ride out
+                # Say why it ended, next to the seed, before the run goes on.
+                tail = gw.log_text().splitlines()[-40:]
+                print(f"daemon ended during {kind}:\n  " + "\n  ".join(tail))
                 gw.start()
     finally:
         stop.set()
