@@ -9,7 +9,9 @@ installs it as /etc/mailgw/gateway.toml. What it guarantees:
   /etc/mailgw/smtp-password (0600 root, the unit's `LoadCredential=`) and removed from
   the card before the configuration is even checked; a rejected configuration never
   leaves a readable password behind. Any `password = ...` line is removed, whatever its
-  table, so a password is never kept on the card by a mistake in where it was written.
+  table and even commented out, so a password is never kept on the card by a mistake in
+  where it was written. What is left is then checked, not trusted (`remains`): if a
+  password may still be in it, the whole file leaves the card for root's /etc.
 - **What check-config accepts is taken, nothing else.** The text that would be installed
   goes through `gateway.config.parse`, the same code as `mailgw check-config`, with the
   daemon's working directory (`/`, so relative paths mean what they will mean). Firstboot
@@ -18,10 +20,11 @@ installs it as /etc/mailgw/gateway.toml. What it guarantees:
   numbers in problems still match the file the operator edits).
 - **A power cut at any point is safe**: every file is replaced by a temporary file,
   fsync and rename; the card's own rewrite is rolled forward on the next run, and a
-  file left zeroed but not yet unlinked is known as that leftover and removed.
+  file left zeroed but not yet unlinked (all NULs, or zeroed from the start while the
+  marker written before the zeroing is there) is known as that leftover and removed.
 - **Any encoding, any syntax**: the password is found by a line scan of every plausible
-  reading of the bytes (UTF-8, UTF-16 either way, any line ends), not by the TOML
-  parser, and the file is written back in its own encoding.
+  reading of the bytes (UTF-8, UTF-16 and UTF-32 either way, any line ends), not by the
+  TOML parser, and the file is written back in its own encoding.
 - **No link is followed**: the card's names are opened with O_NOFOLLOW and must be
   regular files; a link is refused, and neither it nor its target is touched.
 
@@ -55,6 +58,7 @@ from gateway.firstboot_text import (
     decode,
     password_problems,
     read_password_file,
+    remains,
     strip_card,
 )
 
@@ -206,20 +210,31 @@ def _zero(path: Path) -> None:
         os.close(fd)
 
 
+def _shredding(path: Path) -> Path:
+    return path.with_name(path.name + ".firstboot-shred")
+
+
 def shred(path: Path) -> None:
     """Zero, then unlink. A power cut between the two leaves a file of NULs (or, cut
-    during the zeroing, one that begins with NULs) at the same name: `is_zeroed` tells
-    the next run it is such a leftover, already off the card, to finish removing."""
+    during the zeroing, one that begins with NULs) at the same name; the marker written
+    first tells the next run that such a file is a leftover of this, to finish removing.
+    Without the marker only a file of NULs alone is one: a file merely beginning with
+    NULs may be a configuration (UTF-32 big endian without a BOM does)."""
+    marker = _shredding(path)
+    write_file(marker, b"", None)
     _zero(path)
     path.unlink()
     _fsync_dir(path.parent)
+    marker.unlink()
+    _fsync_dir(path.parent)
 
 
-def is_zeroed(data: bytes) -> bool:
-    """A leftover of `shred`: it zeroes from the first byte, and no password file or
-    configuration begins with a NUL (TOML and the password forbid it; UTF-16 big endian
-    without a BOM does begin with one, but never holds NULs alone)."""
-    return data[:1] == b"\0" and (data.count(0) == len(data) or data[:2] == b"\0\0")
+def is_zeroed(data: bytes, shredding: bool = False) -> bool:
+    """A leftover of `shred`: all NULs, or (while its marker says a shred was under way)
+    zeroed from the first byte on."""
+    if shredding:
+        return data[:1] == b"\0"
+    return bool(data) and data.count(0) == len(data)
 
 
 def _pending(card: Path) -> Path:
@@ -260,14 +275,21 @@ def recover_card(card: Path) -> None:
 
 
 def _finish_shred(path: Path) -> bool:
-    """Remove a zeroed leftover of `shred` at `path`; True when there was one."""
-    if card_file(path) is not None:
-        return False
-    data, _ = read_card(path, MAX_SCAN)
-    if data is None or not is_zeroed(data):
-        return False
-    shred(path)
-    return True
+    """Remove a zeroed leftover of `shred` at `path`; True when there was one. A marker
+    left without such a leftover (the cut fell before the zeroing began, or after the
+    unlink) goes: the file, if any, is then handled like any other."""
+    marker = _shredding(path)
+    shredding = card_file(marker) is None
+    leftover = False
+    if card_file(path) is None:
+        data, _ = read_card(path, MAX_SCAN)
+        leftover = data is not None and is_zeroed(data, shredding)
+    if leftover:
+        shred(path)
+    elif shredding:
+        marker.unlink()
+        _fsync_dir(path.parent)
+    return leftover
 
 
 # --- the whole job -------------------------------------------------------------------
@@ -278,14 +300,6 @@ class Outcome:
     code: int  # 0 taken / nothing to do / password only; 1 rejected
     summary: str  # one line for the journal ("" when there was nothing to do)
     problems: tuple[str, ...] = field(default=())
-
-
-def _has_password_key(data: Any) -> bool:
-    if isinstance(data, dict):
-        return any(k == "password" or _has_password_key(v) for k, v in data.items())
-    if isinstance(data, list):
-        return any(_has_password_key(v) for v in data)
-    return False
 
 
 def rejection_note(card: Path, problems: Iterable[str], handover: str, now: float) -> str:
@@ -326,21 +340,6 @@ class Handover:
     moved: Path | None = None  # the whole file, moved off the card to root's /etc
 
 
-def _inline_password(stripped: Stripped) -> bool:
-    """A password the line scan found inside an inline table, confirmed by the parser
-    when the file parses (a string that merely reads ", password =" is not one); when
-    it does not parse, the scan's word is taken: the password must leave either way."""
-    if not stripped.inline:
-        return False
-    text, _ = decode(stripped.text)
-    if text is None:
-        return True
-    try:
-        return _has_password_key(tomllib.loads(text))
-    except tomllib.TOMLDecodeError:
-        return True
-
-
 def hand_over(card: Path, beside: Path, secret: Path, owner: Owner) -> Handover:
     """Step 1: the password to `secret`, then off the card (never the other way round: a
     failed write leaves it on the card rather than nowhere). Neither name is followed if
@@ -364,30 +363,35 @@ def hand_over(card: Path, beside: Path, secret: Path, owner: Owner) -> Handover:
         _etc_dir(secret.parent, owner)
         write_file(secret, password.encode() + b"\n", 0o600, owner.uid, owner.root_gid)
     moved = None
-    if raw is not None and _inline_password(stripped):
-        # A password the line scan could not separate (an inline table): nothing of the
-        # file may stay on the card. Root keeps it, for the operator.
+    if raw is not None and remains(stripped.text):
+        # What is left after the line scan is checked, not trusted: a password it could
+        # not separate (an inline table, two keys on a line, a spelling it missed) means
+        # nothing of the file may stay on the card. Root keeps it, for the operator.
         moved = secret.parent / FROM_CARD_NAME
         _etc_dir(moved.parent, owner)
         write_file(moved, raw, 0o600, owner.uid, owner.root_gid)
         shred(card)
         problems.append(
             f"{card}: holds a password that is not on a line of its own "
-            f'(password = "..." under [smtp]); the file was moved to {moved} (root only); '
-            "write it again"
+            f'(password = "..." under [smtp]), or what may be one; the file was moved to '
+            f"{moved} (root only); write it again"
         )
-    elif raw is not None and stripped.found:
+    elif raw is not None and (stripped.found or stripped.commented):
         rewrite_card(card, stripped.text)
     if pw_file is not None:
         shred(beside)
-    if password is not None:
-        note = f"The SMTP password was moved to {secret} and removed from this card."
-    elif moved is not None:
+    # The note says what is true of the card now: the file is gone (moved), or what is
+    # left of it passed `remains`, and the password file was shredded.
+    if moved is not None:
         note = (
-            f"The file held a password, so it was moved off this card to {moved} "
-            "(readable by root only); nothing of it is left here."
+            f"The file held a password (or what may be one), so it was moved off this card "
+            f"to {moved} (readable by root only); nothing of it is left here."
         )
-    elif stripped.found or pw_file is not None:
+        if password is not None:
+            note += f" The SMTP password was installed as {secret}."
+    elif password is not None:
+        note = f"The SMTP password was moved to {secret} and removed from this card."
+    elif stripped.found or stripped.commented or pw_file is not None:
         note = "The password was removed from this card and not installed."
     else:
         note = ""

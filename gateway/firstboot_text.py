@@ -33,6 +33,9 @@ _HEADER = re.compile(rb"^[ \t]*\[\[?([^\]]*)\]")
 _PART = rb"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
 _DOTTED = _PART + rb"(?:[ \t]*\.[ \t]*" + _PART + rb")*"
 _KEY = re.compile(rb"^[ \t]*(" + _DOTTED + rb")[ \t]*=(.*)$")
+# A key commented out (`# password = "..."`): no setting, but the secret is there all
+# the same, and a commented line is never a value's continuation, so it goes alone.
+_COMMENTED = re.compile(rb"^[ \t]*#[# \t]*(" + _DOTTED + rb")[ \t]*=")
 # A key inside an inline table (`smtp = { password = "..." }`): after `{` or `,`. A
 # string value holding ", password =" matches too; that costs a refusal, never a leak.
 _INLINE_KEY = re.compile(rb"[{,][ \t]*(" + _DOTTED + rb")[ \t]*=")
@@ -46,19 +49,36 @@ _LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|$)")
 class Encoding:
     """How the card's file was written, so that it can be written back the same way."""
 
-    codec: str  # "utf-8", "utf-16-le" or "utf-16-be"
+    codec: str  # "utf-8", "utf-16-le", "utf-16-be", "utf-32-le" or "utf-32-be"
     bom: bytes
+
+    @property
+    def unit(self) -> int:
+        """Bytes per code unit: what a body is cut to before it is decoded."""
+        return 4 if "32" in self.codec else 2 if "16" in self.codec else 1
 
     def encode(self, text: str) -> bytes:
         return self.bom + text.encode(self.codec, "surrogatepass")
 
+    def text(self, raw: bytes) -> str:
+        """`raw` (after the BOM) read this way; any bytes decode (lone surrogates passed
+        through, what UTF-32 cannot hold replaced), a partial last unit is left out."""
+        body = raw[len(self.bom) :]
+        body = body[: len(body) // self.unit * self.unit]
+        errors = "replace" if self.unit == 4 else "surrogatepass"
+        return body.decode(self.codec, errors)
+
 
 UTF8 = Encoding("utf-8", b"")
+# UTF-32 LE's BOM begins with UTF-16 LE's: it is looked for first.
 _BOMS = (
     (Encoding("utf-8", BOM), BOM),
+    (Encoding("utf-32-le", b"\xff\xfe\0\0"), b"\xff\xfe\0\0"),
+    (Encoding("utf-32-be", b"\0\0\xfe\xff"), b"\0\0\xfe\xff"),
     (Encoding("utf-16-le", b"\xff\xfe"), b"\xff\xfe"),
     (Encoding("utf-16-be", b"\xfe\xff"), b"\xfe\xff"),
 )
+_WIDE = tuple(Encoding(c, b"") for c in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"))
 
 
 def sniff(raw: bytes) -> Encoding:
@@ -73,6 +93,14 @@ def sniff(raw: bytes) -> Encoding:
     for enc, bom in _BOMS:
         if raw.startswith(bom):
             return enc
+    if len(raw) >= 4 and len(raw) % 4 == 0:
+        # UTF-32 puts three NULs beside each ASCII byte: one lane of four holds the text.
+        lanes = [raw[k::4].count(0) for k in range(4)]
+        units = len(raw) // 4
+        if min(lanes[1:]) * 4 >= units * 3 and lanes[0] * 8 <= units:
+            return Encoding("utf-32-le", b"")
+        if min(lanes[:3]) * 4 >= units * 3 and lanes[3] * 8 <= units:
+            return Encoding("utf-32-be", b"")
     if len(raw) >= 2 and len(raw) % 2 == 0:
         even, odd = raw[0::2].count(0), raw[1::2].count(0)
         units = len(raw) // 2
@@ -86,11 +114,9 @@ def sniff(raw: bytes) -> Encoding:
 def as_utf8(raw: bytes) -> tuple[Encoding, bytes]:
     """(the encoding, the file's bytes as UTF-8 without a BOM), for the install."""
     enc = sniff(raw)
-    body = raw[len(enc.bom) :]
     if enc.codec == "utf-8":
-        return enc, body
-    even = body[: len(body) // 2 * 2]
-    return enc, even.decode(enc.codec, "surrogatepass").encode("utf-8", "surrogatepass")
+        return enc, raw[len(enc.bom) :]
+    return enc, enc.text(raw).encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -109,9 +135,24 @@ class Stripped:
     # Lines with a password key inside an inline table (`smtp = { password = "..." }`):
     # the line scan cannot take the password out of them alone.
     inline: tuple[int, ...] = ()
+    # Lines where a password was commented out: removed too, but no password given.
+    commented: tuple[int, ...] = ()
 
 
 def _names(dotted: bytes) -> list[str]:
+    """The names of a dotted key, its escapes undone as TOML undoes them: the daemon's
+    parser reads `"pass\\u0077ord"` as password, and so must the scan."""
+    if b"\\" in dotted:
+        try:
+            data: Any = tomllib.loads(dotted.decode("utf-8") + " = 0")
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass
+        else:
+            names = []
+            while isinstance(data, dict) and len(data) == 1:
+                name, data = next(iter(data.items()))
+                names.append(name)
+            return names
     return [
         p.strip().strip(b"\"'").decode("utf-8", "replace") for p in dotted.split(b".") if p.strip()
     ]
@@ -119,19 +160,23 @@ def _names(dotted: bytes) -> list[str]:
 
 def _value(snippet: bytes) -> tuple[bool, str | None]:
     """(complete, the string) for a TOML value's text; complete is False while a
-    multi-line value still lacks its end."""
+    multi-line value still lacks its end. A value that is not UTF-8 is no string we
+    install, but where it ends is still judged: a value in Windows-1252 that opens a
+    multi-line string runs on to its end."""
     try:
-        parsed = tomllib.loads("v = " + snippet.decode("utf-8"))
+        text, utf8 = snippet.decode("utf-8"), True
     except UnicodeDecodeError:
-        return True, None
+        text, utf8 = snippet.decode("utf-8", "replace"), False
+    try:
+        parsed = tomllib.loads("v = " + text)
     except tomllib.TOMLDecodeError:
         return not snippet.lstrip().startswith(_OPENS), None
     value = parsed.get("v")
-    return True, value if isinstance(value, str) else None
+    return True, value if utf8 and isinstance(value, str) else None
 
 
 def _is_password(dotted: bytes) -> bool:
-    return _names(dotted)[-1:] == ["password"]
+    return [n.lower() for n in _names(dotted)[-1:]] == ["password"]
 
 
 def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
@@ -149,17 +194,28 @@ def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
     lines = [body for body, _ in parts]
     found: list[Found] = []
     inline: list[int] = []
+    commented: list[int] = []
     table: list[str] = []
     i = 0
     while i < len(lines):
         line = lines[i]
-        body = line[len(BOM) :] if i == 0 and line.startswith(BOM) else line
+        bom = BOM if i == 0 and line.startswith(BOM) else b""
+        body = line[len(bom) :]
         head = _HEADER.match(body)
-        key = None if head else _KEY.match(body)
+        # A key after a header on the same line (`[smtp] password = "..."`) is no TOML,
+        # but an installer writes it: the header is kept, the key goes.
+        keep = body[: head.end()] + b" " if head else b""
+        key = _KEY.match(body[len(keep) :] if head else body)
         if head:
             table = _names(head.group(1))
         if any(_is_password(m.group(1)) for m in _INLINE_KEY.finditer(body)):
             inline.append(i + 1)
+        hidden = _COMMENTED.match(body)
+        if key is None and hidden is not None and _is_password(hidden.group(1)):
+            lines[i] = bom + comment
+            commented.append(i + 1)
+            i += 1
+            continue
         if key is None or not _is_password(key.group(1)):
             i += 1
             continue
@@ -176,52 +232,135 @@ def strip_passwords(raw: bytes, comment: bytes) -> Stripped:
             snippet += b"\n" + lines[end]
             complete, value = _value(snippet)
         for j in range(i, end + 1):
-            bom = BOM if j == 0 and lines[j].startswith(BOM) else b""
-            lines[j] = bom + (comment if j == i else b"#")
+            lines[j] = bom + keep + comment if j == i else b"#"
         found.append(Found(where, i + 1, value))
         i = end + 1
     text = b"".join(body + eol for body, (_, eol) in zip(lines, parts, strict=True))
-    return Stripped(text, tuple(found), tuple(inline))
+    return Stripped(text, tuple(found), tuple(inline), tuple(commented))
 
 
 def _strip_as(raw: bytes, enc: Encoding, comment: bytes) -> Stripped:
-    """`strip_passwords` on `raw` read as UTF-16 `enc` (after its BOM, if any). Any bytes
-    decode as UTF-16 with lone surrogates passed through, so when nothing is found the
-    bytes come back exactly as they were; an odd last byte is kept as it was."""
+    """`strip_passwords` on `raw` read as UTF-16 or UTF-32 `enc` (after its BOM, if any).
+    When nothing is found the bytes come back exactly as they were; a partial last unit
+    is kept as it was."""
     body = raw[len(enc.bom) :]
-    even = body[: len(body) // 2 * 2]
-    utf8 = even.decode(enc.codec, "surrogatepass").encode("utf-8", "surrogatepass")
+    whole = len(body) // enc.unit * enc.unit
+    utf8 = enc.text(raw).encode("utf-8", "surrogatepass")
     s = strip_passwords(utf8, comment)
-    if not (s.found or s.inline):
+    if not (s.found or s.inline or s.commented):
         return Stripped(raw, ())
-    text = enc.encode(s.text.decode("utf-8", "surrogatepass")) + body[len(even) :]
-    return Stripped(text, s.found, s.inline)
+    text = enc.encode(s.text.decode("utf-8", "surrogatepass")) + body[whole:]
+    return Stripped(text, s.found, s.inline, s.commented)
 
 
 def strip_card(raw: bytes, comment: str) -> Stripped:
     """`strip_passwords` on a card's file in whatever encoding it was saved (UTF-8 with or
-    without BOM, UTF-16 LE/BE with or without BOM): each line scanned as UTF-8, the file
-    written back in its own encoding. Every plausible reading is scanned, not only the
-    one `sniff` picks: a UTF-8 line after a stray BOM, or UTF-16 without a BOM whose
-    NULs fall on both sides, must give its password up all the same."""
+    without BOM, UTF-16 or UTF-32 LE/BE with or without BOM): each line scanned as UTF-8,
+    the file written back in its own encoding. Every plausible reading is scanned, not
+    only the one `sniff` picks: a UTF-8 line after a stray BOM, or UTF-16 without a BOM
+    whose NULs fall on both sides, must give its password up all the same. What even
+    this misses, `remains` finds afterwards."""
     found: tuple[Found, ...] = ()
     inline: tuple[int, ...] = ()
+    commented: tuple[int, ...] = ()
     text = raw
     readings = [e for e, bom in _BOMS[1:] if raw.startswith(bom)]
     if not readings and 0 in raw:
-        readings = [Encoding("utf-16-le", b""), Encoding("utf-16-be", b"")]
+        readings = list(_WIDE)
     for enc in readings:
         s = _strip_as(text, enc, comment.encode())
         text, found, inline = s.text, found + s.found, inline + s.inline
+        commented += s.commented
     s = strip_passwords(text, comment.encode())
-    return Stripped(s.text, found + s.found, inline + s.inline)
+    return Stripped(s.text, found + s.found, inline + s.inline, commented + s.commented)
+
+
+# The word password as a key would spell it: any letter in capitals or as a TOML escape
+# (\u0077, \U00000077), not inside a longer bare key (password_file, smtp-password), and
+# followed by what comes after a key (an optional closing quote, then `=` or `.`).
+_ESCAPES = rb"|\\u00%02x|\\U000000%02x"
+_SPELLED = b"".join(
+    b"(?:" + bytes([c]) + b"".join(_ESCAPES % (x, x) for x in (c, c - 32)) + b")"
+    for c in b"password"
+)
+_PASSWORD_KEY = re.compile(
+    rb"(?<![A-Za-z0-9_-])" + _SPELLED + rb"(?![A-Za-z0-9_-])[\"']?[ \t]*[=.]", re.IGNORECASE
+)
+
+
+def readings(raw: bytes) -> list[str]:
+    """The file read every way a card's file may be written: UTF-8 (after a BOM or not),
+    UTF-16 and UTF-32 either way and from every byte offset (a stray byte before them
+    shifts all that follows). Nothing fails: what does not decode is replaced."""
+    texts = [raw.decode("utf-8", "replace")]
+    if 0 in raw or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        for enc in _WIDE:
+            texts += [enc.text(raw[k:]) for k in range(enc.unit)]
+    return texts
+
+
+def _outside_strings(text: str) -> str:
+    """`text`, a file that parses as TOML, with the inside of every string blanked out:
+    what is left are keys, values other than strings, and comments. A string value is
+    never a key (`subject = "password = reset"` is none); a comment may hide one."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(text[i:end])
+            i = end
+            continue
+        if c not in "\"'":
+            out.append(c)
+            i += 1
+            continue
+        quote = text[i : i + 3] if text[i : i + 3] in ('"""', "'''") else c
+        i += len(quote)
+        while i < n and not text.startswith(quote, i):
+            i += 2 if c == '"' and text[i] == "\\" else 1
+        i += len(quote)
+        # TOML lets a multi-line string end in up to two more quotes than its delimiter.
+        while len(quote) == 3 and i < n and text[i] == c:
+            i += 1
+        out.append(" ")
+    return "".join(out)
+
+
+def has_password_key(data: Any) -> bool:
+    """Whether parsed TOML holds a key named password (in any case), at any depth."""
+    if isinstance(data, dict):
+        return any(str(k).lower() == "password" or has_password_key(v) for k, v in data.items())
+    if isinstance(data, list):
+        return any(has_password_key(v) for v in data)
+    return False
+
+
+def remains(raw: bytes) -> bool:
+    """Whether a password may still be in `raw` (the card's file, after stripping). A
+    file the daemon could parse is judged by its parse (any key named password, at any
+    depth) and by its comments and keys; any other file by a search of every reading
+    for the word spelled as a key. When in doubt, yes: the caller then takes the whole
+    file off the card."""
+    text, _ = decode(raw)
+    if text is not None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            pass
+        else:
+            outside = _outside_strings(text).encode("utf-8", "surrogatepass")
+            return has_password_key(data) or bool(_PASSWORD_KEY.search(outside))
+    return any(_PASSWORD_KEY.search(t.encode("utf-8", "surrogatepass")) for t in readings(raw))
 
 
 def leaks(raw: bytes, password: str) -> bool:
     """Whether `raw` still holds `password` in any encoding a card's file may use."""
     return any(
         password.encode(codec, "surrogatepass") in raw
-        for codec in ("utf-8", "utf-16-le", "utf-16-be")
+        for codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
     )
 
 
@@ -249,6 +388,8 @@ def read_password_file(raw: bytes) -> tuple[str | None, str | None]:
     if len(raw) > MAX_PASSWORD_FILE:
         return None, f"is {len(raw)} bytes: not a password (one line)"
     enc = sniff(raw)
+    if enc.unit == 4 and not enc.bom:
+        enc = UTF8  # a password is too short for the NULs to tell UTF-32 reliably
     try:
         text = raw.removeprefix(enc.bom).decode(enc.codec)
     except UnicodeDecodeError:

@@ -42,7 +42,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return boot, etc
 
 
-ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be")
+ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
 
 
 def card_leaks(boot: Path, secret: bytes = SECRET_BYTES) -> list[str]:
@@ -572,6 +572,9 @@ def test_a_cut_after_zeroing_the_password_file_then_a_good_config_boots(
     boot, etc = dirs
     beside = boot / "mailgw-smtp-password"
     beside.write_bytes(bytes(min(zeroed, 300)) + (b"tail-of-old-pw" if zeroed > 300 else b""))
+    if zeroed > 300:
+        # Zeroing begun, not finished: only the marker `shred` writes first says so.
+        (boot / "mailgw-smtp-password.firstboot-shred").write_bytes(b"")
     (boot / "mailgw.toml").write_text(config(tmp_path / "s", f'password = "{SECRET}"\n'))
 
     r = run_cli("firstboot", "--boot", str(boot), "--etc", str(etc))
@@ -635,4 +638,155 @@ def test_arbitrary_text_in_any_encoding_keeps_no_password(
     codec, bom = SAVED_AS[how]
     raw = bom + (before + "\n" + line + after).replace("\n", eol).encode(codec, "surrogatepass")
     leaks, _ = _run_in_fresh_dirs(raw, None)
+    assert leaks == []
+
+
+# --- installer mistakes: nothing of the password stays, and the note says what is true ---
+
+# Every way an installer has been seen to leave a password where a line scan alone
+# misses it: commented out, a key spelled with TOML escapes, UTF-32, a key after a
+# header or another key on the same line, a value that is not UTF-8 running over lines.
+MISTAKES = {
+    "commented": ("utf-8", 'password = "x"\n# password = "{pw}"\n'),
+    "commented-twice": ("utf-8", '  ## password = "{pw}"\n'),
+    "escaped-key": ("utf-8", '"pass\\u0077ord" = "{pw}"\n'),
+    "escaped-key-upper": ("utf-8", '"\\u0050ASSWORD" = "{pw}"\n'),
+    "escaped-dotted": ("utf-8", 'smtp."pass\\U00000077ord" = "{pw}"\n'),
+    "utf-32-bom": ("utf-32", 'password = "{pw}"\n'),
+    "utf-32-le": ("utf-32-le", 'password = "{pw}"\n'),
+    "utf-32-be": ("utf-32-be", 'password = "{pw}"\n'),
+    "header-same-line": ("utf-8", '[mqtt] password = "{pw}"\n'),
+    "two-keys-one-line": ("utf-8", 'port = 587  password = "{pw}"\n'),
+    "after-a-string": ("utf-8", 'note = """x\n""" ; password = "{pw}"\n'),
+    "cp1252-multiline": ("cp1252", 'password = """Gr\u00fc\u00dfe\n{pw}"""\n'),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_an_installer_mistake_keeps_no_password_on_the_card(
+    dirs: tuple[Path, Path], tmp_path: Path, name: str
+) -> None:
+    boot, etc = dirs
+    codec, smtp = MISTAKES[name]
+    pw = "Zq9-hunter2-S3cr3t"  # ASCII, so that cp1252 can write it too
+    (boot / "mailgw.toml").write_bytes(config(tmp_path / "s", smtp.format(pw=pw)).encode(codec))
+
+    out = take(boot, etc)
+
+    assert card_leaks(boot, pw.encode()) == [], out
+    installed = etc / "gateway.toml"
+    assert not installed.exists() or pw.encode() not in installed.read_bytes()
+    if out.code == 1:
+        note = (boot / "mailgw.toml.rejected").read_text()
+        assert ("removed from this card" in note) or ("moved off this card" in note), note
+
+
+def test_a_commented_password_beside_a_password_file_is_not_kept(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    boot, etc = dirs
+    old = "OldPW-456"
+    (boot / "mailgw.toml").write_text(config(tmp_path / "s", f'# password = "{old}"\n'))
+    (boot / "mailgw-smtp-password").write_text(SECRET + "\n")
+
+    out = take(boot, etc)
+
+    assert out.code == 0, out.problems
+    assert (etc / "smtp-password").read_text() == SECRET + "\n"
+    assert card_leaks(boot, old.encode()) == [] and card_leaks(boot) == []
+    assert old not in (etc / "gateway.toml").read_text()
+
+
+def test_a_note_never_says_removed_when_it_was_not(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A line the scan cannot take apart: the whole file leaves the card, and the note
+    says so (not that the password was removed from it)."""
+    boot, etc = dirs
+    text = config(tmp_path / "s", f'port = 587  password = "{SECRET}"\n')
+    (boot / "mailgw.toml").write_text(text)
+
+    out = take(boot, etc)
+
+    assert out.code == 1
+    assert not (boot / "mailgw.toml").exists() and card_leaks(boot) == []
+    kept = etc / "mailgw.toml.from-card"
+    assert kept.read_text() == text and mode(kept) == 0o600
+    note = (boot / "mailgw.toml.rejected").read_text()
+    assert f"moved off this card to {kept}" in note
+    assert "removed from this card" not in note
+
+
+def test_a_password_file_named_in_the_config_stays(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The word alone is no password: `password_file`, a path ending in "password" and a
+    comment about it are settings and words, and a file holding them is taken."""
+    boot, etc = dirs
+    (tmp_path / "password").write_text("pw\n")
+    (tmp_path / "password").chmod(0o600)
+    smtp = f'password_file = "{tmp_path / "password"}"  # the password, not here\n'
+    (boot / "mailgw.toml").write_text(config(tmp_path / "s", smtp))
+    out = take(boot, etc)
+    assert out.code == 0, out.problems
+
+
+@pytest.mark.parametrize("codec", ["utf-32-be", "utf-32-le", "utf-32"])
+def test_utf32_is_taken_not_taken_for_a_leftover(
+    dirs: tuple[Path, Path], tmp_path: Path, codec: str
+) -> None:
+    """UTF-32 big endian without a BOM begins with NULs: it is a config all the same,
+    never deleted as the leftover of an interrupted removal."""
+    boot, etc = dirs
+    (boot / "mailgw.toml").write_bytes(
+        config(tmp_path / "s", f'password = "{SECRET}"\n').encode(codec)
+    )
+
+    out = take(boot, etc)
+
+    assert out.code == 0, out.problems
+    assert (etc / "smtp-password").read_text() == SECRET + "\n"
+    parse((etc / "gateway.toml").read_text())
+    assert card_leaks(boot) == [] and (boot / "mailgw.toml.taken").exists()
+
+
+def test_a_file_beginning_with_nuls_is_not_deleted_without_the_marker(
+    dirs: tuple[Path, Path],
+) -> None:
+    boot, etc = dirs
+    (boot / "mailgw.toml").write_bytes(bytes(8) + b"not zeroed")
+    out = take(boot, etc)
+    assert out.code == 1, out
+    assert (boot / "mailgw.toml.rejected").exists()
+
+
+def test_shred_leaves_no_marker(tmp_path: Path) -> None:
+    f = tmp_path / "mailgw-smtp-password"
+    f.write_text("x\n")
+    shred(f)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _escaped(word: str, picks: list[int]) -> str:
+    """`word` with some letters written as TOML escapes (\\u or \\U) or in capitals."""
+    forms = [
+        lambda c: c,
+        lambda c: c.upper(),
+        lambda c: f"\\u{ord(c):04x}",
+        lambda c: f"\\U{ord(c):08X}",
+    ]
+    return "".join(forms[p](c) for p, c in zip(picks, word, strict=True))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(0, 3), min_size=8, max_size=8),
+    st.sampled_from(["", "[smtp] ", "# ", "#", "port = 587 ", "smtp.", "x = '''a\n''' "]),
+    st.sampled_from(["utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-32"]),
+    st.booleans(),
+)
+def test_any_spelling_of_the_key_keeps_no_password(
+    picks: list[int], before: str, codec: str, quoted: bool
+) -> None:
+    key = _escaped("password", picks)
+    if "\\" in key or quoted:
+        key = f'"{key}"'
+    text = f'[gateway]\ndevice_id = "t"\n[smtp]\nhost = "h"\n{before}{key} = "{SECRET}"\n'
+    leaks, _ = _run_in_fresh_dirs(text.encode(codec), None)
     assert leaks == []
