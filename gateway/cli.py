@@ -82,6 +82,12 @@ def _show_silence(cfg: Config, topic: str, sensor: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A reload or flush asked for while the daemon is still starting (`systemctl reload`
+    # right after a start, an operator's `mailgw flush`) must not end it: by default
+    # SIGHUP and SIGUSR1 terminate a process. Ignored until the loop takes them over;
+    # the configuration read below is the one a reload would have read anyway.
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     from gateway import heap, service, systemd
 
     cfg = _config(args)

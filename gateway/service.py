@@ -191,6 +191,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
+        # Taken before the outbox is waited for (a full disk, a lock: possibly minutes):
+        # each copes with the parts not built yet.
+        loop.add_signal_handler(signal.SIGUSR1, self.flush)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._prepare_runtime_dir()
         try:
             outbox = await self._wait_for_outbox()
@@ -201,8 +205,6 @@ class Daemon:
         except GatewayError as exc:
             log.critical("%s", exc)
             return 1
-        loop.add_signal_handler(signal.SIGUSR1, self.flush)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("mailgw started: %s", self.config.summary())
         try:
             async with asyncio.TaskGroup() as tg:

@@ -224,7 +224,8 @@ class DaemonProcess:
             cwd=root,
             stderr=self._log,
             stdout=self._log,
-            env={**os.environ, "PYTHONPATH": str(root), **self.env},
+            # A crash in C (a signal) leaves its Python stacks in the log.
+            env={**os.environ, "PYTHONPATH": str(root), "PYTHONFAULTHANDLER": "1", **self.env},
         )
         return self
 

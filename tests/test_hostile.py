@@ -244,6 +244,32 @@ def test_a_locked_outbox_at_start_is_waited_for_not_moved_aside(tmp_path: Path, 
         assert gw.terminate() == 0
 
 
+def test_a_reload_or_flush_while_the_outbox_is_waited_for_does_not_end_the_daemon(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """SIGHUP and SIGUSR1 end a process by default: a `systemctl reload` or `mailgw
+    flush` during a long start (a locked outbox) must find the daemon ready for them."""
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = daemon_config(tmp_path, pki, smtp.port)
+        db = tmp_path / "state" / "outbox.db"
+        queue_alerts(db, 5)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE meta SET value = value WHERE key = 'next_seq'")
+        gw = DaemonProcess(cfg, tmp_path / "d.log").start()
+        wait_for(lambda: "locked by another process" in gw.log_text(), timeout=30, what="the wait")
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "flush requested" in gw.log_text(), what="the flush taken")
+        assert gw.alive
+        holder.execute("ROLLBACK")
+        holder.close()
+        wait_for(lambda: len(smtp.received) == 5, timeout=40, what="the 5 queued alerts")
+        assert gw.terminate() == 0
+
+
 def test_a_full_disk_at_start_is_waited_for_not_moved_aside(
     tmp_path: Path, pki: Pki, small_disk: Path
 ) -> None:

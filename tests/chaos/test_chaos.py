@@ -291,7 +291,8 @@ def _chaos(
                 exits[kind] += 1  # the daemon died of a fault it should ride out
                 # Say why it ended, next to the seed, before the run goes on.
                 tail = gw.log_text().splitlines()[-40:]
-                print(f"daemon ended during {kind}:\n  " + "\n  ".join(tail))
+                rc = gw.proc.returncode if gw.proc is not None else None
+                print(f"daemon ended (rc {rc}) during {kind}:\n  " + "\n  ".join(tail))
                 gw.start()
     finally:
         stop.set()
