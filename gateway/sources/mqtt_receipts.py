@@ -29,7 +29,6 @@ from gateway.receipts import (
     Throttle,
     ask_mqtt,
     payload,
-    topic_sensor,
 )
 from gateway.runtime import Runtime
 
@@ -90,7 +89,7 @@ class Receipts:
             alert.fields,
             bytes(corr) if isinstance(corr, bytes | bytearray) else None,
             topic if isinstance(topic, str) else None,
-            sensor=topic_sensor(alert.topic),
+            alert_topic=alert.topic,
             device_id=self.device_id,
             template=self.cfg.receipt_topic,
             prefix=self.cfg.receipt_prefix,
@@ -138,7 +137,8 @@ class Receipts:
             if d.key in self._inflight or d.key in acked:
                 continue
             props = None
-            if d.v5 and self.cfg.protocol == "5":
+            # A Response Topic without Correlation Data is answered without it.
+            if d.v5 and d.correlation and self.cfg.protocol == "5":
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = d.correlation
             try:
