@@ -148,10 +148,10 @@ def own_topic(template: str, alert_topic: str, device_id: str) -> str | Refused:
         # 64 characters): a level it changes would share its receipt topic with others.
         return Refused(
             "receipt_topic",
-            f"the alert's topic {alert_topic!a} does not end in a plain sensor name (one "
-            "level of at most 64 characters without spaces, '+', '#' or controls), so it "
-            "has no receipt topic of its own under mqtt.receipt_topic's {sensor}; name the "
-            "sensor plainly, or use {topic} in mqtt.receipt_topic",
+            f"the alert's topic {alert_topic!a} does not end in a plain sensor name (ASCII "
+            "letters, digits and ._:@- only, at most 64 of them), so it has no receipt "
+            "topic of its own under mqtt.receipt_topic's {sensor}; name the sensor "
+            "plainly, or use {topic} in mqtt.receipt_topic",
         )
     return fill_topic(template, level, alert_topic, device_id)
 
