@@ -529,3 +529,32 @@ def test_half_formed_and_mixed_mqtt5_requests_are_answered_or_counted(
         [mail] = [m for m in smtp.received if "topic alone" in str(m.message["Subject"])]
         assert got.body["outcome"] == "sent" and got.body["message_id"] == mail.message_id
         assert gw.log_text().count("counted as receipt_bad_request") == 1
+
+
+def test_a_receipt_asked_for_under_an_old_prefix_is_not_published_outside_the_new(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """The operator moves mqtt.receipt_prefix while a receipt waits: the gateway never
+    publishes outside the prefix it runs with, so it drops that one, counted and said."""
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.stop()  # the receipt waits for its mail across the restart
+        cfg = config(tmp_path, pki, smtp, broker)
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "door open", b"old", "receipts/door")
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: states(db) == [("waiting", None)], what="the request stored")
+        assert gw.terminate() == 0
+        moved = '[mqtt]\nreceipt_prefix = "r/"\nreceipt_topic = "r/{sensor}"\n'
+        cfg.write_text(cfg.read_text().replace("[mqtt]\n", moved))
+        smtp.start()
+        gw.start()
+        gw.wait_ready(("mqtt",))
+        wait_for(lambda: smtp.received, what="the mail")
+        wait_for(lambda: rejected(gw) == {"receipt_bad_topic": 1}, what="the drop counted")
+        wait_for(lambda: states(db) == [("published", "sent")], what="the receipt settled")
+        assert gw.terminate() == 0
+        app.close()
+        assert app.receipts() == []
+        assert gw.log_text().count("asked for before the configuration changed") == 1
