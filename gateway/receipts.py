@@ -14,19 +14,30 @@ the outbox records outcomes for, so it needs no state of its own across routes, 
 publisher whose alert reaches two routes learns about each.
 
 What a publisher controls is bounded here: the correlation id's size, and the topic,
-which must be its own sensor's receipt topic: `mqtt.receipt_topic` filled in for the
-sensor its alert's MQTT topic names (the topic's last level), or a topic below that.
-The sensor comes from the topic the broker delivered on, never from the payload (whose
-`sensor` field anyone can write), so a publisher allowed by the broker's ACL to publish
-on alerts/+/door gets receipts only on receipts/door/...; it cannot answer with another
-sensor's correlation id on another sensor's receipt topic. A request that breaks a
-bound is refused and counted; the alert itself is stored as usual, since losing an
-alert over its receipt would be the worse failure.
+which must be its own receipt topic: `mqtt.receipt_topic` filled in from the MQTT topic
+the broker delivered the alert on, never from the payload (whose `sensor` field anyone
+can write). With `{sensor}` that is the topic's last level, taken only when it is a
+sensor name as it stands: a level that normalisation would change (a space, a '+', more
+than 64 characters) is refused, since `Tür`, `T r` and `T\u00a0r` would all become
+`T_r` and share one receipt topic. With `{topic}` it is the whole topic, so
+`alerts/siteA/door` and `alerts/siteB/door` never share one. So a publisher allowed by
+the broker's ACL to publish on alerts/siteA/door gets receipts only on its own receipt
+topic; it cannot answer with another sensor's correlation id on another sensor's
+receipt topic. A request that breaks a bound is refused and counted; the alert itself
+is stored as usual, since losing an alert over its receipt would be the worse failure.
+
+A message asks one way: MQTT 5 properties, whose request is the Response Topic (MQTT 5
+section 4.10: Correlation Data is optional, and alone asks for nothing), or JSON
+fields, whose request is `correlation_id` (`reply_to` is optional). A message that mixes
+the two, or sends the optional half alone, is refused as a bad request: answering one
+half would publish a receipt the publisher may not be waiting for, or on a topic it
+did not name, and the count and the log line tell its operator what to fix.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -128,27 +139,56 @@ def topic_problem(topic: str, prefix: str) -> str | None:
     return None
 
 
-def topic_sensor(topic: str) -> str:
-    """The sensor an alert's MQTT topic names (its last level), as the MQTT source takes
-    it before a payload may rename it: whose receipt topic the publisher may ask for."""
-    return clean_sensor(topic.rsplit("/", 1)[-1] or "unknown")
+def own_topic(template: str, alert_topic: str, device_id: str) -> str | Refused:
+    """The receipt topic of an alert that came on `alert_topic`: `mqtt.receipt_topic`
+    filled in, or why it has none. Only the broker's topic picks it, never the payload."""
+    level = alert_topic.rsplit("/", 1)[-1]
+    if "{sensor}" in template and clean_sensor(level) != level:
+        # clean_sensor is many-to-one (each bad character becomes '_', and it cuts at
+        # 64 characters): a level it changes would share its receipt topic with others.
+        return Refused(
+            "receipt_topic",
+            f"the alert's topic {alert_topic!a} does not end in a plain sensor name (ASCII "
+            "letters, digits and ._:@- only, at most 64 of them), so it has no receipt "
+            "topic of its own under mqtt.receipt_topic's {sensor}; name the sensor "
+            "plainly, or use {topic} in mqtt.receipt_topic",
+        )
+    return fill_topic(template, level, alert_topic, device_id)
 
 
-def own_topic_problem(topic: str, own: str) -> str | None:
-    """Why `topic` is not the sensor's own receipt topic `own` (or below it), or None."""
-    if topic == own or topic.startswith(own.rstrip("/") + "/"):
+def own_topic_problem(topic: str, own: str, *, below: bool) -> str | None:
+    """Why `topic` is not the alert's own receipt topic `own` (or, if `below`, a topic
+    below it), or None."""
+    if topic == own or (below and topic.startswith(own.rstrip("/") + "/")):
         return None
     return (
-        f"the receipt topic {topic!a} is not this sensor's ({own!a}, or a topic below it): "
-        "a publisher gets receipts only on the receipt topic of the sensor it publishes as"
+        f"the receipt topic {topic!a} is not this sensor's ({own!a}"
+        + (", or a topic below it" if below else "")
+        + "): a publisher gets receipts only on the receipt topic of the topic it "
+        "publishes on"
     )
 
 
-def fill_topic(template: str, sensor: str, device_id: str) -> str:
-    """`mqtt.receipt_topic` for an alert: {sensor} and {device_id} only (check-config
-    refuses any other name), so nothing in a payload picks the topic but the sensor's
-    name, which normalisation has made one topic level."""
-    return template.replace("{sensor}", sensor).replace("{device_id}", device_id)
+def below_allowed(template: str) -> bool:
+    """May a publisher ask for a topic below its own receipt topic? Not with `{topic}`:
+    below receipts/{topic} of alerts/door lies receipts/alerts/door/x, the receipt topic
+    of alerts/door/x, which may be another publisher's. A `{sensor}` is one level, so
+    nothing below one sensor's receipt topic is another's."""
+    return "{topic}" not in template
+
+
+_NAMES = re.compile(r"{(sensor|device_id|topic)}")
+
+
+def fill_topic(template: str, sensor: str, topic: str, device_id: str) -> str:
+    """`mqtt.receipt_topic` for an alert: {sensor}, {topic} and {device_id} only
+    (check-config refuses any other name). One pass: a topic level that reads
+    `{device_id}` is put in as it is, never filled in again."""
+    values = {"sensor": sensor, "topic": topic, "device_id": device_id}
+    return _NAMES.sub(lambda m: values[m.group(1)], template)
+
+
+BAD_REQUEST = "receipt_bad_request"
 
 
 def ask_mqtt(
@@ -156,30 +196,54 @@ def ask_mqtt(
     correlation: bytes | None,
     response_topic: str | None,
     *,
-    sensor: str,
+    alert_topic: str,
     device_id: str,
     template: str,
     prefix: str,
 ) -> Ask | Refused | None:
     """The receipt an MQTT message asks for (None: none), from its MQTT 5 properties or
-    its JSON fields `correlation_id` / `reply_to`. Properties win: they are the
-    protocol's own way to ask. `sensor`: the one the alert's topic names
-    (`topic_sensor`), which picks the only receipt topics allowed."""
-    v5 = correlation is not None and response_topic is not None
-    if v5:
-        assert correlation is not None and response_topic is not None
-        corr, topic = bytes(correlation), response_topic
-    else:
-        given = fields.get("correlation_id")
-        if given is None:
-            return None
+    its JSON fields `correlation_id` / `reply_to`, one way or the other (module doc).
+    `alert_topic`: the topic the broker delivered it on, which picks the only receipt
+    topics allowed."""
+    by_json = "correlation_id" in fields or "reply_to" in fields
+    if by_json and (correlation is not None or response_topic is not None):
+        return Refused(
+            BAD_REQUEST,
+            "it asks both with MQTT 5 properties and with JSON fields (correlation_id, "
+            "reply_to); a request is made one way",
+        )
+    if correlation is not None and response_topic is None:
+        return Refused(
+            BAD_REQUEST,
+            "it has MQTT 5 Correlation Data without a Response Topic, and only a Response "
+            "Topic asks for an answer",
+        )
+    topic: str | None
+    if response_topic is not None:
+        # Correlation Data is optional in MQTT 5: a publisher that gives none tells its
+        # answers apart by topic, and gets them without the property (and an empty
+        # correlation_id in the JSON), as the protocol's responders do.
+        corr, topic, v5 = bytes(correlation or b""), response_topic, True
+    elif by_json:
+        if "correlation_id" not in fields:
+            return Refused(
+                BAD_REQUEST, "it has reply_to without correlation_id, which is what asks"
+            )
+        given = fields["correlation_id"]
         if not isinstance(given, str | int) or isinstance(given, bool) or given == "":
             return Refused("receipt_bad_id", "correlation_id must be a non-empty string")
-        corr = str(given).encode("utf-8", "surrogatepass")
+        corr, v5 = str(given).encode("utf-8", "surrogatepass"), False
         reply = fields.get("reply_to")
         if reply is not None and not isinstance(reply, str):
             return Refused("receipt_bad_topic", "reply_to must be a string")
-        topic = reply if reply is not None else fill_topic(template, sensor, device_id)
+        topic = reply if isinstance(reply, str) else None
+    else:
+        return None
+    own = own_topic(template, alert_topic, device_id)
+    if isinstance(own, Refused):
+        return own
+    if topic is None:
+        topic = own
     if len(corr) > MAX_CORRELATION:
         return Refused(
             "receipt_id_too_long",
@@ -187,7 +251,7 @@ def ask_mqtt(
         )
     if (why := topic_problem(topic, prefix)) is not None:
         return Refused("receipt_bad_topic", why)
-    if (why := own_topic_problem(topic, fill_topic(template, sensor, device_id))) is not None:
+    if (why := own_topic_problem(topic, own, below=below_allowed(template))) is not None:
         return Refused("receipt_topic", why)
     return Ask(MQTT, topic, corr, v5)
 

@@ -23,7 +23,13 @@ from gateway.outbox import receipts as stored
 from gateway.receipts import MAX_CORRELATION, MAX_TOPIC, Ask, Refused, ask_mqtt
 from gateway.routing import topic_matches
 
-ASK = {"sensor": "door", "device_id": "gw", "template": "receipts/{sensor}", "prefix": "receipts/"}
+ASK = {
+    "alert_topic": "alerts/x/door",
+    "device_id": "gw",
+    "template": "receipts/{sensor}",
+    "prefix": "receipts/",
+}
+BY_TOPIC = {**ASK, "template": "receipts/{topic}"}
 
 
 # --- asking --------------------------------------------------------------------------
@@ -93,17 +99,139 @@ def test_whatever_a_publisher_sends_a_receipt_stays_bounded_and_under_the_prefix
 def test_the_sensor_whose_receipt_topic_is_allowed_comes_from_the_topic() -> None:
     """Not from the payload: `{"sensor": "temp1"}` on alerts/x/door does not make the
     publisher temp1's (the alert is still called temp1 in its mail)."""
-    assert receipts.topic_sensor("alerts/cold-room-3/temp1") == "temp1"
-    assert receipts.topic_sensor("alerts/x/") == "unknown"
     forged = normalize(
         b'{"sensor": "temp1", "correlation_id": "t1-7"}', Draft("alerts/x/door", "mqtt")
     )
     assert forged.sensor == "temp1"
-    sensor = receipts.topic_sensor(forged.topic)
-    got = ask_mqtt(forged.fields, None, None, **{**ASK, "sensor": sensor})
+    got = ask_mqtt(forged.fields, None, None, **{**ASK, "alert_topic": forged.topic})
     assert got == Ask("mqtt", "receipts/door", b"t1-7")
-    got = ask_mqtt({}, b"t1-7", "receipts/temp1", **{**ASK, "sensor": sensor})
+    got = ask_mqtt({}, b"t1-7", "receipts/temp1", **{**ASK, "alert_topic": forged.topic})
     assert isinstance(got, Refused) and got.reason == "receipt_topic"
+
+
+@pytest.mark.parametrize(
+    "alert_topic",
+    [
+        "alerts/siteB/T\u00fcr",
+        "alerts/siteB/T r",
+        "alerts/siteB/T\u00a0r",
+        "alerts/siteB/" + "s" * 64 + "-a",  # the same as "-b" once cut at 64
+        "alerts/siteB/ door",
+        "alerts/siteB/",
+        "alerts/siteB/{device_id}",
+    ],
+)
+def test_a_topic_not_ending_in_a_plain_sensor_name_has_no_sensor_receipt_topic(
+    alert_topic: str,
+) -> None:
+    """Normalisation would make these T_r, a 64-character cut, door, unknown or
+    _device_id_: each shares that name with other topics, so none owns its receipt
+    topic. Refused however the request is made, and counted as receipt_topic."""
+    at = {**ASK, "alert_topic": alert_topic}
+    for got in (
+        ask_mqtt({"correlation_id": "c"}, None, None, **at),
+        ask_mqtt({}, b"c", "receipts/T_r", **at),
+        ask_mqtt({}, b"c", "receipts/door", **at),
+    ):
+        assert isinstance(got, Refused) and got.reason == "receipt_topic", got
+        assert "does not end in a plain sensor name" in got.why
+    # The plain name is its own, and {topic} gives every one of them its own topic.
+    plain = ask_mqtt({"correlation_id": "c"}, None, None, **{**ASK, "alert_topic": "a/T_r"})
+    assert plain == Ask("mqtt", "receipts/T_r", b"c")
+    got = ask_mqtt({"correlation_id": "c"}, None, None, **{**BY_TOPIC, "alert_topic": alert_topic})
+    if alert_topic.isprintable():
+        assert got == Ask("mqtt", "receipts/" + alert_topic, b"c")
+    else:  # a non-printable character is no topic the gateway publishes to
+        assert isinstance(got, Refused) and got.reason == "receipt_bad_topic"
+
+
+def test_with_topic_two_sites_sensors_of_one_name_have_their_own_receipt_topics() -> None:
+    site_a = {**BY_TOPIC, "alert_topic": "alerts/siteA/door"}
+    site_b = {**BY_TOPIC, "alert_topic": "alerts/siteB/door"}
+    assert ask_mqtt({"correlation_id": "c"}, None, None, **site_a) == Ask(
+        "mqtt", "receipts/alerts/siteA/door", b"c"
+    )
+    assert ask_mqtt({}, b"c", "receipts/alerts/siteB/door", **site_b) == Ask(
+        "mqtt", "receipts/alerts/siteB/door", b"c", v5=True
+    )
+    for got in (
+        ask_mqtt({}, b"c", "receipts/alerts/siteA/door", **site_b),
+        ask_mqtt(
+            {"correlation_id": "c", "reply_to": "receipts/alerts/siteA/door"}, None, None, **site_b
+        ),
+        # Below one topic's receipt topic lies another topic's: not with {topic}.
+        ask_mqtt({}, b"c", "receipts/alerts/siteA/door/x", **site_a),
+    ):
+        assert isinstance(got, Refused) and got.reason == "receipt_topic", got
+    # Filled in once: a topic level that reads {device_id} stays as it is.
+    odd = {**BY_TOPIC, "alert_topic": "alerts/{device_id}"}
+    assert ask_mqtt({"correlation_id": "c"}, None, None, **odd) == Ask(
+        "mqtt", "receipts/alerts/{device_id}", b"c"
+    )
+
+
+tricky = st.text(alphabet="ab_ /\u00fc\u00a0{}\t", max_size=8)
+
+
+@given(
+    template=st.sampled_from(
+        [
+            "receipts/{sensor}",
+            "receipts/{topic}",
+            "receipts/{device_id}/{sensor}",
+            "receipts/{topic}/r",
+        ]
+    ),
+    first=tricky,
+    second=tricky,
+    reply=st.sampled_from(["", "/x", "/", "/r", "/r/r"]),
+    via=st.sampled_from(["first", "second"]),
+)
+def test_no_receipt_topic_is_two_topics_own(
+    template: str, first: str, second: str, reply: str, via: str
+) -> None:
+    """Two alert topics that differ (in their last level, with {sensor}) are never
+    both allowed one receipt topic, whatever it is built from."""
+    a, b = f"alerts/{first}", f"alerts/{second}"
+    distinct = a != b if "{topic}" in template else a.rsplit("/", 1)[-1] != b.rsplit("/", 1)[-1]
+    base = ask_mqtt(
+        {"correlation_id": "c"},
+        None,
+        None,
+        **{**ASK, "template": template, "alert_topic": a if via == "first" else b},
+    )
+    if not distinct or not isinstance(base, Ask):
+        return
+    asked = base.reply + reply
+    got_a = ask_mqtt({}, b"c", asked, **{**ASK, "template": template, "alert_topic": a})
+    got_b = ask_mqtt({}, b"c", asked, **{**ASK, "template": template, "alert_topic": b})
+    assert not (isinstance(got_a, Ask) and isinstance(got_b, Ask)), (a, b, asked)
+
+
+@pytest.mark.parametrize(
+    ("fields", "corr", "topic", "expected"),
+    [
+        # The Response Topic is MQTT 5's request; Correlation Data is optional.
+        ({}, None, "receipts/door/req-17", Ask("mqtt", "receipts/door/req-17", b"", v5=True)),
+        ({"other": 1}, None, "receipts/door", Ask("mqtt", "receipts/door", b"", v5=True)),
+        # Half a request, or one made two ways at once: refused and counted.
+        ({}, b"c", None, "receipt_bad_request"),
+        ({"correlation_id": "c"}, None, "receipts/door", "receipt_bad_request"),
+        ({"correlation_id": "c"}, b"c", "receipts/door", "receipt_bad_request"),
+        ({"correlation_id": "c"}, b"c", None, "receipt_bad_request"),
+        ({"reply_to": "receipts/door"}, None, "receipts/door", "receipt_bad_request"),
+        ({"reply_to": "receipts/door"}, None, None, "receipt_bad_request"),
+        ({"correlation_id": None}, None, None, "receipt_bad_id"),
+    ],
+)
+def test_every_half_formed_or_mixed_request_is_answered_or_refused_never_dropped(
+    fields: dict[str, object], corr: bytes | None, topic: str | None, expected: Ask | str
+) -> None:
+    got = ask_mqtt(fields, corr, topic, **ASK)
+    if isinstance(expected, Ask):
+        assert got == expected
+    else:
+        assert isinstance(got, Refused) and got.reason == expected and got.why
 
 
 def test_refusal_log_lines_are_throttled_per_reason() -> None:
@@ -311,8 +439,9 @@ def test_receipt_keys_have_safe_defaults() -> None:
         ('receipt_prefix = "r/+/"', "cannot hold '+'"),
         ('receipt_prefix = "receipts"', "must end in '/'"),
         ('receipt_prefix = ""', "must end in '/'"),
-        ('receipt_topic = "receipts/{topic}"', "only {sensor} and {device_id}"),
-        ('receipt_topic = "receipts/{sensor"', "only {sensor} and {device_id}"),
+        ('receipt_topic = "receipts/{alert}"', "only {sensor}, {topic} and {device_id}"),
+        ('receipt_topic = "receipts/{sensor"', "only {sensor}, {topic} and {device_id}"),
+        ('receipt_topic = "receipts/{topic}x}"', "only {sensor}, {topic} and {device_id}"),
         ('receipt_topic = "other/{sensor}"', "must start with mqtt.receipt_prefix"),
         ('receipt_topic = "receipts/#"', "cannot hold '+', '#'"),
         ('receipt_topic = "receipts/' + "a" * 200 + '"', "stay under 192 bytes"),
@@ -322,6 +451,11 @@ def test_receipt_key_refusals(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(f"[mqtt]\n{text}\n", source="gw.toml")
     assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_receipt_topic_may_name_the_alerts_whole_topic() -> None:
+    cfg = parse('[mqtt]\nreceipt_topic = "receipts/{device_id}/{topic}"\n', source="gw.toml")
+    assert cfg.mqtt is not None and cfg.mqtt.receipt_topic == "receipts/{device_id}/{topic}"
 
 
 def test_receipts_off_lets_any_prefix_be() -> None:

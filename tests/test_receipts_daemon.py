@@ -62,6 +62,15 @@ class Client5:
         info = self.client.publish(topic, text, qos=1, properties=props)
         info.wait_for_publish(10)
 
+    def publish5(self, topic: str, text: str, correlation: bytes | None, reply: str | None) -> None:
+        """A PUBLISH with either property, or both, or neither."""
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if correlation is not None:
+            props.CorrelationData = correlation
+        if reply is not None:
+            props.ResponseTopic = reply
+        self.client.publish(topic, text, qos=1, properties=props).wait_for_publish(10)
+
     def publish(self, topic: str, payload: str) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(10)
 
@@ -433,3 +442,119 @@ def test_an_account_refusal_at_mail_from_says_deferred_then_sent(
         wait_for(lambda: states(db) == [("published", "sent")], what="marked published")
         assert gw.terminate() == 0
         app.close()
+
+
+def test_topics_that_normalise_to_one_sensor_name_get_no_shared_receipt(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """alerts/siteB/T\u00fcr, .../T r and .../T\u00a0r would all be the sensor T_r: none of
+    them may have a receipt published on receipts/T_r, which is the real T_r's."""
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.publish("alerts/siteB/T\u00fcr", json.dumps({"message": "a", "correlation_id": "f-1"}))
+        app.publish("alerts/siteB/T r", json.dumps({"message": "b", "correlation_id": "f-2"}))
+        app.ask("alerts/siteB/T\u00a0r", "c", b"f-3", "receipts/T_r")
+        app.publish("alerts/siteB/T_r", json.dumps({"message": "real", "correlation_id": "real"}))
+        wait_for(lambda: len(smtp.received) == 4, what="every alert mailed")
+        wait_for(lambda: app.receipts(), what="the real T_r's receipt")
+        wait_for(lambda: rejected(gw) == {"receipt_topic": 3}, what="the refusals counted")
+        assert gw.terminate() == 0
+        app.close()
+        assert [(g.topic, g.body["correlation_id"]) for g in app.receipts()] == [
+            ("receipts/T_r", "real")
+        ]
+        assert gw.log_text().count("does not end in a plain sensor name") == 1
+
+
+def test_with_topic_in_receipt_topic_two_sites_doors_have_their_own(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """mqtt.receipt_topic = "receipts/{topic}": alerts/siteA/door and alerts/siteB/door
+    get receipts on their own topics, and siteB cannot ask for siteA's."""
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = config(tmp_path, pki, smtp, broker)
+        cfg.write_text(
+            cfg.read_text().replace("[mqtt]\n", '[mqtt]\nreceipt_topic = "receipts/{topic}"\n')
+        )
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.publish("alerts/siteA/door", json.dumps({"message": "a", "correlation_id": "a-1"}))
+        app.publish("alerts/siteB/door", json.dumps({"message": "b", "correlation_id": "b-1"}))
+        app.ask("alerts/siteB/door", "forged", b"a-1", "receipts/alerts/siteA/door")
+        app.publish("alerts/siteB/T\u00fcr", json.dumps({"message": "t", "correlation_id": "t-1"}))
+        wait_for(lambda: len(smtp.received) == 4, what="every alert mailed")
+        wait_for(lambda: len(app.receipts()) == 3, what="the three receipts allowed")
+        wait_for(lambda: rejected(gw) == {"receipt_topic": 1}, what="the forgery counted")
+        assert gw.terminate() == 0
+        app.close()
+        got = sorted((g.topic, g.body["correlation_id"]) for g in app.receipts())
+        assert got == [
+            ("receipts/alerts/siteA/door", "a-1"),
+            ("receipts/alerts/siteB/T\u00fcr", "t-1"),
+            ("receipts/alerts/siteB/door", "b-1"),
+        ]
+
+
+def test_half_formed_and_mixed_mqtt5_requests_are_answered_or_counted(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """A Response Topic alone is a request (Correlation Data is optional in MQTT 5): it
+    is answered, without the property. Correlation Data alone, a request made both with
+    properties and JSON, or reply_to alone is refused: counted, logged once."""
+    with SmtpServer(pki, "starttls") as smtp:
+        gw = DaemonProcess(config(tmp_path, pki, smtp, broker), tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.publish5("alerts/cold/door", "topic alone", None, "receipts/door/req-17")
+        app.publish5("alerts/cold/door", "data alone", b"d-1", None)
+        mixed = json.dumps({"message": "mixed", "correlation_id": "j-1"})
+        app.publish5("alerts/cold/door", mixed, None, "receipts/door/req-18")
+        app.publish("alerts/cold/door", json.dumps({"message": "x", "reply_to": "receipts/door"}))
+        wait_for(lambda: len(smtp.received) == 4, what="every alert mailed")
+        wait_for(lambda: app.receipts(), what="the Response Topic's receipt")
+        wait_for(
+            lambda: rejected(gw) == {"receipt_bad_request": 3}, what="the bad requests counted"
+        )
+        assert gw.terminate() == 0
+        app.close()
+        [got] = app.receipts()
+        assert (got.topic, got.correlation, got.body["correlation_id"]) == (
+            "receipts/door/req-17",
+            None,
+            "",
+        )
+        [mail] = [m for m in smtp.received if "topic alone" in str(m.message["Subject"])]
+        assert got.body["outcome"] == "sent" and got.body["message_id"] == mail.message_id
+        assert gw.log_text().count("counted as receipt_bad_request") == 1
+
+
+def test_a_receipt_asked_for_under_an_old_prefix_is_not_published_outside_the_new(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """The operator moves mqtt.receipt_prefix while a receipt waits: the gateway never
+    publishes outside the prefix it runs with, so it drops that one, counted and said."""
+    with SmtpServer(pki, "starttls") as smtp:
+        smtp.stop()  # the receipt waits for its mail across the restart
+        cfg = config(tmp_path, pki, smtp, broker)
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        gw.wait_ready(("mqtt",))
+        app = Client5(broker.port)
+        app.ask("alerts/cold/door", "door open", b"old", "receipts/door")
+        db = tmp_path / "state/outbox.db"
+        wait_for(lambda: states(db) == [("waiting", None)], what="the request stored")
+        assert gw.terminate() == 0
+        moved = '[mqtt]\nreceipt_prefix = "r/"\nreceipt_topic = "r/{sensor}"\n'
+        cfg.write_text(cfg.read_text().replace("[mqtt]\n", moved))
+        smtp.start()
+        gw.start()
+        gw.wait_ready(("mqtt",))
+        wait_for(lambda: smtp.received, what="the mail")
+        wait_for(lambda: rejected(gw) == {"receipt_bad_topic": 1}, what="the drop counted")
+        wait_for(lambda: states(db) == [("published", "sent")], what="the receipt settled")
+        assert gw.terminate() == 0
+        app.close()
+        assert app.receipts() == []
+        assert gw.log_text().count("asked for before the configuration changed") == 1

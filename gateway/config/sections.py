@@ -205,7 +205,8 @@ def filter_overlaps(topic_filter: str, prefix: str) -> bool:
     return True
 
 
-# gateway/receipts.py's MAX_TOPIC (256 bytes), less room for a sensor's name (64).
+# gateway/receipts.py's MAX_TOPIC (256 bytes), less room for a sensor's name (64). A
+# {topic} filled in past MAX_TOPIC is refused per request (receipt_bad_topic).
 _RECEIPT_TEMPLATE_MAX = 192
 
 
@@ -246,12 +247,12 @@ def mqtt_receipt_keys(t: Table, topics: tuple[str, ...]) -> dict[str, Any]:
             )
     if isinstance(template, str) and isinstance(prefix, str):
         names = set(re.findall(r"{([^}]*)}", template))
-        bare = template.replace("{sensor}", "s").replace("{device_id}", "d")
-        if names - {"sensor", "device_id"} or "{" in bare or "}" in bare:
+        bare = re.sub(r"{(sensor|device_id|topic)}", "x", template)
+        if names - {"sensor", "device_id", "topic"} or "{" in bare or "}" in bare:
             t.loader.problem(
                 t.name,
                 "receipt_topic",
-                f"{template!r}: only {{sensor}} and {{device_id}} can be filled in",
+                f"{template!r}: only {{sensor}}, {{topic}} and {{device_id}} can be filled in",
             )
         elif any(c in bare for c in "+#") or mqtt_string_problem(bare):
             t.loader.problem(

@@ -25,11 +25,12 @@ from gateway.outbox.writer import Writer
 from gateway.receipts import (
     MQTT,
     Ask,
+    Due,
     Refused,
     Throttle,
     ask_mqtt,
     payload,
-    topic_sensor,
+    topic_problem,
 )
 from gateway.runtime import Runtime
 
@@ -90,7 +91,7 @@ class Receipts:
             alert.fields,
             bytes(corr) if isinstance(corr, bytes | bytearray) else None,
             topic if isinstance(topic, str) else None,
-            sensor=topic_sensor(alert.topic),
+            alert_topic=alert.topic,
             device_id=self.device_id,
             template=self.cfg.receipt_topic,
             prefix=self.cfg.receipt_prefix,
@@ -137,8 +138,15 @@ class Receipts:
         for d in due:
             if d.key in self._inflight or d.key in acked:
                 continue
+            if (why := topic_problem(d.reply, self.cfg.receipt_prefix)) is not None:
+                # Asked for under an earlier config: mqtt.receipt_prefix has moved since,
+                # and the gateway publishes nowhere outside the current one (the old
+                # subtree may now be another's, or subscribed to as alerts).
+                self._drop(d, why)
+                continue
             props = None
-            if d.v5 and self.cfg.protocol == "5":
+            # A Response Topic without Correlation Data is answered without it.
+            if d.v5 and d.correlation and self.cfg.protocol == "5":
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = d.correlation
             try:
@@ -155,6 +163,20 @@ class Receipts:
                 log.debug("receipt for %s not queued (%s); next tick", d.alert_id, info.rc)
                 break
             self._inflight[d.key] = (info, now, d.mark)
+
+    def _drop(self, d: Due, why: str) -> None:
+        self.runtime.reject("receipt_bad_topic")
+        n = self._throttle.note("receipt_dropped", time.monotonic())
+        if n is not None:
+            log.warning(
+                "receipt for alert %s is not published: %s (asked for before the "
+                "configuration changed; %d such receipt(s) dropped since the last line "
+                "like this; counted as receipt_bad_topic in mailgw status)",
+                d.alert_id,
+                why,
+                n,
+            )
+        self.writer.call(partial(mark_published, keys=[d.mark])).add_done_callback(_logged)
 
 
 def _logged(fut: object) -> None:
