@@ -113,6 +113,8 @@ def cmd_salvage(cfg: Config, source: str | None) -> int:
         f"{report.already_queued} already in the outbox, "
         f"{report.unknown_state} of them with unreadable delivery state (queued for their "
         f"routes now; may have been sent before), "
+        f"{report.held} deliveries held aside again as they were there (poison: "
+        "`mailgw queue retry ID` releases one), "
         f"{report.unreadable} undelivered alerts could not be read"
     )
     signal_daemon(cfg, quiet=True)

@@ -39,7 +39,8 @@ def _hosts(r: dict[str, Any], value: Callable[[dict[str, Any]], float]) -> Sampl
     ]
 
 
-_STATES = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed")
+# Every delivery state (gateway/outbox/model.py), and "deferred": queued, not due yet.
+_STATES = ("queued", "deferred", "sending", "sent", "dead", "unrouted", "suppressed", "held")
 
 # (name, type, help, the samples from a status report)
 METRICS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], Samples]], ...] = (

@@ -47,7 +47,7 @@ from gateway.config import Config
 from gateway.ledger import Shutdown
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.writer import Writer
-from gateway.relay_worker import Worker
+from gateway.relay_worker import Worker, raise_if_cancelling
 from gateway.replies import Broken, judge
 from gateway.routing import Router
 from gateway.runtime import Runtime
@@ -256,7 +256,30 @@ class Relay:
 
     async def _deliver(self, item: Claimed, now: Stamp, worker: Worker) -> Outcome:
         """Compose one row and send it over `worker`'s session: the row's outcome (what
-        to raise once it is recorded goes to worker.trouble)."""
+        to raise once it is recorded goes to worker.trouble). A message that raises
+        while it is composed or sent is dead-lettered with the error, and the rest of
+        the batch goes on: raised, it would end the daemon and be claimed again at the
+        next start, a crash loop."""
+        try:
+            return await self._deliver_one(item, now, worker)
+        except Exception as exc:
+            raise_if_cancelling()  # a cancel aiosmtplib turned into an error: not its fault
+            if worker.session is not None:
+                # Where the session stands after a failure in the middle is unknown.
+                await worker.close_session(polite=False)
+            error = f"could not be composed or sent: {type(exc).__name__}: {exc}"
+            log.error(
+                "alert %s (route %s) %s; it is dead-lettered, the other mails go on "
+                "(`mailgw queue retry %s` tries it again)",
+                item.alert.id,
+                item.route or "-",
+                error,
+                item.alert.id,
+                exc_info=True,
+            )
+            return Outcome(item.key, State.DEAD, count_attempt=False, error=error)
+
+    async def _deliver_one(self, item: Claimed, now: Stamp, worker: Worker) -> Outcome:
         assert worker.session is not None and worker.host is not None
         raw = (
             await compose_raw(item, self.config, self.router, self.writer)

@@ -15,6 +15,7 @@ DATA (invariant 2), on whichever session sent it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,10 +25,13 @@ from gateway.clock import Stamp
 from gateway.config import Config, SmtpSection
 from gateway.ledger import DISK_RETRY, Ledger, Shutdown
 from gateway.outbox import Claimed, Outcome, State
+from gateway.outbox.queue import HOLD_AFTER
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
 from gateway.smarthost import Host
 from gateway.smtp import AuthRefused, SmtpSession, UplinkDown
+
+log = logging.getLogger(__name__)
 
 _FREEZE = os.environ.get("MAILGW_TEST_FREEZE_RELAY")
 IDLE_POLL = 2.0  # also picks up rows another process (`mailgw send`) added
@@ -202,6 +206,8 @@ class Worker:
         relay = self.relay
         pending = list(batch)
         cancelled = crowded = False
+        in_flight: Claimed | None = None
+        failure: Exception | None = None
         try:
             now_stamp = Stamp.now()
             while pending:
@@ -218,7 +224,9 @@ class Worker:
                     await self.open_session(host)
                 if host.pace is not None and not host.pace.try_take(time.monotonic()):
                     break  # another session spent the token: the rest waits, in order
+                in_flight = item
                 self.ledger.record([await relay._deliver(item, now_stamp, self)])
+                in_flight = None
                 pending.pop(0)
                 if self.trouble is not None:
                     trouble, self.trouble = self.trouble, None
@@ -234,10 +242,39 @@ class Worker:
         except asyncio.CancelledError:
             cancelled = True
             raise
+        except Exception as exc:
+            failure = exc  # the relay ends with it (and the daemon, restarted by systemd)
+            raise
         finally:
-            # Not sent yet: back to the queue, uncharged and due now.
+            # Not sent yet: back to the queue, uncharged and due now. The one in flight
+            # when the relay failed unexpectedly gets a crash counted, as a start counts
+            # it after a kill: a message that fails the relay every time is held aside
+            # (gateway/outbox/queue.py), never claimed into a loop.
+            crashed = in_flight if failure is not None else None
+            if crashed is not None:
+                log.error(
+                    "the relay failed while alert %s (route %s) was in flight (%s: %s); "
+                    "counted against it: one that does so %d times in a row is held aside",
+                    crashed.alert.id,
+                    crashed.route or "-",
+                    type(failure).__name__,
+                    failure,
+                    HOLD_AFTER,
+                )
             self.ledger.record(
-                [Outcome(c.key, State.QUEUED, due=0.0, count_attempt=False) for c in pending]
+                [
+                    Outcome(
+                        c.key,
+                        State.QUEUED,
+                        due=0.0,
+                        count_attempt=False,
+                        crashed=c is crashed,
+                        error=f"the relay failed with it in flight: {failure!r}"
+                        if c is crashed
+                        else None,
+                    )
+                    for c in pending
+                ]
             )
             if cancelled:
                 self.ledger.settle_at_shutdown()

@@ -28,7 +28,11 @@ from typing import Any
 from gateway.alert import Alert
 from gateway.outbox import _ALERT_COLS, SHARD_ROWS, Outbox, Routed, alert_from_row, find_seq
 
-UNDELIVERED = frozenset({"queued", "sending", "dead", "unrouted", "suppressed"})
+UNDELIVERED = frozenset({"queued", "sending", "dead", "unrouted", "suppressed", "held"})
+HELD_AGAIN = (
+    "held: it was held aside in the salvaged outbox (a message that crashed or stalled "
+    "the gateway); `mailgw queue retry ID` releases it"
+)
 BATCH = 256
 CHUNK = 512  # sequence numbers read at once
 MAX_ERRORS_SHOWN = 20
@@ -40,6 +44,7 @@ class Report:
     already_queued: int = 0
     unreadable: int = 0  # sequence numbers whose alert could not be read
     unknown_state: int = 0  # alerts queued again because their deliveries were unreadable
+    held: int = 0  # deliveries held aside (poison) there, held again here, not sent
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -97,6 +102,7 @@ def _salvage(conn: sqlite3.Connection, target: Outbox, route: Route, report: Rep
     ):
         deliveries.setdefault(int(row[0]), []).append((str(row[1]), str(row[2]), int(row[3])))
     batch: list[Routed] = []
+    held: list[tuple[str, str]] = []  # (alert id, route) held aside there
     for table in tables:
         lo, hi = _range(table, top)
         missing: set[int] = set()
@@ -116,9 +122,10 @@ def _salvage(conn: sqlite3.Connection, target: Outbox, route: Route, report: Rep
                 report.already_queued += 1
                 continue
             batch.append(routed)
+            held += [(alert.id, r) for r, state, _ in deliveries.get(seq, []) if state == "held"]
             if len(batch) >= BATCH:
-                report.requeued += _add(target, batch)
-                batch = []
+                report.requeued += _add(target, batch, held, report)
+                batch, held = [], []
         # A damaged seq counts as lost only if something still had to be sent for it,
         # and (alert_kept) if its own shard is gone: otherwise the alert lives there.
         shards = set(tables)
@@ -131,7 +138,7 @@ def _salvage(conn: sqlite3.Connection, target: Outbox, route: Route, report: Rep
             ]
         )
     if batch:
-        report.requeued += _add(target, batch)
+        report.requeued += _add(target, batch, held, report)
 
 
 def _pad(path: Path, report: Report) -> None:
@@ -174,8 +181,27 @@ def _requeue(
     return Routed(alert, tuple((r, p) for r, state, p in rows if r and state in UNDELIVERED))
 
 
-def _add(target: Outbox, batch: list[Routed]) -> int:
+def _add(
+    target: Outbox,
+    batch: list[Routed],
+    held: list[tuple[str, str]],
+    report: Report,
+) -> int:
+    """Queue `batch` again; a delivery that was held aside there (a poison message) is
+    held here too: queued, it would crash the daemon three more times before the hold
+    caught it again."""
     target.add(batch)
+    if held:
+        with target.transaction() as c:
+            for alert_id, r in held:
+                found = find_seq(c, alert_id)
+                if found is None:
+                    continue
+                report.held += c.execute(
+                    "UPDATE delivery SET state = 'held', last_error = ?"
+                    " WHERE alert_seq = ? AND route = ? AND state = 'queued'",
+                    (HELD_AGAIN, found[0], r),
+                ).rowcount
     return len(batch)
 
 

@@ -130,11 +130,16 @@ def _qualified(field: bytes, mailname: str) -> tuple[bytes, bool]:
     local = [a for a in addrs if "@" not in a]
     if not local:
         return field, False
-    parts = [
-        formataddr((display, addr if "@" in addr or not addr else f"{addr}@{mailname}"))
-        for display, addr in pairs
-        if addr
-    ]
+    try:
+        parts = [
+            formataddr((display, addr if "@" in addr or not addr else f"{addr}@{mailname}"))
+            for display, addr in pairs
+            if addr
+        ]
+    except (UnicodeError, ValueError):
+        # An address that is not ASCII (a local name like "jérôme") has no RFC 5322 form
+        # to qualify into: the field goes as it came, rather than failing the message.
+        return field, len(local) == len(addrs)
     text = name + b": " + ", ".join(parts).encode("utf-8", "replace")
     return text, len(local) == len(addrs)
 

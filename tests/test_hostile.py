@@ -41,6 +41,7 @@ from tests.parts import (
     daemon_config,
     gateway_toml,
     good,
+    routed,
     stored_alerts,
     stored_messages,
     wait_for,
@@ -313,6 +314,43 @@ def test_salvage_requeues_a_moved_aside_outbox_with_the_same_ids(tmp_path: Path)
     assert {a for _, _, a in stored_alerts(live)} == ids
     again = run_cli("queue", "salvage", str(aside), "-c", str(cfg))
     assert "0 alerts queued again" in again.stdout and "40 already" in again.stdout
+
+
+def test_salvage_holds_again_what_was_held_aside_and_requeues_the_rest(tmp_path: Path) -> None:
+    from tests.conftest import run_cli, toml_config
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        toml_config(tmp_path / "state", '[[route]]\nname = "ops"\nmatch = "#"\nto = ["o@x.org"]\n')
+    )
+    aside = tmp_path / "old.db"
+    ob = Outbox(aside)
+    ob.add([routed("poison"), routed("waiting")])
+    ob.conn.execute(
+        "UPDATE delivery SET state = 'held', last_error = 'held: 3 crashes' WHERE alert_seq ="
+        " (SELECT min(alert_seq) FROM delivery)"
+    )
+    ob.conn.commit()
+    ob.close()
+    r = run_cli("queue", "salvage", str(aside), "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "2 alerts queued again" in r.stdout and "1 deliveries held aside again" in r.stdout
+    live = tmp_path / "state" / "outbox.db"
+    conn = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
+    try:
+        (shard,) = conn.execute(
+            "SELECT name FROM sqlite_master WHERE name GLOB 'alert_[0-9]*'"
+        ).fetchone()
+        got = dict(
+            conn.execute(
+                f"SELECT a.message, d.state FROM delivery d JOIN {shard} a ON a.seq = d.alert_seq"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    assert got == {"poison": "held", "waiting": "queued"}
+    listing = run_cli("queue", "list", "--state", "held", "-c", str(cfg))
+    assert " held " in listing.stdout and "held aside in the salvaged outbox" in listing.stdout
 
 
 # --- memory: an oversized publish is refused before it is buffered -------------------------

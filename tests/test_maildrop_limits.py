@@ -16,6 +16,7 @@ from gateway.config import ConfigError, load
 from gateway.etc_aliases import MAX_TARGETS, parse
 from gateway.maildrop_limits import Episodes, UserRate
 from gateway.sendmail_drop import allowed, header_addresses
+from tests.conftest import run_cli
 
 
 @given(
@@ -150,6 +151,9 @@ to = ["ops@example.com"]
         ('allow_to = ["example.com"]', "sendmail.allow_to: 'example.com' is not an address"),
         ('allow_to = "*@example.com"', "sendmail.allow_to: must be a list of strings"),
         ('aliases_file = "etc/aliases"', "sendmail.aliases_file: 'etc/aliases': must be an"),
+        ('max_size = "25 MiB"', "sendmail.max_size: 26214400 bytes is over the largest"),
+        ('max_size = "17 MiB"', "its unit allows 128 MiB (MemoryMax=)"),
+        ('max_size = "16777217"', "sendmail.max_size: 16777217 bytes is over the largest"),
     ],
 )
 def test_check_config_refuses_what_local_mail_could_not_run_with(
@@ -232,3 +236,18 @@ def test_touching_an_unfinished_file_does_not_reset_its_hour(
     asyncio.run(rounds())
     assert not unfinished.exists()
     assert len(list((tmp_path / "rejected").iterdir())) == 1
+
+
+def test_check_config_refuses_a_max_size_the_units_memory_cannot_hold(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    pw.chmod(0o600)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(BASE.format(pw=pw) + 'max_size = "16 MiB"\n')
+    assert load(cfg).sendmail.max_size == 16 * 1024 * 1024  # the cap itself is taken
+    cfg.write_text(BASE.format(pw=pw) + 'max_size = "25 MiB"\n')
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    line = BASE.count("\n") + 1
+    assert f"{cfg}:{line}: sendmail.max_size: " in r.stderr, r.stderr
+    assert "MemoryMax" in r.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
+from gateway.outbox.model import STATES
 from tests.conftest import run_cli
 from tests.parts import DaemonProcess, SmtpServer, make_pki
 
@@ -38,6 +39,19 @@ def test_render_is_valid_exposition_format() -> None:
     assert got[("mailgw_outbox_messages", (("state", "queued"),))] == 3
     assert got[("mailgw_rejected_total", (("reason", 'we"ird\nreason'),))] == 1
     assert got[("mailgw_uplink_up", ())] == 1
+
+
+def test_every_delivery_state_is_a_sample_held_too() -> None:
+    report = {state: i + 1 for i, state in enumerate(STATES)}
+    text = metrics.render(report)
+    got = {
+        s.labels["state"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "mailgw_outbox_messages"
+        for s in f.samples
+    }
+    assert {s: got.get(s) for s in STATES} == report
+    assert got["held"] == report["held"]
 
 
 def test_daemon_textfile_counters_move(tmp_path: Path) -> None:

@@ -269,3 +269,101 @@ def test_the_running_counts_match_the_rows_and_every_share_holds(
             for u in range(1, 5):
                 assert local_held(ob.conn, u)[1] <= room.user_limit
         ob.close()
+
+
+# --- dead and unrouted local mail: counted while kept, gone after outbox.max_age -----------
+
+
+def unrouted_local(ob: Outbox, name: str, uid: int) -> bool:
+    msg = raw.RawMessage(name, uid, "", (), b"To: nobody-known\nSubject: s\n\nx\n")
+    return raw.store(ob, alert(name, topic="sendmail/u"), msg, raw.RawPlan())
+
+
+def age(ob: Outbox, seconds: float) -> None:
+    with ob.transaction() as c:
+        c.execute("UPDATE delivery SET updated_at = updated_at - ?", (seconds,))
+
+
+def test_a_users_unrouted_and_refused_mail_frees_their_share_after_max_age(
+    tmp_path: Path,
+) -> None:
+    from gateway.outbox import Outcome, State
+
+    # 40 messages: local mail 8 (20 %), one user 2 of them (25 %).
+    ob = Outbox(tmp_path / "o.db", room=Room(40, local_percent=20, max_age=3600))
+    assert unrouted_local(ob, "cron 1", 0)  # root's cron mail: no alias, no default route
+    assert local(ob, "refused", 0)
+    (c,) = ob.claim(5, now=1e12)
+    ob.finish([Outcome(c.key, State.DEAD, error="550 5.1.1 no such user")])
+    with pytest.raises(LocalRoomFull) as exc:
+        unrouted_local(ob, "cron 2", 0)
+    assert exc.value.reason == LOCAL_USER_SHARE_FULL  # counted while kept
+    assert ob.prune(0.0) == 0  # younger than max_age: kept, shown in `queue list`
+    age(ob, 3601)
+    assert ob.prune(0.0) == 2
+    assert ob.live == 0
+    assert ob.conn.execute("SELECT count(*) FROM raw_message").fetchone()[0] == 0
+    assert unrouted_local(ob, "cron 2", 0) and local(ob, "fine", 0)  # the share is free
+    ob.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["routed", "unrouted"]), st.integers(1, 3)),
+            st.just(("refuse", 0)),
+            st.just(("send", 0)),
+            st.just(("age", 0)),
+            st.just(("alert", 0)),
+        ),
+        max_size=50,
+    )
+)
+def test_local_mails_counts_match_its_rows_as_mail_is_refused_and_expires(
+    ops: list[tuple[str, int]],
+) -> None:
+    import tempfile
+
+    from gateway.outbox import Outcome, State
+    from gateway.outbox.held import held, local_held
+
+    room = Room(40, local_percent=25, local_user_percent=50, max_age=100)
+    with tempfile.TemporaryDirectory() as tmp:
+        ob = Outbox(Path(tmp) / "o.db", room=room)
+        for i, (op, uid) in enumerate(ops):
+            with contextlib.suppress(OutboxFull):
+                if op == "routed":
+                    local(ob, f"m{i}", uid)
+                elif op == "unrouted":
+                    unrouted_local(ob, f"m{i}", uid)
+                elif op == "alert":
+                    ob.add([routed(f"a{i}")])
+                elif op in ("refuse", "send"):
+                    for c in ob.claim(1, now=1e12):
+                        state = State.DEAD if op == "refuse" else State.SENT
+                        ob.finish([Outcome(c.key, state)])
+                else:
+                    age(ob, 60)
+                    ob.prune(0.0)
+            rows = ob.conn.execute(
+                "SELECT r.uid, d.state, d.updated_at FROM raw_message r"
+                " JOIN delivery d ON d.alert_seq = r.alert_seq"
+            ).fetchall()
+            kept = [(u, s) for u, s, _ in rows if s != "sent"]
+            for u in range(1, 4):
+                assert local_held(ob.conn, u) == (len(kept), sum(k == u for k, _ in kept))
+                assert local_held(ob.conn, u)[1] <= room.user_limit
+            assert len(kept) <= room.local_limit
+            assert ob.live == held(ob.conn).counted
+            if op == "age":  # nothing dead or unrouted is left past max_age
+                import time
+
+                cutoff = time.time() - room.max_age
+                assert not [s for _, s, t in rows if s in ("dead", "unrouted") and t < cutoff]
+            orphans = ob.conn.execute(
+                "SELECT count(*) FROM raw_message r WHERE NOT EXISTS"
+                " (SELECT 1 FROM delivery d WHERE d.alert_seq = r.alert_seq)"
+            ).fetchone()[0]
+            assert orphans == 0
+        ob.close()

@@ -222,3 +222,37 @@ def test_months_of_readings_keep_the_outbox_at_a_steady_size(
         assert not (gw.status() or {}).get("outbox_full")
         assert gw.terminate() == 0
         pub.close()
+
+
+@needs_setpriv
+def test_a_users_old_unrouted_mail_no_longer_refuses_their_new_mail(
+    tmp_path: Path, pki: Pki, spool: Path
+) -> None:
+    """Mail nobody could route is never claimed, so nothing expired it: it held its
+    user's share forever and every later mail of that user was refused."""
+    from gateway.outbox import Outbox, raw
+    from tests.parts import alert
+
+    db = tmp_path / "state" / "outbox.db"
+    db.parent.mkdir(parents=True)
+    ob = Outbox(db)
+    msg = raw.RawMessage("old", 65534, "", (), b"To: someone\nSubject: old\n\nx\n")
+    assert raw.store(ob, alert("old", topic="sendmail/u"), msg, raw.RawPlan())
+    with ob.transaction() as c:  # unrouted since before max_age
+        c.execute("UPDATE delivery SET updated_at = updated_at - 120")
+    ob.close()
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = sendmail_config(tmp_path, pki, smtp.port, spool)
+        # max_messages 50: local mail 5, one user 1: the old mail fills nobody's share.
+        cfg.write_text(cfg.read_text() + '[outbox]\nmax_messages = 50\nmax_age = "1m"\n')
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        try:
+            gw.wait_ready()
+            wait_for(lambda: room(cfg)["local"]["used"] == 0, what="the old mail's room freed")
+            assert "dead or unrouted for outbox.max_age were deleted" in gw.log_text()
+            assert sendmail(spool, ["-i", "root"], mail(1), user="nobody").returncode == 0
+            wait_for(lambda: local_mails(smtp) == 1, what="nobody's new mail delivered")
+            assert rejected(gw, "local_user_share_full") == 0
+        finally:
+            if gw.alive:
+                gw.terminate()

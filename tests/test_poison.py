@@ -7,20 +7,30 @@ import asyncio
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.outbox import Outbox
+import pytest
+
+from gateway.clock import Stamp
+from gateway.outbox import Claimed, Outbox, Outcome, State
 from gateway.outbox.queue import HOLD_AFTER
+from gateway.outbox.raw import RawMessage, RawPlan
+from gateway.outbox.raw import store as raw_store
+from gateway.relay import Relay
 from tests.conftest import run_cli
 from tests.parts import (
     DaemonProcess,
+    Gateway,
     Mosquitto,
     Pki,
     Publisher,
     SmtpServer,
+    alert,
     daemon_config,
     routed,
+    smtp_conf,
     wait_for,
 )
 
@@ -126,3 +136,123 @@ def test_a_message_that_kills_the_daemon_is_held_after_three_starts_and_the_rest
             stall.release.set()
             if gw.alive:
                 gw.terminate()
+
+
+# --- a message that raises is set aside while the daemon goes on ---------------------------
+
+
+def _store_unreadable_raw(db: Path) -> None:
+    """A sendmail message whose stored bytes the relay's compose chokes on (a row that is
+    text, not bytes, as a damaged or hand-edited outbox may hold): it raises TypeError,
+    as a non-ASCII local name in To did. Next to it, an alert that must still go."""
+    ob = Outbox(db)
+    try:
+        msg = b"From: root\nTo: root\nSubject: unreadable\n\nbody\n"
+        raw_store(
+            ob,
+            alert("local mail that raises"),
+            RawMessage("drop-1", 0, "root", ("ops@example.com",), msg),
+            RawPlan(addresses=("ops@example.com",)),
+        )
+        ob.conn.execute("UPDATE raw_message SET data = CAST(data AS TEXT)")
+        ob.conn.commit()
+        ob.add([routed("fine before")])
+    finally:
+        ob.close()
+
+
+def test_a_message_that_raises_in_compose_is_dead_lettered_and_the_daemon_goes_on(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    db = tmp_path / "state" / "outbox.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _store_unreadable_raw(db)
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = daemon_config(tmp_path, pki, smtp.port, broker.port)
+        gw = DaemonProcess(cfg, tmp_path / "daemon.log")
+        try:
+            gw.start()
+            gw.wait_ready(("mqtt",))
+
+            def states() -> dict[str, tuple[str, int, str | None]]:
+                return _rows(db)
+
+            wait_for(
+                lambda: states()["local mail that raises"][0] == "dead",
+                timeout=30,
+                what="the message that raises dead-lettered",
+            )
+            _, crashes, reason = states()["local mail that raises"]
+            assert reason and "could not be composed or sent: TypeError" in reason
+            assert crashes == 0
+            pub = Publisher(broker.port)
+            pub.publish("alerts/m/x", "an alert after it")
+
+            def delivered() -> set[str]:
+                return {r.message["Subject"].rsplit(": ", 1)[-1] for r in smtp.received}
+
+            wait_for(
+                lambda: {"fine before", "an alert after it"} <= delivered(),
+                timeout=30,
+                what="the alerts around it delivered",
+            )
+            pub.close()
+            assert gw.alive, gw.log_text()[-3000:]
+            log_text = gw.log_text()
+            assert "dead-lettered, the other mails go on" in log_text
+            assert log_text.count("could not be composed or sent") == 1
+            report = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)
+            assert report["dead"] == 1
+        finally:
+            if gw.alive:
+                gw.terminate()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_relay_that_fails_with_a_mail_in_flight_counts_a_crash_against_it(
+    pki: Pki, make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fails(self: Relay, item: Claimed, now: Stamp, worker: Any) -> Outcome:
+        raise RuntimeError("a bug outside the per-mail guard")
+
+    monkeypatch.setattr(Relay, "_deliver", fails)
+    with SmtpServer(pki, "starttls") as server:
+        gw = make_gateway(smtp_conf(server, pki))
+        a = alert("in flight when the relay failed")
+        gw.add(a)
+
+        def crash_rows() -> list[tuple[str, int]]:
+            return gw.writer.call(
+                lambda ob: ob.conn.execute(
+                    "SELECT d.state, k.crashes FROM delivery d JOIN delivery_crash k"
+                    " ON k.alert_seq = d.alert_seq AND k.route = d.route"
+                ).fetchall()
+            ).result(10)
+
+        wait_for(lambda: crash_rows() == [("queued", 1)], timeout=20, what="a crash counted")
+
+
+def test_crashes_the_relay_counts_hold_the_delivery_at_hold_after(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    try:
+        ob.add([routed("kills the relay"), routed("innocent")])
+        for round_ in range(1, HOLD_AFTER + 1):
+            claimed = ob.claim(10)
+            if round_ > 1:  # a suspect is claimed alone
+                assert [c.alert.message for c in claimed] == ["kills the relay"]
+            bad = next(c for c in claimed if c.alert.message == "kills the relay")
+            ob.finish(
+                [Outcome(bad.key, State.QUEUED, count_attempt=False, crashed=True, error="boom")]
+                + [
+                    Outcome(c.key, State.QUEUED, count_attempt=False)
+                    for c in claimed
+                    if c is not bad
+                ]
+            )
+        state, err = ob.conn.execute(
+            "SELECT state, last_error FROM delivery WHERE alert_seq = ?", (bad.seq,)
+        ).fetchone()
+        assert state == "held" and "mailgw queue retry" in err
+        assert ob.claim(10)[0].alert.message == "innocent"
+    finally:
+        ob.close()

@@ -298,7 +298,7 @@ def test_config_accepts_a_full_section() -> None:
 @pytest.mark.parametrize(
     ("text", "why"),
     [
-        ('max_size = "1 GiB"', "sendmail.max_size: must be between"),
+        ('max_size = "1 GiB"', "sendmail.max_size: 1073741824 bytes is over the largest"),
         ('max_size = "100"', "sendmail.max_size: must be between"),
         ('maildrop = "relative/dir"', "must be an absolute path"),
         ("priority = 12", "sendmail.priority: must be between"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.sendmail_compose import mail_name
+from tests.conftest import run_cli
 from tests.parts import DaemonProcess, Pki, SmtpServer, daemon_config, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,3 +331,32 @@ def test_a_reload_changes_where_local_mail_goes_and_mailq_shows_it_waiting(
     finally:
         smtp.stop()
         gw.terminate()
+
+
+def test_a_non_ascii_local_name_in_to_from_or_cc_is_sent_and_the_daemon_goes_on(
+    tmp_path: Path, pki: Pki, spool: Path
+) -> None:
+    """`To: jérôme` once raised in the rewrite on every claim: the daemon exited at
+    each start and the mail never left the queue. It goes as written now."""
+    with SmtpServer(pki, "starttls") as smtp:
+        cfg = config(tmp_path, pki, smtp.port, spool)
+        gw = DaemonProcess(cfg, tmp_path / "d.log").start()
+        try:
+            gw.wait_ready()
+            for header in ("To: jérôme", "From: jérôme", "Cc: Zoë <zoë>"):
+                msg = f"{header}\nSubject: hi {header[:2]}\n\nbody\n".encode()
+                r = sendmail(spool, ["-i", "root"], msg)
+                assert r.returncode == 0, r.stderr
+            got = smtp.wait_for(3, timeout=30)
+            heads = b"\n".join(m.data.split(b"\r\n\r\n", 1)[0] for m in got)
+            assert "To: jérôme".encode() in heads
+            assert "X-Original-From: jérôme".encode() in heads
+            assert "Cc: Zoë <zoë>".encode() in heads
+            assert all(m.recipients == ["ops@example.com"] for m in got)
+            r = run_cli("send", "-c", str(cfg), "--sensor", "s", "--severity", "critical", "after")
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: len(smtp.received) == 4, timeout=30, what="the alert after them")
+            assert gw.alive, gw.log_text()[-3000:]
+        finally:
+            if gw.alive:
+                gw.terminate()

@@ -126,3 +126,51 @@ def test_head_and_body_view_in_pieces_send_what_the_whole_rewrite_would(
     sent = b"".join(pieces(b"".join((head, body)), piece))
     whole = rewrite(data, **kw)  # type: ignore[arg-type]
     assert sent == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(whole)) + b".\r\n"
+
+
+# --- whatever a local user writes, the rewrite either works or is a BadDrop ----------------
+
+
+def test_a_non_ascii_local_name_is_left_as_it_came() -> None:
+    head = _rw("To: jérôme\nCc: Zoë <zoë>, admin\nSubject: hi\n\nbody\n".encode())
+    assert "To: jérôme".encode() in head
+    assert "Cc: Zoë <zoë>, admin".encode() in head  # not qualified: it has no ASCII form
+
+
+def test_a_non_ascii_local_from_gets_no_reply_to() -> None:
+    head = _rw("From: jérôme\nSubject: hi\n\nbody\n".encode())
+    assert head[0] == b"From: Gateway <gw@example.com>"
+    assert "X-Original-From: jérôme".encode() in head
+    assert not any(h.startswith(b"Reply-To") for h in head)
+
+
+_FIELD_NAMES = st.sampled_from([b"From", b"To", b"Cc", b"Bcc", b"Reply-To", b"Subject", b"X"])
+_FIELD_TEXT = st.one_of(
+    st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.binary(max_size=60),
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(st.tuples(_FIELD_NAMES, _FIELD_TEXT), max_size=6),
+    st.text(max_size=30),
+    st.sampled_from(["gw@x", "Gateway <gw@example.com>", "Zoë <gw@example.com>"]),
+)
+def test_any_header_fields_rewrite_or_are_a_bad_drop(
+    fields: list[tuple[bytes, bytes]], fullname: str, sender: str
+) -> None:
+    data = b"".join(name + b": " + text + b"\n" for name, text in fields) + b"\nbody\n"
+    try:
+        head, _ = rewrite_head(
+            data,
+            sender=sender,
+            fullname=fullname,
+            message_id="<m>",
+            date="D",
+            uid=1,
+            mailname="gw.example.net",
+        )
+    except BadDrop:
+        return
+    assert head.endswith(b"\r\n\r\n")

@@ -31,9 +31,14 @@ from gateway.config.units import parse_rate
 
 DEFAULT_MAILDROP = Path("/var/spool/mailgw/maildrop")
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
-# The daemon holds a message a few times over while it rewrites and sends it, and its
-# unit allows 128 MiB (MemoryMax): beyond this a single mail could get it OOM-killed.
-MAX_MAX_SIZE = 25 * 1024 * 1024
+# The daemon holds a message a few times over while it picks it up, rewrites and sends
+# it, and its unit allows 128 MiB (MemoryMax) for that and everything else: two 25 MiB
+# mails took it past the limit. 16 MiB leaves the alerts their room with margin.
+MAX_MAX_SIZE = 16 * 1024 * 1024
+_CAP_REASON = (
+    "the daemon holds a message a few times over while it picks it up, rewrites and "
+    "sends it, and its unit allows 128 MiB (MemoryMax=) for that and the alerts' work"
+)
 _LOCAL = re.compile(r"[A-Za-z0-9._+-]{1,64}|\*")
 DEFAULT_RATE = (20, 60.0)
 DEFAULT_ALIASES_FILE = Path("/etc/aliases")
@@ -68,7 +73,15 @@ class SendmailSection:
 
 def sendmail_section(t: Table) -> SendmailSection:
     d = SendmailSection()
-    max_size = t.size("max_size", d.max_size, lo=1024, hi=MAX_MAX_SIZE)
+    max_size = t.size("max_size", d.max_size, lo=1024)
+    if isinstance(max_size, int) and max_size > MAX_MAX_SIZE:
+        t.loader.problem(
+            t.name,
+            "max_size",
+            f"{max_size} bytes is over the largest allowed, 16 MiB ({MAX_MAX_SIZE} bytes): "
+            f"{_CAP_REASON}",
+        )
+        max_size = d.max_size
     maildrop = t.path("maildrop", d.maildrop)
     if isinstance(maildrop, Path) and not maildrop.is_absolute():
         t.loader.problem(t.name, "maildrop", f"{str(maildrop)!r}: must be an absolute path")

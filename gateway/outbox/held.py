@@ -49,3 +49,33 @@ def prune_unrouted(c: sqlite3.Connection, older_than: float, limit: int) -> int:
     ).fetchall()
     c.executemany("DELETE FROM delivery WHERE alert_seq = ? AND route = ?", rows)
     return len(rows)
+
+
+def prune_stale_local(c: sqlite3.Connection, older_than: float, limit: int) -> int:
+    """Delete up to `limit` deliveries of local mail that were dead or unrouted before
+    `older_than` (wall time), and the stored message once none is left; how many went.
+
+    They count against local mail's shares while kept (so one user's refused or
+    unroutable mail stays inside that user's share, never in alerts' room or another
+    user's), and would hold them forever: nothing claims them, so nothing expires them.
+    Kept for outbox.max_age, as long as the gateway tries an undelivered message, then
+    gone, which frees the share without anyone's help."""
+    if limit <= 0:
+        return 0
+    rows = c.execute(
+        # CROSS JOIN: raw_message (local mail only) outer, never the whole queue.
+        "SELECT d.alert_seq, d.route FROM raw_message r CROSS JOIN delivery d"
+        " ON d.alert_seq = r.alert_seq"
+        " WHERE d.state IN ('dead', 'unrouted') AND d.updated_at < ? LIMIT ?",
+        (older_than, limit),
+    ).fetchall()
+    if not rows:
+        return 0
+    c.executemany("DELETE FROM delivery WHERE alert_seq = ? AND route = ?", rows)
+    c.executemany(
+        "DELETE FROM raw_message WHERE alert_seq = ? AND NOT EXISTS"
+        " (SELECT 1 FROM delivery WHERE delivery.alert_seq = ?)",
+        [(seq, seq) for seq in {seq for seq, _ in rows}],
+    )
+    c.executemany("DELETE FROM delivery_crash WHERE alert_seq = ? AND route = ?", rows)
+    return len(rows)

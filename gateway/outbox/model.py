@@ -91,3 +91,6 @@ class Outcome:
     error: str | None = None
     count_attempt: bool = True
     rcpts: tuple[str, ...] | None = None  # queued: only these recipients are left
+    # queued: it was in flight when the relay failed unexpectedly; counted as a crash
+    # (gateway/outbox/queue.py, HOLD_AFTER) instead of clearing the count
+    crashed: bool = False

@@ -165,6 +165,9 @@ def finish(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> in
                 " attempts + ?, last_error = ? WHERE alert_seq = ? AND route = ?",
                 (now, int(o.count_attempt), o.error, seq, route),
             )
+        elif o.state == State.QUEUED and o.crashed:
+            _crashed(c, seq, route, now, o.error)
+            continue  # still a suspect: its count is kept
         elif o.state == State.QUEUED:
             c.execute(
                 "UPDATE delivery SET state = 'queued', due = ?, updated_at = ?,"
@@ -185,6 +188,37 @@ def finish(c: sqlite3.Connection, outcomes: Iterable[Outcome], now: float) -> in
         # Settled without a crash: no longer a suspect.
         c.execute("DELETE FROM delivery_crash WHERE alert_seq = ? AND route = ?", (seq, route))
     return done
+
+
+def _crashed(c: sqlite3.Connection, seq: int, route: str, now: float, error: str | None) -> None:
+    """The relay failed while this delivery was in flight, the daemon still up: one
+    crash counted, as a start would count it; queued again, or held at HOLD_AFTER."""
+    c.execute(
+        "INSERT INTO delivery_crash (alert_seq, route, crashes) VALUES (?, ?, 1)"
+        " ON CONFLICT (alert_seq, route) DO UPDATE SET crashes = crashes + 1",
+        (seq, route),
+    )
+    (crashes,) = c.execute(
+        "SELECT crashes FROM delivery_crash WHERE alert_seq = ? AND route = ?", (seq, route)
+    ).fetchone()
+    if crashes >= HOLD_AFTER:
+        c.execute(
+            "UPDATE delivery SET state = 'held', updated_at = ?, last_error = ?"
+            " WHERE alert_seq = ? AND route = ?",
+            (
+                now,
+                f"held: in flight at {crashes} crashes of the relay in a row ({error}); "
+                "`mailgw queue retry ID` releases it",
+                seq,
+                route,
+            ),
+        )
+    else:
+        c.execute(
+            "UPDATE delivery SET state = 'queued', due = 0, updated_at = ?,"
+            " last_error = coalesce(?, last_error) WHERE alert_seq = ? AND route = ?",
+            (now, error, seq, route),
+        )
 
 
 def release_all(c: sqlite3.Connection) -> int:

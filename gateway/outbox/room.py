@@ -42,6 +42,7 @@ class Room:
     local_user_percent: int = 25
     unrouted_percent: int = 10
     keep_unrouted: float = 86400.0
+    max_age: float = 5 * 86400.0  # dead or unrouted local mail is kept this long
 
     @property
     def local_limit(self) -> int:
@@ -80,6 +81,7 @@ def room_of(section: OutboxSection) -> Room:
         section.local_user_percent,
         section.unrouted_percent,
         section.keep_unrouted,
+        section.max_age,
     )
 
 

@@ -518,9 +518,17 @@ class Outbox:
         with self.transaction() as c:
             n = queue.prune(c, older_than, limit)
             gone = held.prune_unrouted(c, time.time() - self.room.keep_unrouted, limit - n)
+            stale = held.prune_stale_local(c, time.time() - self.room.max_age, limit - n - gone)
         self._runs.forget()  # seen runs older than that went too
         self.unrouted -= gone
-        return n + gone
+        if stale:
+            self.live -= stale
+            log.warning(
+                "%d deliveries of local mail (sendmail) that were dead or unrouted for "
+                "outbox.max_age were deleted, freeing local mail's share",
+                stale,
+            )
+        return n + gone + stale
 
     def drop_free_shards(self) -> int:
         """Drop every full shard no delivery needs; rescue the few rows that pin one."""
