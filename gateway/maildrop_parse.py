@@ -3,7 +3,9 @@
 Everything here is untrusted input from any local user: a file is parsed within
 bounds, never evaluated, and whatever is wrong with it is a BadDrop with a reason the
 pickup counts (gateway/maildrop.py). The message bytes themselves are not changed
-here: the relay sends them as they came, after a few header rewrites
+here, nor copied: the envelope and the header block are copied out (each bounded), the
+message stays a view of the file as read, so a max_size message is in the daemon once.
+The relay sends its bytes as they came, after a few header rewrites
 (gateway/sendmail_compose.py).
 
 The file's layout is written by gateway/sendmail.py: `MAILGW-DROP 1`, envelope lines

@@ -14,7 +14,9 @@ rewritten, so that a smarthost accepts the mail from the gateway's account:
   every attempt (invariant 2: a resend is a recognisable duplicate); Date is added
   from the time of pickup if missing;
 - X-Mailgw-Submitted-By says which local uid handed it in (the spool file's owner).
-Line ends: SMTP wants CRLF. The body is not copied or changed here: the DATA encoder
+The relay reads the stored message once, into one buffer, and puts the new header
+block in place of the old one there (rewrite_in_place): the body is not copied.
+Line ends: SMTP wants CRLF. The body is not changed here either: the DATA encoder
 (gateway/smtp_data.py) makes every lone LF or CR a CRLF on the wire, piece by piece,
 so a 10 MiB message costs its own size once, whatever its lines. A lone CR inside a
 header field is made a fold so the field stays whole; a message with CR line ends only

@@ -12,6 +12,7 @@ import re
 import signal
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from gateway.maildrop_parse import (
     parse_drop,
     split_at,
 )
+from gateway.sendmail_compose import rewrite_head, rewrite_in_place
 from tests.parts import DaemonProcess, Pki, SmtpServer, wait_for
 from tests.test_sendmail_daemon import config, sendmail, spool  # noqa: F401  (fixture)
 
@@ -120,6 +122,38 @@ def test_split_at_cuts_where_the_line_by_line_reading_does(
     with contextlib.suppress(BadDrop):
         head = header_block(memoryview(data))
         assert head == converted[: _split_at_by_lines(converted, True)[0]]
+
+
+_KW: dict[str, Any] = {
+    "sender": "Gateway <gw@example.com>",
+    "fullname": "",
+    "message_id": "<id@gw>",
+    "date": "Mon, 07 Dec 2026 23:00:00 +0000",
+    "uid": 1000,
+    "mailname": "host.example",
+}
+
+
+@given(st.lists(_line, max_size=8), st.binary(max_size=40), st.booleans())
+@settings(max_examples=300)
+def test_the_header_rewritten_in_place_is_the_rewritten_mail(
+    lines: list[bytes], tail: bytes, cr_ends: bool
+) -> None:
+    eol = b"\r" if cr_ends else b"\n"
+    message = eol.join(lines) + eol + tail
+    if cr_ends:
+        message = message.replace(b"\n", b"")
+    try:
+        head, body = rewrite_head(message, **_KW)
+    except BadDrop:
+        head, body = b"", memoryview(b"")
+    buf = bytearray(message)
+    try:
+        rewrite_in_place(buf, **_KW)
+    except BadDrop:
+        assert head == b""
+        return
+    assert buf == head + bytes(body)
 
 
 # --- the daemon: one copy at pickup, one at relay ---------------------------------------
