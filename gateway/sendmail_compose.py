@@ -124,8 +124,10 @@ def rewrite_in_place(
     buffer it read (a message of max_size is in the daemon once)."""
     cr_line_ends_in_place(data)
     head_end, body_start = split_at(data, bounded=True)
+    with memoryview(data) as view:
+        block = bytes(view[:head_end])  # (a slice of the bytearray would be one more copy)
     head = new_head(
-        bytes(data[:head_end]),
+        block,
         sender=sender,
         fullname=fullname,
         message_id=message_id,
