@@ -189,7 +189,9 @@ def _unstructured(name: str, text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Composed:
-    data: bytes  # the whole message, CRLF line ends, ready for DATA
+    # The whole message, ready for DATA (a local mail: the buffer read from the outbox,
+    # its line ends made CRLF on the wire).
+    data: bytes | bytearray
     sender: str
     recipients: tuple[str, ...]
     message_id: str

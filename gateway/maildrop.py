@@ -43,7 +43,7 @@ import os
 import pwd
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -54,14 +54,7 @@ from gateway.errors import GatewayError, LocalRoomFull
 from gateway.etc_aliases import MAX_FILE, EtcAliases
 from gateway.etc_aliases import parse as parse_etc_aliases
 from gateway.maildrop_limits import Episodes, UserRate
-from gateway.maildrop_parse import (
-    BadDrop,
-    header_recipients,
-    parse_drop,
-    plan,
-    split_message,
-    subject,
-)
+from gateway.maildrop_parse import BadDrop, header_recipients, parse_drop, plan, subject
 from gateway.outbox import Outbox, raw
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
@@ -88,6 +81,12 @@ def _owner_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):
         return str(uid)
+
+
+def _read_into(fd: int, buf: bytearray, at: int) -> int:
+    """Read from `fd` into `buf` from `at` on; the bytes read (0 at the end)."""
+    with memoryview(buf) as whole, whole[at:] as rest:
+        return os.readv(fd, [rest])
 
 
 class Rejected(Exception):
@@ -117,8 +116,16 @@ class Picked:
     plan: raw.RawPlan
     problems: tuple[str, ...]
 
+    def without_data(self) -> Picked:
+        """What the pickup still needs once the message is stored: not its bytes."""
+        return replace(self, message=replace(self.message, data=b""))
 
-def _store(p: Picked, ob: Outbox) -> bool:
+
+def _store(box: list[Picked], ob: Outbox) -> bool:
+    # Taken out of its box: the writer thread may keep a call's function until its
+    # next call, and the message must not outlive its store (the next file is read
+    # meanwhile, and would be a second copy in the daemon).
+    p = box.pop()
     return raw.store(ob, p.alert, p.message, p.plan)
 
 
@@ -200,8 +207,9 @@ class Maildrop:
                 continue
             if picked is None:
                 continue
+            box, picked = [picked], picked.without_data()
             try:
-                added = await self.writer.run(partial(_store, picked))
+                added = await self.writer.run(partial(_store, box))
             except LocalRoomFull as exc:
                 self._refused(name, exc)
                 continue  # another user's file may still fit
@@ -309,7 +317,7 @@ class Maildrop:
             "local mail %s from uid %d (%d bytes) queued for %s",
             p.alert.id,
             p.message.uid,
-            len(p.message.data),
+            p.alert.fields["size"],
             ", ".join(where),
         )
         for problem in p.problems:
@@ -493,7 +501,7 @@ class Maildrop:
             raise Rejected("malformed", str(exc), uid) from None
         if len(drop.message) > limit:
             raise Rejected("too_large", f"{len(drop.message)} bytes, max_size is {limit}", uid)
-        head, _ = split_message(drop.message)
+        head = drop.head
         rcpts = list(drop.recipients)
         if drop.extract:
             try:
@@ -580,7 +588,7 @@ class Maildrop:
         self._etc = (key, etc)
         return etc
 
-    def _read_bounded(self, path: Path, limit: int) -> tuple[bytes, int]:
+    def _read_bounded(self, path: Path, limit: int) -> tuple[bytearray, int]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
@@ -598,14 +606,24 @@ class Maildrop:
             cap = limit + 256 * 1024  # the message and its envelope
             if st.st_size > cap:
                 raise Rejected("too_large", f"{st.st_size} bytes, max_size is {limit}")
-            chunks: list[bytes] = []
+            # Read once, into one buffer of the file's size: the message is in the daemon
+            # once from here to the outbox (parse_drop and raw.store take views of it).
+            # One byte more than the size, so that a file that grew since is noticed.
+            buf = bytearray(st.st_size + 1)
             size = 0
-            while chunk := os.read(fd, min(1 << 20, cap + 1 - size)):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > cap:
-                    raise Rejected("too_large", f"over {cap} bytes, max_size is {limit}")
-            return b"".join(chunks), st.st_uid
+            while True:
+                if size == len(buf):
+                    if size > cap:
+                        raise Rejected("too_large", f"over {cap} bytes, max_size is {limit}")
+                    buf.extend(bytes(min(max(size, 1 << 16), cap + 1 - size)))
+                got = _read_into(fd, buf, size)
+                if not got:
+                    break
+                size += got
+            if size > cap:
+                raise Rejected("too_large", f"over {cap} bytes, max_size is {limit}")
+            del buf[size:]
+            return buf, st.st_uid
         finally:
             os.close(fd)
 

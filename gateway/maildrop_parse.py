@@ -3,7 +3,9 @@
 Everything here is untrusted input from any local user: a file is parsed within
 bounds, never evaluated, and whatever is wrong with it is a BadDrop with a reason the
 pickup counts (gateway/maildrop.py). The message bytes themselves are not changed
-here: the relay sends them as they came, after a few header rewrites
+here, nor copied: the envelope and the header block are copied out (each bounded), the
+message stays a view of the file as read, so a max_size message is in the daemon once.
+The relay sends its bytes as they came, after a few header rewrites
 (gateway/sendmail_compose.py).
 
 The file's layout is written by gateway/sendmail.py: `MAILGW-DROP 1`, envelope lines
@@ -33,6 +35,12 @@ MAX_ENVELOPE = 256 * 1024  # ~ 250 recipients of 998 bytes: more is not a cron m
 MAX_HEADER = 1024 * 1024
 MAX_FIELDS = 1000
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+# Searches by regex work on any buffer (a memoryview of the file read at pickup, the
+# bytearray read at relay) without a copy of it.
+_LF = re.compile(rb"\n")
+_CR = re.compile(rb"\r")
+_BLANK = re.compile(rb"[\r\n]*")
+_NOT_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c]")
 _LOCAL = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 
 
@@ -47,10 +55,15 @@ class Drop:
     fullname: str
     extract: bool
     recipients: tuple[str, ...]
-    message: bytes
+    # The message: a view of the file's bytes, not a copy (a 10 MiB message is in the
+    # daemon once, as read).
+    message: memoryview
+    head: bytes  # its header block (within MAX_HEADER), lines ending in LF
 
 
-def parse_drop(data: bytes) -> Drop:
+def parse_drop(data: bytes | bytearray) -> Drop:
+    """The file's envelope and message. Only the envelope and the header block are
+    copied out of `data` (each bounded); the message is a view of it."""
     if not data.startswith(MAGIC):
         raise BadDrop("not a mailgw maildrop file (no MAILGW-DROP 1 line)")
     end = data.find(b"\n\n", len(MAGIC) - 1)
@@ -69,10 +82,9 @@ def parse_drop(data: bytes) -> Drop:
             values[letter] = value
     if len(rcpts) > MAX_RCPTS:
         raise BadDrop(f"{len(rcpts)} recipients (at most {MAX_RCPTS})")
-    message = data[end + 2 :]
-    if not message or message.isspace():  # (not strip(): that copies the message)
+    if _NOT_SPACE.search(data, end + 2) is None:
         raise BadDrop("the message is empty")
-    check_header(message)
+    message = memoryview(data)[end + 2 :]
     return Drop(
         user=values.get("U", "")[:64],
         sender=values.get("F", ""),
@@ -80,6 +92,7 @@ def parse_drop(data: bytes) -> Drop:
         extract=values.get("T") == "1",
         recipients=tuple(rcpts),
         message=message,
+        head=header_block(message),
     )
 
 
@@ -87,9 +100,33 @@ def cr_line_ends(data: bytes) -> bytes:
     """A message with CR line ends and no LF at all (old Mac style) as LF lines: each
     CR was a line end (the SMTP client would make each one a CRLF anyway). Any other
     message is returned as it is."""
-    if b"\n" not in data and b"\r" in data:
+    if cr_only(data):
         return data.replace(b"\r", b"\n")
     return data
+
+
+def cr_only(data: bytes | bytearray | memoryview) -> bool:
+    """Whether the message's lines end in CR alone (no LF anywhere): see cr_line_ends."""
+    return _LF.search(data) is None and _CR.search(data) is not None
+
+
+def cr_line_ends_in_place(data: bytearray, piece: int = 1 << 16) -> None:
+    """cr_line_ends on a buffer, changed where it is (the same length): no second copy
+    of a 10 MiB message."""
+    if not cr_only(data):
+        return
+    for i in range(0, len(data), piece):
+        data[i : i + piece] = data[i : i + piece].replace(b"\r", b"\n")
+
+
+def header_block(message: bytes | bytearray | memoryview) -> bytes:
+    """The header block as split_message cuts it (lines ending in LF, as through
+    cr_line_ends), copied out of the message; a BadDrop when it goes past MAX_HEADER
+    bytes or MAX_FIELDS fields. Nothing past the block is copied."""
+    eol = b"\r" if cr_only(message) else b"\n"
+    head_end, _ = split_at(message, bounded=True, eol=eol)
+    head = bytes(message[:head_end])
+    return head.replace(b"\r", b"\n") if eol == b"\r" else head
 
 
 def _mbox_line(line: bytes) -> bool:
@@ -97,7 +134,7 @@ def _mbox_line(line: bytes) -> bool:
     return line.startswith(b"From ") and _FIELD.match(line) is None
 
 
-def split_message(data: bytes) -> tuple[bytes, memoryview]:
+def split_message(data: bytes | memoryview) -> tuple[bytes, memoryview]:
     """(header block, body). The body is every byte after the empty line, untouched: a
     view of `data`, not a copy (pickup wants only the header of a 10 MiB message).
 
@@ -106,27 +143,33 @@ def split_message(data: bytes) -> tuple[bytes, memoryview]:
     Postfix reads it); a leading mbox "From " line is kept in the block for
     header_fields to drop. A message with CR line ends only: see cr_line_ends.
     """
-    data = cr_line_ends(data)
+    if cr_only(data):
+        data = bytes(data).replace(b"\r", b"\n")
     head_end, body_start = split_at(data)
-    return data[:head_end], memoryview(data)[body_start:]
+    return bytes(data[:head_end]), memoryview(data)[body_start:]
 
 
-def split_at(data: bytes, bounded: bool = False) -> tuple[int, int]:
-    """Where split_message cuts `data` (already through cr_line_ends): the end of the
-    header block and the start of the body. `bounded`: a BadDrop when the block goes
-    past MAX_HEADER bytes or MAX_FIELDS fields, found without reading further."""
+def split_at(
+    data: bytes | bytearray | memoryview, bounded: bool = False, eol: bytes = b"\n"
+) -> tuple[int, int]:
+    """Where split_message cuts `data` (already through cr_line_ends, or with `eol`
+    b"\r" for a message whose lines end in CR alone): the end of the header block and
+    the start of the body. `bounded`: a BadDrop when the block goes past MAX_HEADER
+    bytes or MAX_FIELDS fields, found without reading further. Nothing is copied:
+    each line is looked at where it is."""
     pos, n, fields = 0, len(data), 0
     limit = MAX_HEADER + 1 if bounded else n
+    end_of_line = _LF if eol == b"\n" else _CR
     while pos < n:
         # Bounded, a line is looked at no further than the limit: past it is enough.
-        nl = data.find(b"\n", pos, pos + limit)
-        line_end = nl + 1 if nl >= 0 else min(n, pos + limit)
-        line = data[pos:line_end].rstrip(b"\r\n")
-        if not line:
+        found = end_of_line.search(data, pos, pos + limit)
+        line_end = found.end() if found is not None else min(n, pos + limit)
+        if _BLANK.fullmatch(data, pos, line_end) is not None:
             return pos, line_end
-        folded = pos > 0 and line[:1] in (b" ", b"\t")
-        mbox = pos == 0 and _mbox_line(line)
-        if not (folded or mbox or _FIELD.match(line)):
+        # The line's CRs and LFs never change what _FIELD matches (it takes neither).
+        folded = pos > 0 and data[pos : pos + 1] in (b" ", b"\t")
+        mbox = pos == 0 and _mbox_at(data, line_end)
+        if not (folded or mbox or _FIELD.match(data, pos, line_end)):
             return pos, pos
         fields += not folded
         if bounded and (line_end > MAX_HEADER or fields > MAX_FIELDS):
@@ -136,9 +179,14 @@ def split_at(data: bytes, bounded: bool = False) -> tuple[int, int]:
     return n, n
 
 
-def check_header(message: bytes) -> None:
+def _mbox_at(data: bytes | bytearray | memoryview, line_end: int) -> bool:
+    # _mbox_line for the first line of `data`, without copying it.
+    return bytes(data[:5]) == b"From " and _FIELD.match(data, 0, line_end) is None
+
+
+def check_header(message: bytes | bytearray | memoryview) -> None:
     """A BadDrop when the message's header block is past its bounds (MAX_HEADER)."""
-    split_at(cr_line_ends(message), bounded=True)
+    header_block(message)
 
 
 def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:

@@ -14,7 +14,9 @@ rewritten, so that a smarthost accepts the mail from the gateway's account:
   every attempt (invariant 2: a resend is a recognisable duplicate); Date is added
   from the time of pickup if missing;
 - X-Mailgw-Submitted-By says which local uid handed it in (the spool file's owner).
-Line ends: SMTP wants CRLF. The body is not copied or changed here: the DATA encoder
+The relay reads the stored message once, into one buffer, and puts the new header
+block in place of the old one there (rewrite_in_place): the body is not copied.
+Line ends: SMTP wants CRLF. The body is not changed here either: the DATA encoder
 (gateway/smtp_data.py) makes every lone LF or CR a CRLF on the wire, piece by piece,
 so a 10 MiB message costs its own size once, whatever its lines. A lone CR inside a
 header field is made a fold so the field stays whole; a message with CR line ends only
@@ -33,7 +35,14 @@ from pathlib import Path
 from gateway.clock import Stamp
 from gateway.compose import Composed
 from gateway.config import Config
-from gateway.maildrop_parse import BadDrop, cr_line_ends, field_value, header_fields, split_at
+from gateway.maildrop_parse import (
+    BadDrop,
+    cr_line_ends,
+    cr_line_ends_in_place,
+    field_value,
+    header_fields,
+    split_at,
+)
 from gateway.outbox import Claimed, Outcome, State
 from gateway.outbox.raw import RawMessage, load
 from gateway.outbox.writer import Writer
@@ -88,11 +97,66 @@ def rewrite_head(
     of maildrop_parse (stored before they were checked at pickup) is a BadDrop."""
     data = cr_line_ends(raw)
     head_end, body_start = split_at(data, bounded=True)
+    head = new_head(
+        data[:head_end],
+        sender=sender,
+        fullname=fullname,
+        message_id=message_id,
+        date=date,
+        uid=uid,
+        mailname=mailname,
+    )
+    return head, memoryview(data)[body_start:]
+
+
+def rewrite_in_place(
+    data: bytearray,
+    *,
+    sender: str,
+    fullname: str,
+    message_id: str,
+    date: str,
+    uid: int,
+    mailname: str = "localhost",
+) -> None:
+    """rewrite_head's header block put in place of the message's own, in `data`: the
+    body is neither copied nor moved elsewhere, so the mail the relay sends is the one
+    buffer it read (a message of max_size is in the daemon once)."""
+    cr_line_ends_in_place(data)
+    head_end, body_start = split_at(data, bounded=True)
+    with memoryview(data) as view:
+        block = bytes(view[:head_end])  # (a slice of the bytearray would be one more copy)
+    head = new_head(
+        block,
+        sender=sender,
+        fullname=fullname,
+        message_id=message_id,
+        date=date,
+        uid=uid,
+        mailname=mailname,
+    )
+    # Moved within the buffer (a larger header grows it where it is: a large buffer
+    # is an mmap of its own, gateway/heap.py, which the kernel extends).
+    data[:body_start] = head
+
+
+def new_head(
+    head: bytes,
+    *,
+    sender: str,
+    fullname: str,
+    message_id: str,
+    date: str,
+    uid: int,
+    mailname: str = "localhost",
+) -> bytes:
+    """The header block `head` (LF lines) as sent (see the module's docstring), CRLF
+    line ends, ending with its empty line."""
     out: list[bytes] = []
     original_from = b""
     from_local = False
     seen: set[bytes] = set()
-    for name, text in header_fields(data[:head_end]):
+    for name, text in header_fields(head):
         seen.add(name)
         if name == b"from":
             original, from_local = _qualified(text, mailname)
@@ -117,7 +181,7 @@ def rewrite_head(
     if b"date" not in seen:
         out.append(f"Date: {date}".encode())
     out.append(f"X-Mailgw-Submitted-By: uid {uid}".encode())
-    return b"\r\n".join(out) + b"\r\n\r\n", memoryview(data)[body_start:]
+    return b"\r\n".join(out) + b"\r\n\r\n"
 
 
 def _qualified(field: bytes, mailname: str) -> tuple[bytes, bool]:
@@ -201,9 +265,13 @@ async def compose_raw(
     device = config.gateway.device_id
     mid = message_id(item.alert.id, device)
     wall, _ = item.alert.received.corrected(Stamp.now())
+    # The buffer `load` read, its header rewritten in place: the mail is in the
+    # daemon once; line ends are made CRLF on the wire (gateway/smtp_data.py), so
+    # nothing here grows with the number of lines.
+    data = raw.data if isinstance(raw.data, bytearray) else bytearray(raw.data)
     try:
-        head, body = rewrite_head(
-            raw.data,
+        rewrite_in_place(
+            data,
             sender=config.smtp.sender,
             fullname=str(item.alert.fields.get("fullname") or ""),
             message_id=mid,
@@ -213,7 +281,4 @@ async def compose_raw(
         )
     except BadDrop as exc:
         return Outcome(item.key, State.DEAD, count_attempt=False, error=f"not sendable: {exc}")
-    # One copy of the body, joined to its new header; line ends are made CRLF on the
-    # wire (gateway/smtp_data.py), so nothing here grows with the number of lines.
-    data = b"".join((head, body))
     return Composed(data, parseaddr(config.smtp.sender)[1], rcpts, mid)

@@ -216,7 +216,7 @@ class SmtpSession:
             self.tls.peer_expires = str(expires) if expires else None
 
     async def deliver(
-        self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
+        self, message: EmailMessage | bytes | bytearray, sender: str, recipients: tuple[str, ...]
     ) -> Result:
         """Send one message: the server's answer, or how the session failed, as data.
         Raises nothing but a cancellation."""
@@ -231,13 +231,13 @@ class SmtpSession:
         )
 
     async def send(
-        self, message: EmailMessage | bytes, sender: str, recipients: tuple[str, ...]
+        self, message: EmailMessage | bytes | bytearray, sender: str, recipients: tuple[str, ...]
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
         """aiosmtplib's sendmail (for bytes, with DATA in bounded pieces: smtp_data.py):
         refused recipients and the final reply's text, or its exceptions. For measuring
         the library itself; the relay uses `deliver`."""
         assert self.client is not None
-        if isinstance(message, bytes):
+        if isinstance(message, bytes | bytearray):
             # Not aiosmtplib's sendmail: its DATA costs memory per line (smtp_data.py).
             return await send_bytes(self.client, sender, recipients, message)
         return await self.client.send_message(message, sender=sender, recipients=list(recipients))

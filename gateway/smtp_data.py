@@ -63,7 +63,7 @@ class DataEncoder:
         return out
 
 
-def encoded_size(message: bytes | memoryview, piece: int = PIECE) -> int:
+def encoded_size(message: bytes | bytearray | memoryview, piece: int = PIECE) -> int:
     """The octets DATA carries before its closing ".", piece by piece: RFC 1870's SIZE
     with line ends made CRLF (as aiosmtplib counts) and doubled dots (a few more: SIZE
     is an estimate the server checks against its limit, and a larger one is safe)."""
@@ -73,7 +73,7 @@ def encoded_size(message: bytes | memoryview, piece: int = PIECE) -> int:
     return n + len(enc.end()) - 3
 
 
-def pieces(message: bytes | memoryview, piece: int = PIECE) -> Iterator[bytes]:
+def pieces(message: bytes | bytearray | memoryview, piece: int = PIECE) -> Iterator[bytes]:
     """The DATA payload for `message`, ending with the "." line, `piece` bytes of the
     message at a time."""
     enc = DataEncoder()
@@ -85,7 +85,7 @@ def pieces(message: bytes | memoryview, piece: int = PIECE) -> Iterator[bytes]:
 
 
 async def send_bytes(
-    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], message: bytes
+    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], message: bytes | bytearray
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """Send `message` (bytes as they are to go, line ends normalised on the way) as
     aiosmtplib's sendmail does: refused recipients and the final reply's text, or its
@@ -113,7 +113,7 @@ async def send_bytes(
     return refused, reply.message
 
 
-async def _data(client: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
+async def _data(client: aiosmtplib.SMTP, message: bytes | bytearray) -> aiosmtplib.SMTPResponse:
     start = await client.execute_command(b"DATA")
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)

@@ -9,6 +9,11 @@ stored bytes after rewriting a few headers (gateway/sendmail_compose.py).
 Deliveries: one per route an alias named (rcpts NULL: the route's recipients), and one
 on the pseudo-route `@sendmail` (no configured route can be named so) whose rcpts are
 the message's own addresses. Storm control does not apply: these are not alerts.
+
+A message of max_size (10 MiB) is in the daemon once at a time: it is stored from the
+caller's buffer in pieces into a zeroblob (an INSERT that binds it would copy it
+twice: SQLite's own copy of the value and the record it builds), and read back in
+pieces into the one buffer the relay sends from.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from gateway.outbox.rows import _alert_row, shard_table
 from gateway.outbox.store import Outbox, _BatchRows
 
 ADDRESSES_ROUTE = "@sendmail"
+PIECE = 1 << 16  # bytes of a message written to or read from its blob at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +42,9 @@ class RawMessage:
     uid: int  # its owner, as the kernel says
     sender: str  # -f, as given (informational: the relay sends as smtp.from)
     rcpts: tuple[str, ...]  # every envelope recipient, as given or taken from headers
-    data: bytes
+    # The message's bytes: the pickup's view of the file it read; what `load` read
+    # (a buffer the relay rewrites the header of, in place).
+    data: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +103,10 @@ def store(ob: Outbox, alert: Alert, raw: RawMessage, plan: RawPlan) -> bool:
             )
             c.execute(
                 "INSERT INTO raw_message (alert_seq, drop_name, uid, sender, rcpts, data)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, raw.drop_name, raw.uid, raw.sender, "\n".join(raw.rcpts), raw.data),
+                " VALUES (?, ?, ?, ?, ?, zeroblob(?))",
+                (seq, raw.drop_name, raw.uid, raw.sender, "\n".join(raw.rcpts), len(raw.data)),
             )
+            _write_blob(c, seq, raw.data)
     except OutboxFull:
         raise
     except BaseException as exc:
@@ -135,26 +144,53 @@ def _check_share(ob: Outbox, c: sqlite3.Connection, uid: int, adding: int) -> No
 def reused_name(raw: RawMessage) -> str:
     """The name a reused maildrop name is stored under: derived from the content, so
     that the same file picked up again (after a crash before its unlink) is known."""
-    digest = hashlib.sha256(b"%d\n" % raw.uid + raw.data).hexdigest()[:32]
-    return f"{raw.drop_name}~{digest}"
+    digest = hashlib.sha256(b"%d\n" % raw.uid)
+    digest.update(raw.data)
+    return f"{raw.drop_name}~{digest.hexdigest()[:32]}"
 
 
 def _stored(c: sqlite3.Connection, raw: RawMessage, *, by_name_only: bool = False) -> bool:
     row = c.execute(
-        "SELECT uid, data FROM raw_message WHERE drop_name = ?", (raw.drop_name,)
+        "SELECT alert_seq, uid, length(data) FROM raw_message WHERE drop_name = ?",
+        (raw.drop_name,),
     ).fetchone()
     if row is None:
         return False
-    return by_name_only or (int(row[0]) == raw.uid and bytes(row[1]) == raw.data)
+    if by_name_only:
+        return True
+    seq, uid, size = row
+    return int(uid) == raw.uid and int(size) == len(raw.data) and _same_blob(c, seq, raw.data)
+
+
+def _write_blob(c: sqlite3.Connection, seq: int, data: bytes | bytearray | memoryview) -> None:
+    with memoryview(data) as view, c.blobopen("raw_message", "data", seq) as blob:
+        for i in range(0, len(view), PIECE):
+            blob.write(view[i : i + PIECE])
+
+
+def _same_blob(c: sqlite3.Connection, seq: int, data: bytes | bytearray | memoryview) -> bool:
+    """Whether the stored message is `data`, compared a piece at a time."""
+    with memoryview(data) as view, c.blobopen("raw_message", "data", seq, readonly=True) as blob:
+        for i in range(0, len(view), PIECE):
+            if blob.read(PIECE) != view[i : i + PIECE]:
+                return False
+    return True
 
 
 def load(c: sqlite3.Connection, seq: int) -> RawMessage | None:
+    """The stored message, its bytes read in pieces into one buffer of their size (a
+    SELECT of the column would hold SQLite's copy and Python's at once)."""
     row = c.execute(
-        "SELECT drop_name, uid, sender, rcpts, data FROM raw_message WHERE alert_seq = ?", (seq,)
+        "SELECT drop_name, uid, sender, rcpts, length(data) FROM raw_message WHERE alert_seq = ?",
+        (seq,),
     ).fetchone()
     if row is None:
         return None
-    name, uid, sender, rcpts, data = row
+    name, uid, sender, rcpts, size = row
+    data = bytearray(int(size))
+    with c.blobopen("raw_message", "data", seq, readonly=True) as blob:
+        for i in range(0, len(data), PIECE):
+            data[i : i + PIECE] = blob.read(PIECE)
     return RawMessage(name, int(uid), sender, tuple(rcpts.split("\n")) if rcpts else (), data)
 
 

@@ -224,6 +224,10 @@ class Writer:
                     self._call(item)
             self._record(records)
             self._commit(pending)
+            # Nothing of this group outlives it while the thread waits for the next: a
+            # call's function or result may hold a message of megabytes.
+            del first, item
+            items.clear()
             for hook in self.after_group:
                 try:
                     hook()
