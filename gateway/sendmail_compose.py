@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sqlite3
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, getaddresses, parseaddr
@@ -35,6 +36,7 @@ from pathlib import Path
 from gateway.clock import Stamp
 from gateway.compose import Composed
 from gateway.config import Config
+from gateway.errors import GatewayError
 from gateway.maildrop_parse import (
     BadDrop,
     cr_line_ends,
@@ -233,7 +235,9 @@ async def compose_raw(
     assert config.smtp is not None
     try:
         raw: RawMessage | None = await writer.run(lambda ob: load(ob.conn, item.seq))
-    except Exception as exc:  # a disk that fails for a moment: not the message's fault
+    except (sqlite3.Error, OSError, GatewayError) as exc:
+        # A disk or lock that fails for a moment: not the message's fault. Anything else
+        # is the row's own, and the relay dead-letters it (Relay._deliver).
         return Outcome(
             item.key,
             State.QUEUED,

@@ -142,9 +142,10 @@ def test_a_message_that_kills_the_daemon_is_held_after_three_starts_and_the_rest
 
 
 def _store_unreadable_raw(db: Path) -> None:
-    """A sendmail message whose stored bytes the relay's compose chokes on (a row that is
-    text, not bytes, as a damaged or hand-edited outbox may hold): it raises TypeError,
-    as a non-ASCII local name in To did. Next to it, an alert that must still go."""
+    """A sendmail message the relay's compose chokes on (a row a damaged or hand-edited
+    outbox may hold: its owner's uid is text): it raises ValueError, as a non-ASCII
+    local name in To once raised UnicodeEncodeError. Next to it, an alert that must
+    still go."""
     ob = Outbox(db)
     try:
         msg = b"From: root\nTo: root\nSubject: unreadable\n\nbody\n"
@@ -154,7 +155,7 @@ def _store_unreadable_raw(db: Path) -> None:
             RawMessage("drop-1", 0, "root", ("ops@example.com",), msg),
             RawPlan(addresses=("ops@example.com",)),
         )
-        ob.conn.execute("UPDATE raw_message SET data = CAST(data AS TEXT)")
+        ob.conn.execute("UPDATE raw_message SET uid = 'not a uid'")
         ob.conn.commit()
         ob.add([routed("fine before")])
     finally:
@@ -183,7 +184,7 @@ def test_a_message_that_raises_in_compose_is_dead_lettered_and_the_daemon_goes_o
                 what="the message that raises dead-lettered",
             )
             _, crashes, reason = states()["local mail that raises"]
-            assert reason and "could not be composed or sent: TypeError" in reason
+            assert reason and "could not be composed or sent: ValueError" in reason
             assert crashes == 0
             pub = Publisher(broker.port)
             pub.publish("alerts/m/x", "an alert after it")
