@@ -61,7 +61,7 @@ class Component(Protocol):
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.runtime = Runtime()
+        self.runtime = Runtime(state_dir=str(config.gateway.state_dir))
         self.router = Router(config.routes, config.gateway.default_route)
         self.stopping = asyncio.Event()
         self.components: list[Component] = []
