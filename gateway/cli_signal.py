@@ -159,10 +159,14 @@ def signal_daemon(cfg: Config, quiet: bool = False) -> bool:
 
     Unless `quiet`, says on stderr why it was not sent and what to do instead.
     """
-    from gateway.status import read_runtime
+    from gateway.status import other_daemon, read_runtime
 
     path = status_path(cfg)
     rt = read_runtime(path)
+    if (other := other_daemon(rt, cfg.gateway.state_dir, path)) is not None:
+        if not quiet:
+            print(f"mailgw: not signalling: {other}", file=sys.stderr)
+        return False
     if rt is None:
         if not quiet:
             _say_not_running(cfg, path)

@@ -155,14 +155,48 @@ def due(token: Token | None, now: float) -> bool:
 
 
 class _Connection(http.client.HTTPSConnection):
-    """Keeps its socket: http.client hands it to the response (and forgets it) when the
-    server will close the connection, and the deadline must still reach it there."""
+    """Keeps its socket from the moment it exists, for the deadline's timer: the plain
+    TCP socket during the connect, the TLS socket from before its handshake on (the
+    timer may fire in either); http.client hands the socket to the response (and forgets
+    it) when the server will close the connection, and the deadline must reach it there
+    too. Each step gets only what is left of the deadline."""
 
     raw: socket.socket | None = None
 
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        deadline: float,
+        late: threading.Event,
+    ) -> None:
+        super().__init__(host, port, timeout=max(0.0, deadline - time.monotonic()), context=context)
+        self.tls_context = context
+        self.deadline = deadline
+        self.late = late
+
+    def _left(self) -> float:
+        """What is left of the deadline; TimeoutError once it has passed."""
+        left = self.deadline - time.monotonic()
+        if self.late.is_set() or left <= 0:
+            raise TimeoutError("the request's deadline has passed")
+        return left
+
     def connect(self) -> None:
-        super().connect()
-        self.raw = self.sock
+        sock = socket.create_connection((self.host, self.port), self._left())
+        self.sock = self.raw = sock
+        self._left()  # the timer may have fired before the socket was here to cut
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = self.tls_context.wrap_socket(
+            sock, server_hostname=self.host, do_handshake_on_connect=False
+        )
+        # The wrap took over the plain socket's descriptor: the TLS socket is the one
+        # to cut now, before its handshake reads anything.
+        self.sock = self.raw = tls
+        tls.settimeout(self._left())
+        tls.do_handshake()
+        tls.settimeout(self._left())
 
 
 def post(
@@ -181,8 +215,9 @@ def post(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    conn = _Connection(parts.hostname, parts.port or 443, timeout=timeout, context=ctx)
     late = threading.Event()
+    deadline = time.monotonic() + timeout
+    conn = _Connection(parts.hostname, parts.port or 443, ctx, deadline, late)
 
     def cut() -> None:
         late.set()
@@ -216,8 +251,9 @@ def post(
     finally:
         timer.cancel()
         conn.close()
-    if late.is_set():
-        # Whatever the reads saw (an error, or a body cut short), the deadline came first.
+    if late.is_set() or isinstance(reason, TimeoutError):
+        # Whatever the reads saw (an error, or a body cut short), the deadline came first;
+        # a step's own timeout is what was left of the deadline, so it is the same.
         raise TokenUnavailable(f"the token endpoint {url} did not answer within {timeout:g} s")
     if reason is not None:
         raise TokenUnavailable(f"cannot reach the token endpoint {url}: {reason}")

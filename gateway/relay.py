@@ -36,9 +36,11 @@ Scheduling uses time.monotonic(): a wall-clock jump at NTP sync changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
+import threading
 import time
 
 from gateway.clock import Stamp
@@ -94,7 +96,9 @@ class Relay:
         self.shutdown = Shutdown()  # one deadline at SIGTERM for every session's records
         self._loop: asyncio.AbstractEventLoop | None = None
         self._active: Host | None = None
-        self.helo = socket.getfqdn()
+        # The host name only, for now: getfqdn asks DNS, which may never answer, and
+        # this runs on the event loop. run() looks the full name up off the loop.
+        self.helo = socket.gethostname()
 
     # --- what tests, status and the service read ------------------------------------
 
@@ -157,6 +161,8 @@ class Relay:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if not all(h.cfg.helo_name for h in self.hosts):
+            self.helo = await _fqdn(self.helo)
         count = max(h.cfg.sessions for h in self.hosts)
         self.workers = [Worker(self, i) for i in range(count)]
         tasks = [asyncio.create_task(w.run(), name=f"relay-{w.index}") for w in self.workers]
@@ -345,3 +351,37 @@ class Relay:
         return UplinkDown(
             f"{host.name}: {error} (it stopped answering; it {state})", unreachable=not accepts
         )
+
+
+FQDN_WITHIN = 5.0  # a DNS lookup of our own name that takes longer is given up
+
+
+async def _fqdn(fallback: str) -> str:
+    """socket.getfqdn() in a thread, given up after FQDN_WITHIN (a resolver that never
+    answers would otherwise hold the relay's start): `fallback` then. A daemon thread of
+    its own, not the loop's pool: one still stuck in the lookup is no reason to wait at
+    exit (service._leave waits for the pool's threads)."""
+    loop = asyncio.get_running_loop()
+    found: asyncio.Future[str] = loop.create_future()
+
+    def settle(name: str) -> None:
+        if not found.done():
+            found.set_result(name)
+
+    def look_up() -> None:
+        name = socket.getfqdn()
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(settle, name)
+
+    threading.Thread(target=look_up, name="fqdn-lookup", daemon=True).start()
+    try:
+        async with asyncio.timeout(FQDN_WITHIN):
+            return await found
+    except TimeoutError:
+        log.warning(
+            "looking up this host's full name took over %.0f s (DNS is not answering); "
+            "greeting smarthosts as %s",
+            FQDN_WITHIN,
+            fallback,
+        )
+        return fallback

@@ -48,6 +48,9 @@ class Runtime:
     # Each smarthost in the order they are tried (gateway/smarthost.py keeps its line):
     # host, role, active, state, sessions, limit, last_error, next_probe_at, hold, sent.
     hosts: list[dict[str, Any]] = field(default_factory=list)
+    # Whose status this is: daemons of two state_dirs given one runtime_dir would
+    # otherwise answer `mailgw status` and `flush` for each other.
+    state_dir: str | None = None
 
     def sum_hosts(self) -> None:
         """The relay's state from its smarthosts': up while any is; otherwise the
@@ -73,6 +76,7 @@ class Runtime:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "written_at": time.time(),
+            "state_dir": self.state_dir,
             "rejected": dict(self.rejected),
             "sanitised": dict(self.sanitised),
             "ingested": dict(self.ingested),

@@ -61,7 +61,7 @@ class Component(Protocol):
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.runtime = Runtime()
+        self.runtime = Runtime(state_dir=str(config.gateway.state_dir))
         self.router = Router(config.routes, config.gateway.default_route)
         self.stopping = asyncio.Event()
         self.components: list[Component] = []
@@ -83,7 +83,7 @@ class Daemon:
         if self.state_lock is None:
             # First: one daemon per state_dir (AlreadyRunning ends this one), before the
             # outbox is opened, its rows recovered or any server is called.
-            self.state_lock = state_lock.take(cfg.gateway.state_dir)
+            self.state_lock = state_lock.take(cfg.gateway.state_dir, cfg.gateway.runtime_dir)
         return Outbox(
             cfg.outbox_path,
             max_messages=cfg.outbox.max_messages,
@@ -103,7 +103,9 @@ class Daemon:
         delay, said, since = 1.0, "", time.time()
         while not self.stopping.is_set():
             try:
-                outbox = await asyncio.to_thread(self._open_outbox)
+                outbox = await self._open_unless_stopped()
+                if outbox is None:
+                    return None
             except (StoreUnavailable, OutboxFull, OSError) as exc:
                 # OSError: the state directory cannot be made or a corrupt file cannot
                 # be moved aside (a read-only remount after an SD card error).
@@ -133,6 +135,20 @@ class Daemon:
             self.runtime.store_error = None
             self.runtime.store_failing_since = None
             return outbox
+        return None
+
+    async def _open_unless_stopped(self) -> Outbox | None:
+        """_open_outbox in a thread, or None as soon as we are asked to stop: an open
+        that hangs (a file system that does not answer) must not keep a SIGTERM
+        waiting. Its thread is abandoned at exit (_leave)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_outbox))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({opening, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if opening.done():
+            return opening.result()
+        # Whatever it ends with is of no use now; retrieved, so it is not logged.
+        opening.add_done_callback(lambda f: f.cancelled() or f.exception())
         return None
 
     def open(self, outbox: Outbox) -> None:
@@ -481,6 +497,10 @@ def _leave(daemon: Daemon, executor: ThreadPoolExecutor, code: int) -> None:
         log.warning("waiting for the outbox writer to finish its commit before exiting")
         writer.thread.join()
     deadline = (daemon.stop_asked or time.monotonic()) + EXIT_WITHIN
+    if daemon.outbox is None:
+        # Stopped while still opening it: nothing was taken in, nothing is to finish,
+        # and a thread still in the open is blocked (it would have returned).
+        deadline = time.monotonic()
     executor.shutdown(wait=False)  # idle workers end now, busy ones when their call returns
     me = threading.current_thread()
     others = [t for t in threading.enumerate() if t is not me and not t.daemon]
@@ -490,10 +510,12 @@ def _leave(daemon: Daemon, executor: ThreadPoolExecutor, code: int) -> None:
     if not stuck:
         return
     log.warning(
-        "exiting with %d thread(s) still blocked in a call (%s): their work is abandoned; "
-        "the outbox was closed in order before",
+        "exiting with %d thread(s) still blocked in a call (%s): their work is abandoned; %s",
         len(stuck),
         ", ".join(stuck),
+        "the outbox was closed in order before"
+        if daemon.outbox is not None
+        else "the outbox was still being opened, nothing had been taken in",
     )
     logging.shutdown()
     os._exit(code)

@@ -15,6 +15,7 @@ written piece by piece under the transport's flow control, RSET after a refusal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 
@@ -127,8 +128,16 @@ async def _data(client: aiosmtplib.SMTP, message: bytes | bytearray) -> aiosmtpl
         for out in pieces(message):
             protocol.write(out)
             # The transport's buffer is bounded by its flow control: wait while it is
-            # above its high-water mark instead of queueing the whole message.
-            await protocol._drain_helper()
+            # above its high-water mark instead of queueing the whole message. A server
+            # that stops reading keeps it there for ever: each wait gets smtp.timeout,
+            # as a reply does, so the relay sees a session that went silent.
+            try:
+                async with asyncio.timeout(client.timeout):
+                    await protocol._drain_helper()
+            except TimeoutError:
+                raise aiosmtplib.SMTPTimeoutError(
+                    f"the server stopped reading the message ({client.timeout:g} s)"
+                ) from None
         reply = await protocol.read_response(timeout=client.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
         client.close()

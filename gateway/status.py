@@ -27,6 +27,23 @@ def _is_number(v: object) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def other_daemon(rt: dict[str, Any] | None, state_dir: Path, path: Path) -> str | None:
+    """Why the status `rt` (read from `path`) is not of the daemon on `state_dir`: it
+    names another state_dir (two daemons share one runtime_dir). None if it is, or if
+    it names none (written before the file said)."""
+    theirs = rt.get("state_dir") if rt is not None else None
+    if not isinstance(theirs, str) or _same_dir(theirs, state_dir):
+        return None
+    return (
+        f"the status file {path} is another daemon's (state_dir {printable(theirs)}), "
+        f"not this state_dir's ({state_dir}): give each daemon a runtime_dir of its own"
+    )
+
+
+def _same_dir(a: str, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def read_runtime(path: Path) -> dict[str, Any] | None:
     """The daemon's last status, or None if no live daemon wrote one.
 
@@ -78,6 +95,7 @@ def read_runtime(path: Path) -> dict[str, Any] | None:
         "pid": pid,
         "started_at": float(started_at),
         "written_at": number("written_at"),
+        "state_dir": sd if isinstance(sd := raw.get("state_dir"), str) else None,
         "rejected": counts("rejected"),
         "sanitised": counts("sanitised"),
         "ingested": counts("ingested"),
@@ -167,6 +185,7 @@ def report(
     runtime_path: Path,
     live: dict[str, Any] | None = None,
     room: Room | None = None,
+    state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The status report: DESIGN.md's keys first, then the details.
 
@@ -194,11 +213,17 @@ def report(
         )
         result["outbox_error"] = f"{db_path} does not exist yet (the daemon creates it)"
     rt = live if live is not None else read_runtime(runtime_path)
+    # The state_dir the outbox is in, when the caller did not name it.
+    other = other_daemon(rt, state_dir or db_path.parent, runtime_path)
+    if other is not None:
+        rt = None  # its counters and pid are not this outbox's
     result["daemon"] = {
         "running": rt is not None,
         "pid": rt["pid"] if rt else None,
         "uptime_s": time.time() - rt["started_at"] if rt else None,
     }
+    if other is not None:
+        result["daemon"]["ignored"] = other
     for key in (
         "last_success",
         "last_error",
@@ -323,6 +348,8 @@ def render(r: dict[str, Any]) -> str:
         )
         lines.append(f"priority   {prios}")
     lines.append(f"oldest     {_age(r['oldest_queued_age_s'])} queued")
+    if d.get("ignored"):
+        lines.append(f"           ({printable(d['ignored'])})")
     if room := r.get("room"):
         lines += _room_lines(room)
     if d["running"]:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -92,7 +93,8 @@ class Watches:
         """In the writer's thread, before intake: load the watches' state."""
         rows, alive_at = watch_state.load(outbox)
         now_wall, now_mono = time.time(), time.monotonic()
-        alive_at = _last_alive(alive_at, self.config.gateway.runtime_dir / "status.json", now_wall)
+        gw = self.config.gateway
+        alive_at = _last_alive(alive_at, gw.runtime_dir / "status.json", now_wall, gw.state_dir)
         down = max(0.0, now_wall - alive_at) if alive_at is not None else 0.0
         if down >= 1:
             log.info("the gateway was down for %s before this start", human(down))
@@ -464,13 +466,23 @@ def _disk(state_dir: Path, free_percent: int) -> tuple[str, bool, str, float]:
     )
 
 
-def _last_alive(alive_at: float | None, status_path: Path, now_wall: float) -> float | None:
+def _last_alive(
+    alive_at: float | None, status_path: Path, now_wall: float, state_dir: Path | None = None
+) -> float | None:
     """The later of the outbox's `alive_at` and the previous daemon's status file (written
     every tick). The file is the service's own, but read as input: a value that is not a
-    number or lies in the future is ignored."""
+    number or lies in the future is ignored, and so is the file of a daemon on another
+    state_dir (sharing the runtime_dir): its life is not this outbox's."""
     try:
         raw = json.loads(status_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
+        return alive_at
+    theirs = raw.get("state_dir") if isinstance(raw, dict) else None
+    if (
+        state_dir is not None
+        and isinstance(theirs, str)
+        and os.path.realpath(theirs) != os.path.realpath(state_dir)
+    ):
         return alive_at
     written = raw.get("written_at") if isinstance(raw, dict) else None
     if (

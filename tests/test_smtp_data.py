@@ -3,13 +3,21 @@ send for the whole message, whatever the pieces, for any bytes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import threading
+import time
 import tracemalloc
 
+import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.smtp_data import DataEncoder, encoded_size, pieces
+from gateway.replies import Broken
+from gateway.smtp import failure
+from gateway.smtp_data import DataEncoder, encoded_size, pieces, send_bytes
 
 # Bytes where line ends, dots and CRs meet piece boundaries often.
 _DENSE = st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\xff"]), max_size=60).map(
@@ -53,3 +61,73 @@ def test_ten_mib_of_empty_lines_cost_a_piece_not_a_list_per_line() -> None:
         tracemalloc.stop()
     assert total == len(message) + message.count(b"\n") + 3
     assert peak < 1024 * 1024, f"{peak} bytes at the peak"
+
+
+class _StopsReadingAfter354:
+    """A real SMTP server on loopback that answers EHLO, MAIL, RCPT and DATA (354),
+    then reads nothing more, keeping the connection open: the sender's socket buffers
+    fill and stay full."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.stalled = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self._listener.accept()
+            self._socks.append(conn)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.sendall(b"220 stalls\r\n")
+            f = conn.makefile("rb")
+            while line := f.readline():
+                cmd = line[:4].upper()
+                if cmd == b"EHLO":
+                    conn.sendall(b"250-stalls\r\n250 SIZE 50000000\r\n")
+                elif cmd == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    self.stalled.set()
+                    return  # reads nothing more; the socket stays open
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        for s in [self._listener, *self._socks]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def test_a_server_that_stops_reading_after_354_times_out_within_the_timeout() -> None:
+    timeout = 2.0
+    server = _StopsReadingAfter354()
+    message = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 10_000  # about 10 MB
+
+    async def send() -> tuple[Exception, float, bool]:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=server.port, timeout=timeout, start_tls=False
+        )
+        await client.connect()
+        t0 = time.monotonic()
+        try:
+            # The outer bound only keeps a failing test from hanging.
+            async with asyncio.timeout(timeout + 30):
+                await send_bytes(client, "gw@example.com", ["ops@example.com"], message)
+        except Exception as exc:
+            return exc, time.monotonic() - t0, client.is_connected
+        raise AssertionError("the stalled server took the message")
+
+    try:
+        exc, took, connected = asyncio.run(send())
+    finally:
+        server.close()
+    assert server.stalled.is_set()
+    assert isinstance(exc, aiosmtplib.SMTPTimeoutError), repr(exc)
+    assert took < timeout + 3, f"{took:.1f} s"
+    assert not connected  # closed: the session is not used again
+    # What the relay sees: a session that timed out mid-transaction, which sends it to
+    # the fallback at once (relay.py _went_silent).
+    result = failure(exc)
+    assert isinstance(result, Broken) and result.timed_out, result

@@ -33,7 +33,9 @@ SCRIPT = textwrap.dedent(
     writer_thread.start()
     writer = SimpleNamespace(alive=True, thread=writer_thread)
     # SIGTERM came {ago} s ago: the deadline is {left} s away.
-    daemon = SimpleNamespace(writer=writer, stop_asked=time.monotonic() - {ago})
+    daemon = SimpleNamespace(
+        writer=writer, outbox=object(), stop_asked=time.monotonic() - {ago}
+    )
     service._leave(daemon, executor, 0)
     print("not abandoned", flush=True)
     """

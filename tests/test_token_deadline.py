@@ -4,7 +4,9 @@ and SIGTERM ends the daemon while the endpoint still trickles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -198,3 +200,58 @@ def test_a_stalled_token_endpoint_holds_the_fallbacks_of_the_same_account(
         held = str(gw.runtime.hosts[1]["last_error"])
         assert f"held with {gw.runtime.hosts[0]['host']} (the same account)" in held, held
         assert "did not answer within 3 s" in held, held
+
+
+def test_the_deadline_holds_when_it_passes_before_the_tls_socket_exists(pki: Pki) -> None:
+    """The TCP connect takes about a second (the endpoint's accept queue is full: the
+    SYN is retransmitted), the TLS handshake is answered only after the deadline, then
+    the answer trickles. The timer fires while there is no TLS socket yet to cut; the
+    request still ends at its deadline."""
+    timeout = 3.0
+    srv = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = srv.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # fills the accept queue
+    ctx = pki.server_context()
+    t0 = time.monotonic()
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            stop.wait(0.8)
+            first, _ = srv.accept()  # frees the queue: the client's SYN gets in next time
+            conn, _ = srv.accept()
+            stop.wait(max(0.0, t0 + timeout + 0.5 - time.monotonic()))
+            tls = ctx.wrap_socket(conn, server_side=True)
+            tls.recv(65536)
+            answer = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 30\r\n"
+                b'\r\n{"access_token":"x","a":"bbb"}'
+            )
+            for b in answer:
+                if stop.wait(0.4):
+                    break
+                tls.send(bytes([b]))
+            for s in (first, tls):
+                s.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    got: list[BaseException | tuple[int, bytes]] = []
+
+    def call() -> None:
+        try:
+            got.append(oauth.post(f"https://127.0.0.1:{port}/token", {}, pki.ca_file, timeout))
+        except BaseException as exc:
+            got.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(40)
+    took = time.monotonic() - t0
+    stop.set()
+    for s in (filler, srv):
+        s.close()
+    assert not worker.is_alive(), "the request was still running after 40 s"
+    (result,) = got
+    assert isinstance(result, TokenUnavailable), result
+    assert "did not answer within 3 s" in str(result), result
+    assert took < timeout + 1.5, f"post() returned after {took:.1f} s"

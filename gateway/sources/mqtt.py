@@ -53,6 +53,9 @@ RETRY_FULL = 1.0
 # we reconnect, which makes the broker send again what it has in flight.
 PROBE_EVERY = 30.0
 STALL_AFTER = 90.0
+# At stop, paho's network thread is waited for this long, well under the daemon's
+# EXIT_WITHIN: a thread blocked in a call is abandoned rather than holding the loop.
+STOP_WITHIN = 3.0
 
 
 class MqttSource:
@@ -406,4 +409,22 @@ class MqttSource:
         except (RuntimeError, ValueError, OSError) as exc:
             log.debug("closing the MQTT session: %s", exc)
         finally:
-            self.client.loop_stop()
+            self._stop_network_thread()
+
+    def _stop_network_thread(self) -> None:
+        """paho's loop_stop joins its thread without a bound, and that thread may be
+        stuck in a call that does not see the stop (a DNS lookup of the broker that is
+        never answered): joined here for STOP_WITHIN at most, then left behind (it is a
+        daemon thread), so that the daemon still exits by systemd's stop deadline."""
+        stopper = threading.Thread(
+            target=self.client.loop_stop, name=f"{self.name}-stop", daemon=True
+        )
+        stopper.start()
+        stopper.join(STOP_WITHIN)
+        if stopper.is_alive():
+            log.warning(
+                "the MQTT network thread did not stop within %.0f s (it is blocked, e.g. "
+                "looking up the broker %s); leaving it behind",
+                STOP_WITHIN,
+                self.cfg.host,
+            )
