@@ -82,6 +82,14 @@ RELIST = 60.0  # list an unchanged directory again after this long anyway
 LOOK_FIRST = 0.5
 LOOK_MAX = 300.0
 MAX_LOOKS = 200
+# What the pickup remembers about files costs a few hundred bytes each (the name, its
+# next look, its place in the rate's queue): bounded so that a user who fills the spool
+# with files cannot grow the daemon to its MemoryMax= and into an OOM restart loop.
+# 1,000 files is far more than a user's cron ever leaves waiting (20 a minute for 50
+# minutes); 20,000 in all keeps the tracking under ~10 MiB. Files beyond are not
+# remembered: a later listing looks at them again once there is room.
+MAX_TRACKED_PER_UID = 1_000
+MAX_TRACKED = 20_000
 
 
 def _owner_name(uid: int) -> str:
@@ -142,7 +150,9 @@ class Maildrop:
         # retried now and then rather than every round (each try is a read and a write
         # transaction, which a flood of waiting files must not take from alerts).
         self._over_share: dict[str, float] = {}
-        self._known: set[str] = set()  # every name of the last listing
+        self._known: set[str] = set()  # every name of the last listing that is tracked
+        self._uid_of: dict[str, int] = {}  # tracked name → its owner, for the caps
+        self._too_many: set[int] = set()  # uids with files beyond the caps (-1: all users)
         self._listed: tuple[int, int] | None = None  # the directory's (ino, mtime) then
         self._listed_at = 0.0
         self._again: set[str] = set()  # complete, not taken yet (a store that failed)
@@ -439,18 +449,73 @@ class Maildrop:
         self._again.clear()
         if key == self._listed and wall - st.st_mtime > 1.0 and mono - self._listed_at < RELIST:
             return again
-        present = {n for n in os.listdir(self.dir) if not n.startswith(".")}
+        present, new, skipped = self._scan_dir()
         self._listed, self._listed_at = key, mono
-        new = sorted(present - self._known)
         gone = self._known - present
-        self._known = present
+        self._known = present | set(new)
         for n in gone:
             self._unfinished.pop(n, None)
             self._over_share.pop(n, None)
             self._unhold(n)
             self._stuck.discard(n)
+        self._too_many_episodes(skipped)
         self._over.keep_only(set(self._held_by))  # a user who removed theirs
         return sorted(set(again) | set(new))
+
+    def _scan_dir(self) -> tuple[set[str], list[str], dict[int, int]]:
+        """The tracked names still there, the names to track from now on, and how
+        many files of each uid were left untracked (beyond the caps). One entry at a
+        time: memory is the tracked names, never the whole listing."""
+        present: set[str] = set()
+        new: list[str] = []
+        skipped: dict[int, int] = {}
+        uid_of: dict[str, int] = {}
+        per_uid: dict[int, int] = {}
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                n = e.name
+                if n.startswith("."):
+                    continue
+                uid = self._uid_of.get(n)
+                if uid is not None and n in self._known:
+                    present.add(n)
+                else:
+                    try:
+                        uid = e.stat(follow_symlinks=False).st_uid
+                    except OSError:
+                        continue  # gone already
+                    if per_uid.get(uid, 0) >= MAX_TRACKED_PER_UID or len(uid_of) >= MAX_TRACKED:
+                        skipped[uid] = skipped.get(uid, 0) + 1
+                        continue
+                    new.append(n)
+                uid_of[n] = uid
+                per_uid[uid] = per_uid.get(uid, 0) + 1
+        # Tracked names kept over the cap by an earlier listing stay tracked: a
+        # listing only ever adds what fits.
+        self._uid_of = uid_of
+        return present, sorted(new), skipped
+
+    def _too_many_episodes(self, skipped: dict[int, int]) -> None:
+        """Said and counted once per uid while its files are beyond the caps."""
+        for uid, count in skipped.items():
+            if uid in self._too_many:
+                continue
+            self._too_many.add(uid)
+            self.runtime.reject("maildrop_too_many")
+            log.warning(
+                "uid %d (%s) has more files in %s than the pickup keeps track of (%d a "
+                "user, %d in all): %d are left for later rounds, looked at as the others "
+                "are taken (nothing is lost)",
+                uid,
+                _owner_name(uid),
+                self.dir,
+                MAX_TRACKED_PER_UID,
+                MAX_TRACKED,
+                count,
+            )
+        for uid in self._too_many - set(skipped):
+            self._too_many.discard(uid)
+            log.info("the pickup keeps track of every file from uid %d again", uid)
 
     def _publish(self, name: str, want: bytes) -> None:
         """Tell `sendmail` a limit, so it can refuse early with an exit code."""

@@ -288,3 +288,30 @@ def test_published_files_that_cannot_be_written_are_said_and_counted_once(
     monkeypatch.undo()
     asyncio.run(m.scan())
     assert (drop / ".max_size").exists() and (drop / ".allow_to").exists()
+
+
+# --- a spool filled with files -------------------------------------------------------------
+
+
+def test_files_beyond_the_caps_are_not_tracked_said_once_and_others_mail_goes(
+    drop: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(maildrop, "MAX_TRACKED_PER_UID", 10)
+    monkeypatch.setattr(maildrop, "MAX_TRACKED", 50)
+    writer = FakeWriter(lambda p: None)
+    m, runtime = _pickup(drop, writer)
+    for i in range(300):  # one user's empty, unfinished files
+        fd = os.open(drop / f"{i:032x}", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.fchown(fd, 65534, 65534)
+        os.close(fd)
+    _file(drop, "f" * 32, b"Subject: others\n\nx\n")
+    os.chown(drop / ("f" * 32), 1, -1)
+    with caplog.at_level(logging.WARNING, "gateway.maildrop"):
+        for _ in range(5):
+            asyncio.run(m.scan())
+            m._listed = None  # listed again each round
+    assert writer.stored == ["others"]
+    assert len(m._known) <= 10 and len(m._unfinished) <= 10 and len(m._uid_of) <= 10
+    assert runtime.rejected["maildrop_too_many"] == 1
+    assert caplog.text.count("more files in") == 1
+    assert len(os.listdir(drop)) >= 300  # nothing lost
