@@ -18,7 +18,8 @@ names it ends on go through [sendmail.aliases] (exact, then "*"), as any local n
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 MAX_FILE = 1024 * 1024  # Debian's is a few lines; anything larger is not read past this
 MAX_DEPTH = 8  # sendmail's own bound on alias nesting is 10
@@ -30,29 +31,41 @@ _NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 class EtcAliases:
     table: tuple[tuple[str, tuple[str, ...]], ...] = ()
     skipped: tuple[str, ...] = ()  # lines or targets left out, with why
+    # The table by name, built once (expand runs for every local recipient).
+    index: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", dict(self.table))
 
     def expand(self, name: str) -> tuple[list[str], list[str]]:
         """A local name → (addresses, local names this file does not define). A name
-        the file does not know comes back as itself."""
-        found = dict(self.table)
+        the file does not know comes back as itself. A name reached twice (two
+        aliases naming it) is expanded once; only a real loop (a name reached through
+        itself) or MAX_DEPTH ends on the name."""
         addresses: dict[str, None] = {}
         locals_: dict[str, None] = {}
         seen: set[str] = set()
-        todo = [(name.lower(), 0)]
+        # (name, the names it was reached through): at most MAX_DEPTH of them
+        todo: deque[tuple[str, tuple[str, ...]]] = deque([(name.lower(), ())])
         while todo and len(addresses) + len(locals_) <= MAX_TARGETS:
-            cur, depth = todo.pop(0)
-            targets = found.get(cur)
-            if targets is None or cur in seen or depth >= MAX_DEPTH:
-                locals_[cur] = None  # a loop or too deep ends on the name itself
+            cur, path = todo.popleft()
+            targets = self.index.get(cur)
+            if targets is None or cur in path or len(path) >= MAX_DEPTH:
+                locals_[cur] = None  # unknown, a loop or too deep: ends on the name itself
                 continue
+            if cur in seen:
+                continue  # expanded already through another alias
             seen.add(cur)
+            below = (*path, cur)
             for t in targets:
                 if "@" in t:
                     addresses[t] = None
                 elif t.lower() == cur:  # "root: root" is the name itself (a mailbox)
                     locals_[cur] = None
                 else:
-                    todo.append((t.lower(), depth + 1))
+                    todo.append((t.lower(), below))
         return list(addresses), list(locals_)
 
 

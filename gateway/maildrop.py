@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import pwd
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass, replace
@@ -50,11 +51,18 @@ from pathlib import Path
 from gateway.alert import Alert, Severity, clean_sensor, new_alert_id
 from gateway.clock import Stamp
 from gateway.config import Config
-from gateway.errors import GatewayError, LocalRoomFull
+from gateway.errors import GatewayError, LocalRoomFull, StoreUnavailable, Unstorable
 from gateway.etc_aliases import MAX_FILE, EtcAliases
 from gateway.etc_aliases import parse as parse_etc_aliases
 from gateway.maildrop_limits import Episodes, UserRate
-from gateway.maildrop_parse import BadDrop, header_recipients, parse_drop, plan, subject
+from gateway.maildrop_parse import (
+    BadDrop,
+    clean_recipients,
+    header_recipients,
+    parse_drop,
+    plan,
+    subject,
+)
 from gateway.outbox import Outbox, raw
 from gateway.outbox.writer import Writer
 from gateway.runtime import Runtime
@@ -73,6 +81,14 @@ RELIST = 60.0  # list an unchanged directory again after this long anyway
 LOOK_FIRST = 0.5
 LOOK_MAX = 300.0
 MAX_LOOKS = 200
+# What the pickup remembers about files costs a few hundred bytes each (the name, its
+# next look, its place in the rate's queue): bounded so that a user who fills the spool
+# with files cannot grow the daemon to its MemoryMax= and into an OOM restart loop.
+# 1,000 files is far more than a user's cron ever leaves waiting (20 a minute for 50
+# minutes); 20,000 in all keeps the tracking under ~10 MiB. Files beyond are not
+# remembered: a later listing looks at them again once there is room.
+MAX_TRACKED_PER_UID = 1_000
+MAX_TRACKED = 20_000
 
 
 def _owner_name(uid: int) -> str:
@@ -141,12 +157,15 @@ class Maildrop:
         self.picked = 0
         self._missing_logged = False
         self._store_failing = False
+        self._round_failed: str | None = None  # what the last failed round said
         self._stuck: set[str] = set()  # rejected, yet could not be moved aside: said once
         # Left for lack of local mail's room → when to try it again: counted once, and
         # retried now and then rather than every round (each try is a read and a write
         # transaction, which a flood of waiting files must not take from alerts).
         self._over_share: dict[str, float] = {}
-        self._known: set[str] = set()  # every name of the last listing
+        self._known: set[str] = set()  # every name of the last listing that is tracked
+        self._uid_of: dict[str, int] = {}  # tracked name → its owner, for the caps
+        self._too_many: set[int] = set()  # uids with files beyond the caps (-1: all users)
         self._listed: tuple[int, int] | None = None  # the directory's (ino, mtime) then
         self._listed_at = 0.0
         self._again: set[str] = set()  # complete, not taken yet (a store that failed)
@@ -160,6 +179,7 @@ class Maildrop:
         # taken, however long that is: never closed by quiet, only by _caught_up.
         self._over = Episodes(quiet=math.inf)
         self._blocked: dict[str, tuple[int, int]] = {}  # published name → what is in the way
+        self._publish_failed: dict[str, tuple[str, str | None]] = {}  # name → the failure said
         self._etc: tuple[tuple[int, int, int], EtcAliases] | None = None
 
     @staticmethod
@@ -180,9 +200,24 @@ class Maildrop:
         while True:
             try:
                 await self.scan()
+                self._round_failed = None
             except OSError as exc:  # the directory itself: say so, keep trying
-                log.error("cannot read the maildrop %s: %s; retrying", self.dir, exc)
+                self._failed_round(f"cannot read the maildrop {self.dir}: {exc}; retrying")
+            except Exception as exc:
+                # Nothing a local user leaves in the spool may end this task (and with
+                # it the daemon): said once while it keeps happening, and tried again.
+                self._failed_round(
+                    f"the maildrop pickup failed ({exc!r}); local mail waits in {self.dir} "
+                    "and is tried again",
+                    exc,
+                )
             await asyncio.sleep(POLL)
+
+    def _failed_round(self, text: str, exc: BaseException | None = None) -> None:
+        if text == self._round_failed:
+            return
+        self._round_failed = text
+        log.error("%s", text, exc_info=exc)
 
     async def scan(self) -> int:
         """One round: every complete file stored or rejected; how many were stored."""
@@ -205,6 +240,12 @@ class Maildrop:
             except _OverRate as over:
                 self._hold(name, over.uid)
                 continue
+            except Exception as exc:
+                # Whatever else reading or parsing one file raises is that file's fault
+                # (its content is anyone's): it is set aside, never retried into a loop.
+                why = Rejected("malformed", f"it cannot be read as mail ({exc!r})", self._uid(name))
+                await asyncio.to_thread(self._reject, name, why)
+                continue
             if picked is None:
                 continue
             box, picked = [picked], picked.without_data()
@@ -214,6 +255,12 @@ class Maildrop:
                 self._refused(name, exc)
                 continue  # another user's file may still fit
             except (GatewayError, OSError) as exc:
+                if _its_own_fault(exc):
+                    # The message's own values cannot be stored (the disk is fine):
+                    # this file is rejected, the others go on.
+                    why = Rejected("unstorable", f"it cannot be stored ({exc})", picked.message.uid)
+                    await asyncio.to_thread(self._reject, name, why)
+                    continue
                 if not self._store_failing:
                     log.error(
                         "cannot store local mail from the maildrop yet (%s); it stays in %s "
@@ -243,10 +290,11 @@ class Maildrop:
         """Local mail over its share stays in the maildrop until room returns: counted
         once per file, said once while any wait, not on every round that retries."""
         known = name in self._over_share
+        first = not self._over_share  # none waited: a new episode begins
         self._over_share[name] = time.monotonic() + OVER_SHARE_RETRY
         if known:
             return
-        if len(self._over_share) == 1:
+        if first:
             log.warning(
                 "local mail waits in %s: %s; it is stored when room returns (counted in "
                 "status as %s)",
@@ -354,7 +402,7 @@ class Maildrop:
             uid = self._peek(n)
             if uid is None:
                 return
-            if uid >= 0 and self._rate is not None:
+            if uid >= 0 and self._rate is not None and n not in self._over_share:
                 left = budget.setdefault(uid, self._rate.available(uid, mono))
                 if left <= 0:
                     over.append((n, uid))
@@ -415,18 +463,73 @@ class Maildrop:
         self._again.clear()
         if key == self._listed and wall - st.st_mtime > 1.0 and mono - self._listed_at < RELIST:
             return again
-        present = {n for n in os.listdir(self.dir) if not n.startswith(".")}
+        present, new, skipped = self._scan_dir()
         self._listed, self._listed_at = key, mono
-        new = sorted(present - self._known)
         gone = self._known - present
-        self._known = present
+        self._known = present | set(new)
         for n in gone:
             self._unfinished.pop(n, None)
             self._over_share.pop(n, None)
             self._unhold(n)
             self._stuck.discard(n)
+        self._too_many_episodes(skipped)
         self._over.keep_only(set(self._held_by))  # a user who removed theirs
         return sorted(set(again) | set(new))
+
+    def _scan_dir(self) -> tuple[set[str], list[str], dict[int, int]]:
+        """The tracked names still there, the names to track from now on, and how
+        many files of each uid were left untracked (beyond the caps). One entry at a
+        time: memory is the tracked names, never the whole listing."""
+        present: set[str] = set()
+        new: list[str] = []
+        skipped: dict[int, int] = {}
+        uid_of: dict[str, int] = {}
+        per_uid: dict[int, int] = {}
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                n = e.name
+                if n.startswith("."):
+                    continue
+                uid = self._uid_of.get(n)
+                if uid is not None and n in self._known:
+                    present.add(n)
+                else:
+                    try:
+                        uid = e.stat(follow_symlinks=False).st_uid
+                    except OSError:
+                        continue  # gone already
+                    if per_uid.get(uid, 0) >= MAX_TRACKED_PER_UID or len(uid_of) >= MAX_TRACKED:
+                        skipped[uid] = skipped.get(uid, 0) + 1
+                        continue
+                    new.append(n)
+                uid_of[n] = uid
+                per_uid[uid] = per_uid.get(uid, 0) + 1
+        # Tracked names kept over the cap by an earlier listing stay tracked: a
+        # listing only ever adds what fits.
+        self._uid_of = uid_of
+        return present, sorted(new), skipped
+
+    def _too_many_episodes(self, skipped: dict[int, int]) -> None:
+        """Said and counted once per uid while its files are beyond the caps."""
+        for uid, count in skipped.items():
+            if uid in self._too_many:
+                continue
+            self._too_many.add(uid)
+            self.runtime.reject("maildrop_too_many")
+            log.warning(
+                "uid %d (%s) has more files in %s than the pickup keeps track of (%d a "
+                "user, %d in all): %d are left for later rounds, looked at as the others "
+                "are taken (nothing is lost)",
+                uid,
+                _owner_name(uid),
+                self.dir,
+                MAX_TRACKED_PER_UID,
+                MAX_TRACKED,
+                count,
+            )
+        for uid in self._too_many - set(skipped):
+            self._too_many.discard(uid)
+            log.info("the pickup keeps track of every file from uid %d again", uid)
 
     def _publish(self, name: str, want: bytes) -> None:
         """Tell `sendmail` a limit, so it can refuse early with an exit code."""
@@ -457,7 +560,20 @@ class Maildrop:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # never leave a temp file behind, round after round
             if there is None:
-                log.warning("cannot write %s (%s); sendmail uses its defaults", path, exc)
+                # The disk (full, read-only) or someone else's regular file in the way
+                # (the spool's sticky bit keeps us from replacing it): tried every
+                # round, said and counted once while the same failure lasts.
+                why = (errno.errorcode.get(exc.errno or 0, str(exc.errno)), exc.strerror)
+                if self._publish_failed.get(name) == why:
+                    return
+                self._publish_failed[name] = why
+                self.runtime.reject("maildrop_publish_failed")
+                log.warning(
+                    "cannot write %s (%s); sendmail uses its defaults (the daemon still "
+                    "applies the limits); said once while this lasts",
+                    path,
+                    exc,
+                )
                 return
             self._blocked[name] = there
             self.runtime.reject("maildrop_planted")
@@ -470,6 +586,8 @@ class Maildrop:
             )
             return
         self._blocked.pop(name, None)
+        if self._publish_failed.pop(name, None) is not None:
+            log.info("wrote %s again: sendmail knows the limits", path)
 
     def _read(self, name: str) -> Picked | None:
         path = self.dir / name
@@ -487,7 +605,9 @@ class Maildrop:
             self._not_yet(name, st.st_mtime, owner)
             return None
         self._unfinished.pop(name, None)
-        if self._rate is not None and not self._rate.take(owner, time.monotonic()):
+        # A retry for local mail's room took its token the first time: not again.
+        retry = name in self._over_share
+        if not retry and self._rate is not None and not self._rate.take(owner, time.monotonic()):
             raise _OverRate(owner)
         limit = self.config.sendmail.max_size
         try:
@@ -511,6 +631,12 @@ class Maildrop:
             rcpts = list(dict.fromkeys(rcpts))
             if len(rcpts) > MAX_RCPTS:
                 raise Rejected("malformed", f"{len(rcpts)} recipients (at most {MAX_RCPTS})", uid)
+        try:
+            # From here on each address is the string it will be delivered to: the
+            # allow-list is checked on exactly that, never on the text as written.
+            rcpts = clean_recipients(rcpts)
+        except BadDrop as exc:
+            raise Rejected("bad_address", str(exc), uid) from None
         patterns = self.config.sendmail.allow_to
         outside = [r for r in rcpts if "@" in r and not allowed(r, patterns)]
         if outside:
@@ -576,8 +702,7 @@ class Maildrop:
         if self._etc is not None and self._etc[0] == key:
             return self._etc[1]
         try:
-            with open(path, "rb") as f:
-                text = f.read(MAX_FILE).decode("utf-8", "replace")
+            text = _read_aliases(str(path)).decode("utf-8", "replace")
         except OSError as exc:
             log.warning("cannot read %s (%s); local names go by [sendmail.aliases]", path, exc)
             text = ""
@@ -649,7 +774,7 @@ class Maildrop:
 
     def _unlink(self, name: str) -> None:
         # Forgotten: the same name made again later is a new file (listed as new).
-        self._known.discard(name)
+        self._forget(name)
         try:
             os.unlink(self.dir / name)
         except FileNotFoundError:
@@ -665,11 +790,22 @@ class Maildrop:
                 exc,
             )
 
+    def _forget(self, name: str) -> None:
+        """Nothing more to track for a file that is gone from the spool."""
+        self._known.discard(name)
+        self._unfinished.pop(name, None)
+        self._over_share.pop(name, None)
+        self._unhold(name)
+
+    def _uid(self, name: str) -> int:
+        try:
+            return os.lstat(self.dir / name).st_uid
+        except OSError:
+            return -1
+
     def _reject(self, name: str, rej: Rejected) -> None:
         self.runtime.reject(f"maildrop_{rej.kind}")
-        self._unfinished.pop(name, None)
-        self._unhold(name)
-        self._known.discard(name)
+        self._forget(name)
         tell = self._episodes.happened(rej.uid, rej.kind, time.monotonic())
         try:
             self.rejected_dir.mkdir(mode=0o700, exist_ok=True)
@@ -694,3 +830,33 @@ class Maildrop:
                 rej,
                 dest,
             )
+
+
+def _its_own_fault(exc: BaseException) -> bool:
+    """Whether a failed store was the message's doing (a value the database cannot
+    hold) rather than the disk's or the database's (locked, I/O error, full)."""
+    if isinstance(exc, Unstorable):
+        return True
+    if not isinstance(exc, StoreUnavailable):
+        return False
+    cause = exc.__cause__
+    if isinstance(cause, sqlite3.OperationalError | sqlite3.DatabaseError | OSError):
+        return isinstance(cause, sqlite3.DataError)
+    return isinstance(cause, ValueError | TypeError | OverflowError | sqlite3.InterfaceError)
+
+
+def _read_aliases(path: str) -> bytes:
+    """At most MAX_FILE bytes of a regular file; never blocks (a FIFO or a device named
+    by aliases_file would stop local mail's pickup for good)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size < MAX_FILE and (chunk := os.read(fd, MAX_FILE - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

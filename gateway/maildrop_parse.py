@@ -15,10 +15,10 @@ line, the message.
 
 from __future__ import annotations
 
-import contextlib
+import codecs
 import re
 from dataclasses import dataclass
-from email.header import decode_header, make_header
+from email.header import decode_header
 from email.utils import getaddresses
 
 from gateway.config.sendmail import Alias, SendmailSection
@@ -233,17 +233,79 @@ def header_recipients(head: bytes) -> list[str]:
 
 
 MAX_SUBJECT = 4096  # encoded bytes decoded for a listing that shows 200 characters
+# Codecs that are not a way of writing text but a way of writing code points (escapes,
+# punycode): "=?unicode-escape?q?=5Cud800?=" would make a lone surrogate, which no
+# UTF-8 column can hold. A Subject in one of them is shown as it was written.
+_NOT_MAIL_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "punycode", "idna"})
+
+
+def _decoded(text: str) -> str:
+    """RFC 2047 words decoded with real text charsets only; never raises."""
+    out: list[str] = []
+    try:
+        parts = decode_header(text)
+    except Exception:  # a hostile header must not end the pickup: keep it as written
+        return text
+    for part, charset in parts:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        if charset is None:  # text between encoded words, as decode_header gives it back
+            try:
+                out.append(part.decode("raw-unicode-escape"))
+            except Exception:
+                return text
+            continue
+        try:
+            info = codecs.lookup(charset)
+        except LookupError:
+            info = None
+        if info is None or not info._is_text_encoding or info.name in _NOT_MAIL_CHARSETS:
+            return text
+        try:
+            out.append(part.decode(info.name, "replace"))
+        except Exception:
+            return text
+    return "".join(out)
 
 
 def subject(head: bytes) -> str:
-    """The Subject as text, for `mailgw queue` listings; never raises."""
+    """The Subject as text, for `mailgw queue` listings; never raises, and is always
+    text a UTF-8 column can store (no surrogates, no controls)."""
     for name, f in header_fields(head[:MAX_HEADER]):
         if name == b"subject":
-            text = field_value(f)[:MAX_SUBJECT]
-            with contextlib.suppress(ValueError, LookupError, UnicodeError):
-                text = str(make_header(decode_header(text)))
-            return "".join(c for c in text if c >= " ")[:200]
+            text = _decoded(field_value(f)[:MAX_SUBJECT])
+            return "".join(c for c in text if c >= " " and not "\ud800" <= c <= "\udfff")[:200]
     return ""
+
+
+# Characters an addr-spec of ours never holds, and around which a parser would find a
+# different address than a glob over the raw text: a display name, a comment, a route,
+# a quoted local part, a list.
+_NOT_BARE = frozenset(' \t()<>,;:"\\[]')
+
+
+def bare_address(rcpt: str) -> str:
+    """A recipient as the one address mail will go to: the same string sendmail.allow_to
+    is checked against. `<a@x>` is taken as a@x; anything else that is not a bare
+    addr-spec (a name, a comment, a second address around it) is a BadDrop: a parser's
+    leniency would read another address out of it than the one that was checked."""
+    from gateway.config.addresses import normalize_address
+
+    text = rcpt.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    if not text or any(c in _NOT_BARE for c in text):
+        raise BadDrop(f"{rcpt[:80]!r} is not a bare address (no name, comment or <> around it)")
+    try:
+        return normalize_address(text)
+    except ValueError as exc:
+        raise BadDrop(str(exc)[:200]) from None
+
+
+def clean_recipients(rcpts: list[str]) -> list[str]:
+    """Addresses through bare_address, local names (no '@') as they are; each once."""
+    return list(dict.fromkeys(bare_address(r) if "@" in r else r for r in rcpts))
 
 
 def plan(

@@ -127,7 +127,14 @@ def allowed(address: str, patterns: tuple[str, ...]) -> bool:
     if not patterns:
         return True
     addr = address.strip().strip("<>").lower()
+    # Only a bare address can be matched: around a name, a comment or a route the
+    # daemon would find another address than the one the glob saw.
+    if any(c in _NOT_BARE for c in addr):
+        return False
     return any(_glob(p, addr) for p in patterns)
+
+
+_NOT_BARE = frozenset(' \t()<>,;:"\\[]')
 
 
 def _glob(pattern: str, text: str) -> bool:
