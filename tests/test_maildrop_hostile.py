@@ -71,7 +71,7 @@ class FakeWriter:
         self.stored: list[str] = []
 
     async def run(self, fn: Any) -> bool:
-        picked: maildrop.Picked = fn.args[0]
+        picked: maildrop.Picked = fn.args[0][-1]  # _store's box: [the picked mail]
         exc = self.refuse(picked)
         if exc is not None:
             raise exc
