@@ -42,6 +42,18 @@ from gateway.runtime import Runtime
 OPS_ROUTE = '[[route]]\nname = "ops"\nmatch = "#"\nto = ["ops@example.com"]\n'
 
 
+def can_unshare_mount() -> bool:
+    """Whether a private mount namespace can be made here: root with unshare(1), and a
+    root that is a mount point (in a plain chroot, such as fresh-debian's, it is not,
+    and unshare cannot change the root's propagation)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll with a deadline: the tests' one way to wait for an outcome."""
     deadline = time.monotonic() + timeout

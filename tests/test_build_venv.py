@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.parts import can_unshare_mount
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "build-venv"
 PIP_WHEELS = sorted(glob.glob("/usr/share/python-wheels/pip-*.whl"))
 
 pytestmark = [
     pytest.mark.skipif(not PIP_WHEELS, reason="needs Debian's python3-pip-whl"),
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root"),
+    pytest.mark.skipif(not can_unshare_mount(), reason="needs root and a private mount namespace"),
 ]
 
 

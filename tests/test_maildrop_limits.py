@@ -5,7 +5,6 @@ the [sendmail] keys that configure them."""
 from __future__ import annotations
 
 import fnmatch
-from email.utils import getaddresses
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,9 @@ def test_the_clients_count_of_to_cc_bcc_agrees_with_the_daemons_parser(
 ) -> None:
     value = ", ".join(f"{d} <{a}>" if d else a for d, a in items)
     message = f"To: {value}\r\nSubject: s\r\n\r\nTo: not@header.example\r\n".encode()
-    want = [a for _, a in getaddresses([value]) if a]
+    # The oracle is what was generated, not getaddresses: its reading of a comment with a
+    # comma differs between CPython releases (Debian's 3.11.2 patches it).
+    want = [a for _, a in items]
     got = header_addresses(message, cap)
     if len(want) > cap:
         assert got is None

@@ -357,13 +357,23 @@ def test_a_name_or_comment_around_an_address_cannot_get_past_allow_to(
         _plant(
             spool, "f" * 32, b"T 1\n", b'To: :"evil@attacker.com(\\@example.com\nSubject: t\n\nx\n'
         )
-        wait_for(lambda: rejected(gw, "maildrop_bad_address") == 4, what="4 counted refusals")
+        wait_for(
+            lambda: spooled(spool) == [] and rejected(gw, "maildrop_bad_address") >= 3,
+            what="the planted files taken, the envelope forms refused",
+        )
+        # The envelope forms are refused whatever the Python. The header form is refused
+        # where getaddresses reads an address out of it (CPython 3.11.7), and is no
+        # address at all, so root's mail, where it is stricter (Debian's patched 3.11.2).
+        refused = rejected(gw, "maildrop_bad_address")
+        assert refused in (3, 4)
         ok = sendmail(spool, ["-i", "<bob@example.com>"], b"Subject: ok\n\nx\n")
         assert ok.returncode == 0, ok.stderr
-        got = smtp.wait_for(1, timeout=30)
-        assert [m.recipients for m in got] == [["bob@example.com"]]
+        wait_for(
+            lambda: any(m.recipients == ["bob@example.com"] for m in smtp.received),
+            what="bob's mail",
+        )
         assert spooled(spool) == []
-        assert len(list((spool.parent / "rejected").iterdir())) == 4
+        assert len(list((spool.parent / "rejected").iterdir())) == refused
         assert all("attacker" not in r for m in smtp.received for r in m.recipients)
         gw.terminate()
 

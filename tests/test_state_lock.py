@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from gateway import state_lock
 from gateway.state_lock import AlreadyRunning
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 from tests.parts import DaemonProcess, Pki, SmtpServer, daemon_config, wait_for
+from tests.test_sendmail_daemon import client
 
 
 def test_the_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
@@ -171,7 +172,7 @@ def _root_left_the_lock_file(state: Path) -> None:
             "/usr/bin/python3",
             "-c",
             script,
-            str(ROOT),
+            str(client()),  # the checkout may be root's alone (/root/project)
             str(state),
         ],
         stdin=subprocess.PIPE,

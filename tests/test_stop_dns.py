@@ -9,7 +9,6 @@ import contextlib
 import os
 import random
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,11 +23,11 @@ import pytest
 
 from gateway import service
 from tests.conftest import ROOT, run_cli
-from tests.parts import Pki, SmtpServer, daemon_config, wait_for
+from tests.parts import Pki, SmtpServer, can_unshare_mount, daemon_config, wait_for
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare"),
-    reason="needs root and unshare(1) for a private /etc/resolv.conf",
+    not can_unshare_mount(),
+    reason="needs root and a private mount namespace for its own /etc/resolv.conf",
 )
 
 
